@@ -1,0 +1,35 @@
+"""lanit-rt runtime: config, networks, checkpoints, style tables and the Translator API.
+
+This package imports nothing from training/ or export/.
+"""
+
+from lanit_rt.checkpoint import (
+    CheckpointError,
+    LanitModel,
+    load_checkpoint,
+    read_checkpoint_config,
+    save_checkpoint,
+)
+from lanit_rt.config import ConfigError, LanitConfig
+from lanit_rt.networks import Discriminator, Generator, MappingNetwork, StyleEncoder
+from lanit_rt.style import latent_style_table, mix_styles, normalize_domain_weights, reference_style_table
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "Discriminator",
+    "Generator",
+    "LanitConfig",
+    "LanitModel",
+    "MappingNetwork",
+    "StyleEncoder",
+    "latent_style_table",
+    "load_checkpoint",
+    "mix_styles",
+    "normalize_domain_weights",
+    "read_checkpoint_config",
+    "reference_style_table",
+    "save_checkpoint",
+]
