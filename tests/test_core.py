@@ -1,0 +1,184 @@
+"""Runtime core: config validation, network shapes, checkpoints and the multi-hot mixing rule."""
+
+import json
+
+import pytest
+import torch
+
+from lanit_rt import (
+    CheckpointError,
+    ConfigError,
+    Discriminator,
+    Generator,
+    LanitConfig,
+    MappingNetwork,
+    StyleEncoder,
+    latent_style_table,
+    load_checkpoint,
+    mix_styles,
+    read_checkpoint_config,
+    reference_style_table,
+    save_checkpoint,
+)
+from lanit_rt.checkpoint import save_train_state, load_train_state
+
+
+@pytest.mark.parametrize("size", [32, 64, 128, 256])
+def test_network_shapes_at_every_size(size):
+    cfg = LanitConfig(domains=("a", "b", "c"), img_size=size, base_dim=4, max_dim=16, style_dim=8,
+                      mapping_dim=16)
+    x = torch.randn(2, 3, size, size)
+    w = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    mapping, encoder = MappingNetwork(cfg), StyleEncoder(cfg)
+    style = mapping(torch.randn(2, cfg.latent_dim), w)
+    assert style.shape == (2, 8)
+    assert mapping.all_styles(torch.randn(5, cfg.latent_dim)).shape == (5, 3, 8)
+    assert encoder(x, w).shape == (2, 8)
+    assert Generator(cfg)(x, style).shape == (2, 3, size, size)
+    assert Discriminator(cfg)(x).shape == (2, 3)
+    assert cfg.generator_downsamples == {32: 1, 64: 2, 128: 3, 256: 4}[size]
+
+
+def test_default_256_sizes_match_stargan_v2():
+    cfg = LanitConfig(domains=tuple("abcdefghij"), img_size=256)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert cfg.stem_dim == 64
+    assert count(Generator(cfg)) == pytest.approx(33.9e6, rel=0.01)
+    assert count(StyleEncoder(cfg)) == pytest.approx(21.2e6, rel=0.01)
+    assert count(Discriminator(cfg)) == pytest.approx(20.9e6, rel=0.01)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(domains=("only",)), "at least 2"),
+    (dict(domains=("a", "a")), "unique"),
+    (dict(domains=("a", "b"), img_size=48), "power of two"),
+    (dict(domains=("a", "b"), img_size=512), "power of two"),
+    (dict(domains=("a", "b"), style_dim=0), "style_dim"),
+])
+def test_config_rejects_bad_values(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        LanitConfig(**bad)
+
+
+def test_config_json_round_trip(tiny_config):
+    again = LanitConfig.from_json(tiny_config.to_json())
+    assert again == tiny_config
+    with pytest.raises(ConfigError, match="unknown LanitConfig keys"):
+        LanitConfig.from_dict({**tiny_config.to_dict(), "depth": 3})
+    with pytest.raises(KeyError, match="known domains"):
+        tiny_config.domain_index("green hair")
+
+
+def test_mix_styles_is_the_normalised_weighted_mean():
+    styles = torch.randn(2, 3, 4)
+    w = torch.tensor([[1.0, 0.0, 1.0], [0.0, 2.0, 0.0]])
+    mixed = mix_styles(styles, w)
+    torch.testing.assert_close(mixed[0], (styles[0, 0] + styles[0, 2]) / 2)
+    torch.testing.assert_close(mixed[1], styles[1, 1])
+    with pytest.raises(ValueError, match="at least one active"):
+        mix_styles(styles, torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="non-negative"):
+        mix_styles(styles, -w)
+
+
+def test_adain_table_mixing_equals_style_mixing(tiny_config):
+    """Baking AdaIN gamma/beta per domain and mixing them equals mixing styles (the affine rule)."""
+    g = Generator(tiny_config).eval()
+    table = torch.randn(tiny_config.num_domains, tiny_config.style_dim)
+    w = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
+    x = torch.randn(3, 3, 32, 32)
+    direct = g(x, mix_styles(table, w))
+    adain_table = g.adain_params(table)  # [D, P]
+    baked = g(x, adain_params=mix_styles(adain_table, w))
+    torch.testing.assert_close(baked, direct, atol=1e-5, rtol=1e-5)
+
+
+def test_mapping_multi_hot_mixes_its_heads(tiny_config):
+    mapping = MappingNetwork(tiny_config)
+    z = torch.randn(4, tiny_config.latent_dim)
+    per_domain = mapping.all_styles(z)
+    w = torch.tensor([[1.0, 1.0, 0.0]]).expand(4, 3)
+    torch.testing.assert_close(mapping(z, w), per_domain[:, :2].mean(dim=1))
+
+
+def test_style_tables(tiny_config):
+    mapping, encoder = MappingNetwork(tiny_config), StyleEncoder(tiny_config)
+    latent = latent_style_table(mapping, num_z=64, seed=3, batch_size=16)
+    assert latent.shape == (3, tiny_config.style_dim)
+    z = torch.randn(64, tiny_config.latent_dim, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(latent, mapping.all_styles(z).mean(0), atol=1e-5, rtol=1e-5)
+
+    images = torch.randn(6, 3, 32, 32)
+    labels = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 0, 1], [0, 1, 0], [0, 0, 1], [1, 0, 0]]).float()
+    table = reference_style_table(encoder, [(images[:4], labels[:4]), (images[4:], labels[4:])])
+    with torch.no_grad():
+        styles = encoder.all_styles(images)
+    for k in range(3):
+        on = labels[:, k] > 0
+        torch.testing.assert_close(table[k], styles[on, k].mean(0), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="no labelled image"):
+        reference_style_table(encoder, [(images[:1], torch.tensor([[1.0, 0.0, 0.0]]))])
+
+
+def _save_random(path, cfg):
+    g, f, e = Generator(cfg), MappingNetwork(cfg), StyleEncoder(cfg)
+    table = latent_style_table(f, num_z=32)
+    save_checkpoint(path, cfg, g, f, e, latent_table=table, metadata={"step": 7})
+    return g, f, e, table
+
+
+def test_checkpoint_round_trip_is_bit_identical(tmp_path, tiny_config):
+    g, f, e, table = _save_random(tmp_path / "run", tiny_config)
+    for target in (tmp_path / "run", tmp_path / "run" / "model.safetensors"):
+        model = load_checkpoint(target)
+        assert model.config == tiny_config and model.metadata == {"step": 7}
+        x = torch.randn(2, 3, 32, 32)
+        w = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+        with torch.no_grad():
+            expected = g.eval()(x, mix_styles(table, w))
+            got = model.generator(x, model.domain_style(w))
+            assert torch.equal(got, expected)
+            z = torch.randn(2, tiny_config.latent_dim)
+            assert torch.equal(model.mapping(z, w), f(z, w))
+            assert torch.equal(model.style_encoder(x, w), e(x, w))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["domains"] == list(tiny_config.domains)
+    assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+def test_checkpoint_errors(tmp_path, tiny_config):
+    with pytest.raises(CheckpointError, match="no LANIT checkpoint"):
+        load_checkpoint(tmp_path / "missing")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
+    with pytest.raises(CheckpointError, match="not a safetensors"):
+        load_checkpoint(tmp_path / "junk.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(CheckpointError, match="not a LANIT checkpoint"):
+        load_checkpoint(tmp_path / "foreign.safetensors")
+    # Weights that do not match the header's config are rejected, not silently half-loaded.
+    _save_random(tmp_path / "a", tiny_config)
+    other = LanitConfig(**{**tiny_config.to_dict(), "max_dim": 16})
+    _save_random(tmp_path / "b", other)
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(tmp_path / "b" / "model.safetensors"))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "a" / "model.safetensors"), "pt") as f:
+        header = f.metadata()
+    save_file(tensors, str(tmp_path / "mixed.safetensors"), metadata=header)
+    assert read_checkpoint_config(tmp_path / "mixed.safetensors")[0] == tiny_config
+    with pytest.raises(CheckpointError, match="do not match its config"):
+        load_checkpoint(tmp_path / "mixed.safetensors")
+
+
+def test_train_state_round_trip_and_safe_loading(tmp_path):
+    state = {"step": 3, "rng": torch.get_rng_state(), "nested": {"w": torch.ones(2)}, "cfg": {"a": [1, 2]}}
+    save_train_state(tmp_path, state)
+    loaded = load_train_state(tmp_path)
+    assert loaded["step"] == 3 and torch.equal(loaded["rng"], state["rng"])
+    (tmp_path / "evil").mkdir()
+    torch.save({"obj": tmp_path}, tmp_path / "evil" / "train_state.pt")
+    with pytest.raises(CheckpointError, match="not a LANIT resume state"):
+        load_train_state(tmp_path / "evil")

@@ -1,0 +1,140 @@
+"""Loss terms (pure functions), the training config and the image-folder data path."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from lanit_rt.config import ConfigError
+from training import losses
+from training.config import TrainConfig, parse_override
+from training.data import DataError, ImageSet, augment_batch, check_images, find_images, load_rgb
+
+
+def test_ablate_targets_removes_one_active_domain():
+    gen = torch.Generator().manual_seed(0)
+    targets = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 0], [1, 1, 1, 1], [0, 1, 0, 1]]).float()
+    for _ in range(20):
+        ablated, removed = losses.ablate_targets(targets, gen)
+        rows = torch.arange(4)
+        assert torch.all(targets[rows, removed] == 1), "the removed domain was active"
+        assert torch.all(ablated[rows, removed] == 0), "the ablated target lacks it"
+        assert torch.all(ablated.sum(1) >= 1), "every ablated target still has a domain"
+        multi = targets.sum(1) > 1
+        # multi-domain targets lose exactly that one domain; single ones switch to another domain
+        assert torch.equal(ablated[multi].sum(1), targets[multi].sum(1) - 1)
+        assert not torch.equal(ablated[1], targets[1]) and ablated[1].sum() == 1
+
+
+def test_domain_regularization_rewards_target_and_punishes_removed_domain():
+    targets = torch.tensor([[1.0, 0.0, 1.0]])
+    removed = torch.tensor([2])
+    good = torch.tensor([[0.1, -0.1, 0.1]])
+    ablated_good = torch.tensor([[0.1, -0.1, -0.1]])  # removed domain (2) now scores low
+    ablated_bad = torch.tensor([[0.1, -0.1, 0.1]])  # the un-ablated labels' loophole: still high
+    loss_good = losses.domain_regularization_loss(good, targets, ablated_good, removed, scale=50.0)
+    loss_bad = losses.domain_regularization_loss(good, targets, ablated_bad, removed, scale=50.0)
+    assert loss_good < 0.05 and loss_bad > 5.0
+    expected = F.binary_cross_entropy_with_logits(50 * good, targets) + \
+        F.binary_cross_entropy_with_logits(torch.tensor([-5.0]), torch.tensor([0.0]))
+    torch.testing.assert_close(loss_good, expected)
+
+
+def test_adversarial_loss_uses_only_active_heads():
+    logits = torch.tensor([[5.0, -100.0], [-100.0, 5.0]])
+    active = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    real = losses.adversarial_loss(logits, active, real=True)
+    torch.testing.assert_close(real, F.softplus(torch.tensor(-5.0)))
+    assert losses.adversarial_loss(logits, 1 - active, real=True) > 50
+
+
+def test_r1_penalty_matches_closed_form():
+    x = torch.randn(3, 2, requires_grad=True)
+    weights = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    logits = x @ weights  # d logit_k / dx = weights[:, k]
+    active = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    r1 = losses.r1_penalty(logits, active, x)
+    grads = (active / active.sum(1, keepdim=True)) @ weights.t()
+    torch.testing.assert_close(r1, 0.5 * grads.pow(2).sum(1).mean())
+
+
+def test_schedules():
+    assert losses.diversity_weight(0, 1.0, 100) == 1.0
+    assert losses.diversity_weight(50, 1.0, 100) == 0.5
+    assert losses.diversity_weight(150, 1.0, 100) == 0.0
+    assert losses.ema_beta(0, 0.999) == pytest.approx(0.1)
+    assert losses.ema_beta(10**6, 0.999) == 0.999
+
+
+def test_overrides_are_typed():
+    assert parse_override("lr=3e-4") == ("lr", 3e-4)
+    assert parse_override("steps=12") == ("steps", 12)
+    assert parse_override("base_dim=none") == ("base_dim", None)
+    assert parse_override("domains=a, b") == ("domains", ("a", "b"))
+    with pytest.raises(ConfigError, match="unknown config key"):
+        parse_override("learning_rate=1")
+    with pytest.raises(ConfigError, match="expects int"):
+        parse_override("steps=many")
+    with pytest.raises(ConfigError, match="at least 2"):
+        TrainConfig(domains=("solo",))
+
+
+def _write_images(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(folder / "wide.jpg")
+    rgba = np.zeros((20, 20, 4), np.uint8)
+    rgba[5:15, 5:15] = (255, 0, 0, 255)
+    (folder / "sub").mkdir()
+    Image.fromarray(rgba, "RGBA").save(folder / "sub" / "icon.png")
+    Image.fromarray(rng.integers(0, 255, (33, 33), dtype=np.uint8), "L").save(folder / "grey.webp")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (folder / "notes.txt").write_text("not an image")
+
+
+def test_folder_scan_skips_corrupt_files_and_converts_modes(tmp_path):
+    _write_images(tmp_path / "data")
+    paths = find_images(tmp_path / "data")
+    assert [p.name for p in paths] == ["broken.png", "grey.webp", "icon.png", "wide.jpg"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scan = check_images(paths, progress=False)
+    assert [p.name for p in scan.paths] == ["grey.webp", "icon.png", "wide.jpg"]
+    assert len(scan.skipped) == 1 and any("broken.png" in str(w.message) for w in caught)
+    icon = np.asarray(load_rgb(tmp_path / "data" / "sub" / "icon.png"))
+    assert icon.shape == (20, 20, 3)
+    assert tuple(icon[0, 0]) == (255, 255, 255) and tuple(icon[10, 10]) == (255, 0, 0)
+    images = ImageSet(scan.paths, 32, progress=False)
+    batch = images.batch(torch.tensor([0, 1, 2]))
+    assert batch.shape == (3, 3, 32, 32) and batch.min() >= -1 and batch.max() <= 1
+    lazy = ImageSet(scan.paths, 32, progress=False, max_cache_bytes=0)
+    assert lazy.cache is None and torch.equal(lazy.batch(torch.tensor([2, 0])), batch[[2, 0]])
+
+
+def test_data_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        find_images(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no JPEG/PNG/WebP"):
+        find_images(tmp_path / "empty")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.jpg").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="could be read"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_images(find_images(tmp_path / "bad"), progress=False)
+
+
+def test_augmentation_is_seeded_and_keeps_identity_when_not_cropping():
+    x = torch.rand(16, 3, 8, 8) * 2 - 1
+    a = augment_batch(x, torch.Generator().manual_seed(1))
+    b = augment_batch(x, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    u = torch.rand(16, 6, generator=torch.Generator().manual_seed(1))
+    untouched = (u[:, 0] >= 0.5) & (u[:, 5] >= 0.5)
+    flipped_only = (u[:, 0] >= 0.5) & (u[:, 5] < 0.5)
+    assert untouched.any() and flipped_only.any()
+    torch.testing.assert_close(a[untouched], x[untouched], atol=1e-5, rtol=0)
+    torch.testing.assert_close(a[flipped_only], x[flipped_only].flip(-1), atol=1e-5, rtol=0)

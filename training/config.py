@@ -1,0 +1,150 @@
+"""The training configuration: plain data with typed `key=value` overrides.
+
+`TrainConfig` holds everything a run needs besides the architecture, which it derives as a
+`LanitConfig` (`model_config()`), so the checkpoint never depends on these flags to load.
+Schedules (diversity decay, EMA warm-up) are functions of the step, never mutations of the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from lanit_rt.config import ConfigError, LanitConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # data and domains (None data -> the embedded Twemoji person set and its default domains)
+    data: str | None = None
+    domains: tuple[str, ...] | None = None
+    out: str = "runs/default"
+    # architecture (small widths so the default trains on a CPU)
+    img_size: int = 64
+    base_dim: int | None = 32
+    max_dim: int = 128
+    style_dim: int = 64
+    latent_dim: int = 16
+    mapping_dim: int = 256
+    # optimisation (LANIT / StarGAN v2 values)
+    steps: int = 2000
+    batch_size: int = 8
+    lr: float = 1e-4
+    mapping_lr: float = 1e-4
+    beta1: float = 0.0
+    beta2: float = 0.99
+    weight_decay: float = 1e-4
+    ema_beta: float = 0.999
+    lambda_r1: float = 1.0
+    lambda_sty: float = 1.0
+    lambda_ds: float = 1.0
+    lambda_cyc: float = 1.0
+    lambda_dl: float = 1.0
+    ds_decay_steps: int | None = None  # None -> decay the diversity weight to 0 over all steps
+    # pseudo-labels
+    labeler: str = "lanit-lite"
+    label_mode: str = "adaptive"
+    topk: int = 1
+    threshold: float = 0.0
+    template_set: str | None = None  # None -> "emoji" for the default data, "face" otherwise
+    templates_file: str | None = None
+    base_prompt: str | None = None
+    # stage 2: prompt learning through the domain-regularisation loss
+    stage: int = 1
+    prompt_start: int | None = None  # None -> half of the steps
+    prompt_lr: float = 1e-5
+    relabel_every: int = 50
+    # bookkeeping
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 10
+    sample_every: int = 500
+    save_every: int = 500
+    num_style_z: int = 1000
+    cache_dir: str | None = None  # None -> ~/.cache/lanit-rt
+
+    def __post_init__(self) -> None:
+        if self.domains is not None:
+            object.__setattr__(self, "domains", tuple(self.domains))
+            if len(self.domains) < 2:
+                raise ConfigError(f"LANIT needs at least 2 domain texts, got {list(self.domains)}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ConfigError("steps and batch_size must be positive")
+        if self.stage not in (1, 2):
+            raise ConfigError(f"stage must be 1 or 2, got {self.stage}")
+        if self.label_mode not in ("adaptive", "topk", "threshold"):
+            raise ConfigError(f"label_mode must be adaptive, topk or threshold, got {self.label_mode!r}")
+        if not 0.0 <= self.ema_beta < 1.0:
+            raise ConfigError(f"ema_beta must be in [0, 1), got {self.ema_beta}")
+
+    def model_config(self, domains: tuple[str, ...]) -> LanitConfig:
+        return LanitConfig(domains=domains, img_size=self.img_size, style_dim=self.style_dim,
+                           latent_dim=self.latent_dim, base_dim=self.base_dim, max_dim=self.max_dim,
+                           mapping_dim=self.mapping_dim)
+
+    @property
+    def prompt_start_step(self) -> int:
+        return self.steps // 2 if self.prompt_start is None else self.prompt_start
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        if self.domains is not None:
+            out["domains"] = list(self.domains)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown training config keys {unknown}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'key=value' -> (key, value converted to the field's type). Raises ConfigError."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    hints = typing.get_type_hints(TrainConfig)
+    if key not in hints:
+        raise ConfigError(f"unknown config key {key!r}; known keys: {sorted(hints)}")
+    return key, _convert(raw.strip(), hints[key], key)
+
+
+def _convert(raw: str, hint: Any, key: str) -> Any:
+    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if raw.lower() in ("none", "null", ""):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(raw, inner[0], key)
+    if origin is tuple:
+        return tuple(p.strip() for p in raw.split(",") if p.strip())
+    try:
+        if hint is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if hint is int:
+            return int(raw)
+        if hint is float:
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{key} expects {hint.__name__}, got {raw!r}") from None
+    return raw

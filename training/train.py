@@ -1,0 +1,550 @@
+"""The LANIT training loop, readable top to bottom.
+
+One iteration (StarGAN v2 order): D on a latent-guided fake, D on a reference-guided fake, G
+latent-guided step (G, F, E updated), G reference-guided step (G updated); then the EMA copies.
+Targets are multi-hot pseudo-labels from a vision-language model; samples with no active domain
+("slack") never enter a batch. Stage 2 also learns the prompt context vectors through the
+domain-regularisation loss.
+
+Several processes (torchrun) each draw their own batches; gradients are averaged with one bucketed
+all-reduce per optimiser step (see `average_gradients`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from lanit_rt.checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    load_train_state,
+    save_checkpoint,
+    save_train_state,
+)
+from lanit_rt.config import LanitConfig
+from lanit_rt.networks import Discriminator, Generator, MappingNetwork, StyleEncoder
+from lanit_rt.style import latent_style_table, reference_style_table
+from training import losses
+from training.config import TrainConfig
+from training.data import ImageSet, check_images, find_images
+from training.grid import save_sample_grid
+
+TRAIN_CONFIG_FILE = "train_config.json"
+METRICS_FILE = "metrics.jsonl"
+LABELS_FILE = "pseudo_labels.csv"
+PROMPTS_FILE = "prompts.safetensors"
+
+
+# ----------------------------------------------------------------------------- processes
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_pref: str) -> tuple[Dist, torch.device]:
+    """Read torchrun's environment; start a process group when there is more than one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref.startswith("cuda")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if use_cuda:
+        device = torch.device("cuda", local_rank) if world > 1 else torch.device(
+            device_pref if device_pref.startswith("cuda") else "cuda")
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return Dist(rank, world, local_rank), device
+
+
+def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    """Average .grad across processes with one flat all-reduce (what DDP's buckets do).
+
+    The GAN step runs G three or four times before each backward, which DistributedDataParallel's
+    one-forward-per-backward contract does not allow without extra machinery; averaging the
+    gradients explicitly gives the same update.
+    """
+    if world == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+# ----------------------------------------------------------------------------- networks
+
+@dataclass
+class Nets:
+    generator: Generator
+    mapping: MappingNetwork
+    style_encoder: StyleEncoder
+    discriminator: Discriminator | None = None
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        named = {"generator": self.generator, "mapping": self.mapping,
+                 "style_encoder": self.style_encoder}
+        if self.discriminator is not None:
+            named["discriminator"] = self.discriminator
+        return named
+
+
+def build_nets(config: LanitConfig, device: torch.device) -> tuple[Nets, Nets]:
+    """(trained nets incl. D, EMA copies of G/F/E in eval mode without grads)."""
+    nets = Nets(Generator(config), MappingNetwork(config), StyleEncoder(config), Discriminator(config))
+    for net in nets.modules().values():
+        net.to(device)
+    ema = Nets(*(copy.deepcopy(n).eval().requires_grad_(False)
+                 for n in (nets.generator, nets.mapping, nets.style_encoder)))
+    return nets, ema
+
+
+@torch.no_grad()
+def update_ema(ema: Nets, nets: Nets, beta: float) -> None:
+    for name, ema_net in ema.modules().items():
+        for p_ema, p in zip(ema_net.parameters(), nets.modules()[name].parameters()):
+            p_ema.lerp_(p, 1.0 - beta)
+
+
+def make_optimizers(nets: Nets, cfg: TrainConfig) -> dict[str, torch.optim.Optimizer]:
+    def adam(module: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+        return torch.optim.Adam(module.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2),
+                                weight_decay=cfg.weight_decay)
+    return {"generator": adam(nets.generator, cfg.lr), "mapping": adam(nets.mapping, cfg.mapping_lr),
+            "style_encoder": adam(nets.style_encoder, cfg.lr),
+            "discriminator": adam(nets.discriminator, cfg.lr)}
+
+
+def step_optimizers(optims: dict[str, torch.optim.Optimizer], names: tuple[str, ...], world: int):
+    for name in names:
+        params = [p for group in optims[name].param_groups for p in group["params"]]
+        average_gradients(params, world)
+        optims[name].step()
+
+
+# ----------------------------------------------------------------------------- labels
+
+class Labeler:
+    """Pseudo-labels of the training set: cached image features x (learnable) prompt features."""
+
+    def __init__(self, vl, prompt_bank, image_feats: torch.Tensor, cfg: TrainConfig):
+        self.vl = vl
+        self.prompt_bank = prompt_bank
+        self.image_feats = image_feats  # [N, E] on the training device
+        self.cfg = cfg
+
+    def label(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(labels [N, D] float 0/1, scores [N, D]) with the current prompts."""
+        from training.pseudo_labels import pseudo_labels
+
+        with torch.no_grad():
+            domain_feats, base_feat = self.prompt_bank()
+            return pseudo_labels(self.image_feats, domain_feats, base_feat, mode=self.cfg.label_mode,
+                                 topk=self.cfg.topk, threshold=self.cfg.threshold)
+
+    def scores(self, images: torch.Tensor) -> torch.Tensor:
+        """Differentiable scores [N, D] = cos(f(x), t_k) - cos(f(x), t_base) of generated images."""
+        domain_feats, base_feat = self.prompt_bank()
+        feats = self.vl.encode_images(images)
+        return feats @ domain_feats.t() - (feats @ base_feat)[:, None]
+
+
+# ----------------------------------------------------------------------------- the step
+
+def discriminator_step(nets: Nets, x_real, y_org, y_trg, s_trg, cfg: TrainConfig):
+    x_real = x_real.detach().requires_grad_(True)
+    out_real = nets.discriminator(x_real)
+    loss_real = losses.adversarial_loss(out_real, y_org, real=True)
+    loss_r1 = losses.r1_penalty(out_real, y_org, x_real)
+    with torch.no_grad():
+        x_fake = nets.generator(x_real, s_trg)
+    loss_fake = losses.adversarial_loss(nets.discriminator(x_fake), y_trg, real=False)
+    loss = loss_real + loss_fake + cfg.lambda_r1 * loss_r1
+    return loss, {"d_real": loss_real.item(), "d_fake": loss_fake.item(), "d_r1": loss_r1.item()}
+
+
+def generator_step(nets: Nets, labeler: Labeler | None, x_real, y_org, y_trg, y_abl, removed,
+                   style_of, cfg: TrainConfig, lambda_ds: float):
+    """One G objective. `style_of(targets, which)` gives the style for `which` in (1, 2) (two
+    latents or two references) mixed over the `targets` rows, with gradients."""
+    s_trg = style_of(y_trg, 1)
+    x_fake = nets.generator(x_real, s_trg)
+    loss_adv = losses.adversarial_loss(nets.discriminator(x_fake), y_trg, real=True)
+    loss_sty = losses.style_reconstruction_loss(nets.style_encoder(x_fake, y_trg), s_trg)
+    x_fake2 = nets.generator(x_real, style_of(y_trg, 2)).detach()
+    loss_ds = losses.diversity_loss(x_fake, x_fake2)
+    x_rec = nets.generator(x_fake, nets.style_encoder(x_real, y_org))
+    loss_cyc = losses.cycle_loss(x_rec, x_real)
+    loss = loss_adv + cfg.lambda_sty * loss_sty - lambda_ds * loss_ds + cfg.lambda_cyc * loss_cyc
+    logs = {"g_adv": loss_adv.item(), "g_sty": loss_sty.item(), "g_ds": loss_ds.item(),
+            "g_cyc": loss_cyc.item()}
+    if labeler is not None and cfg.lambda_dl > 0:
+        x_abl = nets.generator(x_real, style_of(y_abl, 1))
+        scores = labeler.scores(torch.cat([x_fake, x_abl]))
+        n = x_real.shape[0]
+        loss_dl = losses.domain_regularization_loss(scores[:n], y_trg, scores[n:], removed,
+                                                    scale=float(labeler.vl.logit_scale))
+        loss = loss + cfg.lambda_dl * loss_dl
+        logs["g_dl"] = loss_dl.item()
+    return loss, logs
+
+
+# ----------------------------------------------------------------------------- setup helpers
+
+def resolve_data(cfg: TrainConfig) -> tuple[list[Path], tuple[str, ...], str]:
+    """(image paths, domain texts, template set) for the config, before any heavy work."""
+    if cfg.data is None:
+        from training.emoji import default_dataset
+
+        paths, default_domains = default_dataset()
+        domains = cfg.domains or tuple(default_domains)
+        template_set = cfg.template_set or "emoji"
+    else:
+        if cfg.domains is None:
+            raise ValueError("--domains (or --domains-file) is required with --data")
+        paths = find_images(cfg.data)
+        domains = cfg.domains
+        template_set = cfg.template_set or "face"
+    if len(domains) < 2:
+        raise ValueError(f"LANIT needs at least 2 domain texts, got {list(domains)}")
+    return list(paths), tuple(domains), template_set
+
+
+def read_templates(cfg: TrainConfig, template_set: str) -> list[str]:
+    from training.prompts import TEMPLATE_SETS
+
+    if cfg.templates_file:
+        lines = Path(cfg.templates_file).read_text(encoding="utf-8").splitlines()
+        templates = [t.strip() for t in lines if t.strip() and not t.startswith("#")]
+        bad = [t for t in templates if t.count("{}") != 1]
+        if bad or not templates:
+            raise ValueError(f"{cfg.templates_file}: every template needs exactly one '{{}}' ({bad[:3]})")
+        return templates
+    if template_set not in TEMPLATE_SETS:
+        raise ValueError(f"unknown template set {template_set!r}; known: {sorted(TEMPLATE_SETS)}")
+    return list(TEMPLATE_SETS[template_set])
+
+
+def cache_root(cfg: TrainConfig) -> Path:
+    return Path(cfg.cache_dir or os.environ.get("LANIT_CACHE", Path.home() / ".cache" / "lanit-rt"))
+
+
+# ----------------------------------------------------------------------------- the run
+
+class Trainer:
+    """Owns one run's state; `run()` trains to `cfg.steps`, saving on the way and on interruption."""
+
+    def __init__(self, cfg: TrainConfig, vl=None, progress: bool = True):
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.progress = progress
+        self.dist, self.device = init_distributed(cfg.device)
+        paths, domains, template_set = resolve_data(cfg)
+        self.domains = domains
+        self.model_config = cfg.model_config(domains)
+        self.templates = read_templates(cfg, template_set)
+        scan = check_images(paths, progress=progress and self.dist.main)
+        self.skipped = scan.skipped
+        self.images = ImageSet(scan.paths, cfg.img_size, progress=progress and self.dist.main)
+
+        torch.manual_seed(cfg.seed)
+        self.nets, self.ema = build_nets(self.model_config, self.device)
+        self.optims = make_optimizers(self.nets, cfg)
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1000 * self.dist.rank)
+        self.step = 0
+
+        self.labeler = self._build_labeler(vl, scan.paths)
+        self.prompt_optim = None
+        if cfg.stage == 2:
+            self.prompt_optim = torch.optim.Adam(
+                [p for p in self.labeler.prompt_bank.parameters() if p.requires_grad],
+                lr=cfg.prompt_lr, betas=(cfg.beta1, cfg.beta2))
+        self.labels, self.scores = self.labeler.label()
+        self.pool = self._active_pool()
+
+    def _build_labeler(self, vl, paths: list[Path]) -> Labeler:
+        from training.prompts import PromptBank
+        from training.pseudo_labels import image_features
+
+        if vl is None:
+            from training.vl import load_vision_language
+
+            vl = load_vision_language(self.cfg.labeler, device=self.device)
+        cache = cache_root(self.cfg) / "features"
+        # One process fills the feature cache; the others read it.
+        if self.dist.main:
+            feats = image_features(vl, paths, cache, progress=self.progress)
+        if self.dist.world > 1:
+            dist.barrier()
+        if not self.dist.main:
+            feats = image_features(vl, paths, cache, progress=False)
+        bank = PromptBank(vl, list(self.domains), templates=self.templates,
+                          base_prompt=self.cfg.base_prompt, learnable=self.cfg.stage == 2).to(self.device)
+        return Labeler(vl, bank, feats.to(self.device), self.cfg)
+
+    def _active_pool(self) -> torch.Tensor:
+        pool = torch.nonzero(self.labels.sum(dim=1) > 0).flatten().cpu()
+        if len(pool) < 2:
+            raise ValueError(
+                f"only {len(pool)} of {len(self.images)} images have an active domain among "
+                f"{list(self.domains)}: check the domain texts, the templates or the labelling mode")
+        return pool
+
+    # -- state ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "step": self.step,
+            "train_config": self.cfg.to_dict(),
+            "model_config": self.model_config.to_dict(),
+            "nets": {k: v.state_dict() for k, v in self.nets.modules().items()},
+            "ema": {k: v.state_dict() for k, v in self.ema.modules().items()},
+            "optims": {k: v.state_dict() for k, v in self.optims.items()},
+            "sampler_rng": self.gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "labels": self.labels.cpu(),
+            "prompt_bank": self.labeler.prompt_bank.state_dict(),
+        }
+        if self.prompt_optim is not None:
+            state["prompt_optim"] = self.prompt_optim.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = LanitConfig.from_dict(state["model_config"])
+        if saved != self.model_config:
+            raise CheckpointError(
+                f"resume state in {self.out} was trained with a different model "
+                f"({saved.to_dict()} vs {self.model_config.to_dict()})")
+        for name, net in self.nets.modules().items():
+            net.load_state_dict(state["nets"][name])
+        for name, net in self.ema.modules().items():
+            net.load_state_dict(state["ema"][name])
+        for name, opt in self.optims.items():
+            opt.load_state_dict(state["optims"][name])
+        self.labeler.prompt_bank.load_state_dict(state["prompt_bank"])
+        if self.prompt_optim is not None and "prompt_optim" in state:
+            self.prompt_optim.load_state_dict(state["prompt_optim"])
+        self.gen.set_state(state["sampler_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.labels = state["labels"].to(self.device)
+        self.pool = self._active_pool()
+        self.step = int(state["step"])
+
+    def resume(self) -> None:
+        self.load_state_dict(load_train_state(self.out))
+        metrics = self.out / METRICS_FILE
+        if metrics.exists():  # drop lines logged after the saved step
+            kept = [line for line in metrics.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= self.step]
+            atomic_write_text(metrics, "".join(line + "\n" for line in kept))
+
+    def check_replicas(self) -> None:
+        """Raise if the processes' weights have drifted apart (they must stay bit-identical)."""
+        if self.dist.world == 1:
+            return
+        sums = torch.stack([torch.cat([p.detach().double().flatten() for p in net.parameters()]).sum()
+                            for net in self.nets.modules().values()]).to(self.device)
+        low, high = sums.clone(), sums.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        if not torch.equal(low, high):
+            raise RuntimeError(f"process weights diverged at step {self.step}: {low} vs {high}")
+
+    def save(self, final: bool = False) -> None:
+        self.check_replicas()
+        if not self.dist.main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_train_state(self.out, self.state_dict())
+        latent = latent_style_table(self.ema.mapping, num_z=self.cfg.num_style_z, seed=self.cfg.seed)
+        reference = self._reference_table()
+        meta = {"step": self.step, "labeler": self.cfg.labeler, "stage": self.cfg.stage,
+                "final": final, "num_images": len(self.images)}
+        save_checkpoint(self.out, self.model_config, self.ema.generator, self.ema.mapping,
+                        self.ema.style_encoder, latent_table=latent, reference_table=reference,
+                        metadata=meta)
+        if self.cfg.stage == 2:
+            from safetensors.torch import save_file
+
+            from lanit_rt.checkpoint import atomic_write
+
+            tensors = {k: v.detach().cpu().contiguous()
+                       for k, v in self.labeler.prompt_bank.state_dict().items()}
+            atomic_write(self.out / PROMPTS_FILE, lambda tmp: save_file(tensors, tmp))
+
+    @torch.no_grad()
+    def _reference_table(self) -> torch.Tensor | None:
+        """Mean EMA style-encoder style over each domain's confidently labelled images: those
+        labelled on with a score at or above the domain's median positive score."""
+        on = self.labels > 0
+        scores = torch.where(on, self.scores, torch.full_like(self.scores, float("nan")))
+        median = scores.nanmedian(dim=0).values  # [D]
+        confident = on & (self.scores >= median[None, :])
+        if bool((confident.sum(dim=0) == 0).any()):
+            return None
+        rows = torch.nonzero(confident.any(dim=1)).flatten().cpu()
+        batches = ((self.images.batch(rows[i:i + 64], device=self.device), confident[rows[i:i + 64]])
+                   for i in range(0, len(rows), 64))
+        return reference_style_table(self.ema.style_encoder, batches, device=self.device)
+
+    def write_run_files(self) -> None:
+        if not self.dist.main:
+            return
+        from training.pseudo_labels import write_labels_csv
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out / TRAIN_CONFIG_FILE, json.dumps(
+            {**self.cfg.to_dict(), "domains": list(self.domains), "templates": self.templates,
+             "num_images": len(self.images), "skipped_images": [str(p) for p, _ in self.skipped]},
+            indent=2) + "\n")
+        atomic_write_text(self.out / "config.json", self.model_config.to_json() + "\n")
+        write_labels_csv(self.out / LABELS_FILE, [str(p) for p in self.images.paths],
+                         list(self.domains), self.labels.cpu(), self.scores.cpu())
+
+    # -- sampling ------------------------------------------------------------------------
+
+    def _draw(self, n: int) -> torch.Tensor:
+        return self.pool[torch.randint(len(self.pool), (n,), generator=self.gen)]
+
+    def _batch(self):
+        b = self.cfg.batch_size
+        src, ref, ref2 = self._draw(b), self._draw(b), self._draw(b)
+        x_real = self.images.batch(src, self.gen, self.device)
+        x_ref = self.images.batch(ref, self.gen, self.device)
+        x_ref2 = self.images.batch(ref2, self.gen, self.device)
+        y_org, y_trg = self.labels[src.to(self.labels.device)], self.labels[ref.to(self.labels.device)]
+        z1 = torch.randn(b, self.model_config.latent_dim, generator=self.gen).to(self.device)
+        z2 = torch.randn(b, self.model_config.latent_dim, generator=self.gen).to(self.device)
+        y_abl, removed = losses.ablate_targets(y_trg, self.gen)
+        return x_real, x_ref, x_ref2, y_org.to(self.device), y_trg.to(self.device), y_abl, removed, z1, z2
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, float]:
+        cfg, nets, optims = self.cfg, self.nets, self.optims
+        x_real, x_ref, x_ref2, y_org, y_trg, y_abl, removed, z1, z2 = self._batch()
+        world = self.dist.world
+        learn_prompts = self.prompt_optim is not None and self.step >= cfg.prompt_start_step
+        logs: dict[str, float] = {}
+
+        for kind in ("latent", "ref"):
+            with torch.no_grad():
+                s_trg = nets.mapping(z1, y_trg) if kind == "latent" else nets.style_encoder(x_ref, y_trg)
+            d_loss, d_logs = discriminator_step(nets, x_real, y_org, y_trg, s_trg, cfg)
+            optims["discriminator"].zero_grad(set_to_none=True)
+            d_loss.backward()
+            step_optimizers(optims, ("discriminator",), world)
+            logs.update({f"{k}_{kind}": v for k, v in d_logs.items()})
+
+        lambda_ds = losses.diversity_weight(self.step, cfg.lambda_ds, cfg.ds_decay_steps or cfg.steps)
+        latents = {1: z1, 2: z2}
+        refs = {1: x_ref, 2: x_ref2}
+        for kind in ("latent", "ref"):
+            if kind == "latent":
+                def style_of(targets, which):
+                    return nets.mapping(latents[which], targets)
+                names = ("generator", "mapping", "style_encoder")
+            else:
+                def style_of(targets, which):
+                    return nets.style_encoder(refs[which], targets)
+                names = ("generator",)
+            g_loss, g_logs = generator_step(nets, self.labeler, x_real, y_org, y_trg, y_abl, removed,
+                                            style_of, cfg, lambda_ds)
+            for name in optims:
+                optims[name].zero_grad(set_to_none=True)
+            if learn_prompts:
+                self.prompt_optim.zero_grad(set_to_none=True)
+            g_loss.backward()
+            step_optimizers(optims, names, world)
+            if learn_prompts:
+                prompt_params = [p for g in self.prompt_optim.param_groups for p in g["params"]]
+                average_gradients(prompt_params, world)
+                self.prompt_optim.step()
+            logs.update({f"{k}_{kind}": v for k, v in g_logs.items()})
+
+        update_ema(self.ema, nets, losses.ema_beta(self.step, cfg.ema_beta))
+        self.step += 1
+        if learn_prompts and self.step % cfg.relabel_every == 0:
+            self.labels, self.scores = self.labeler.label()
+            self.pool = self._active_pool()
+        logs["lambda_ds"] = lambda_ds
+        return logs
+
+    def sample(self) -> Path | None:
+        if not self.dist.main:
+            return None
+        path = self.out / "samples" / f"step_{self.step:06d}.png"
+        save_sample_grid(path, self.ema, self.images, self.pool, self.labels, self.domains,
+                         seed=self.cfg.seed, device=self.device)
+        return path
+
+    def run(self) -> Path:
+        cfg = self.cfg
+        self.write_run_files()
+        metrics_path = self.out / METRICS_FILE
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="training", unit="step",
+                   disable=not (self.progress and self.dist.main), dynamic_ncols=True)
+        started, start_step = time.perf_counter(), self.step
+        try:
+            while self.step < cfg.steps:
+                logs = self.train_step()
+                bar.update(1)
+                if self.dist.main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                    elapsed = time.perf_counter() - started
+                    record = {"step": self.step, "time": round(elapsed, 3),
+                              "steps_per_s": round((self.step - start_step) / max(elapsed, 1e-9), 4),
+                              **{k: round(v, 6) for k, v in logs.items()}}
+                    with open(metrics_path, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(record) + "\n")
+                    bar.set_postfix(d=f"{logs['d_real_latent'] + logs['d_fake_latent']:.2f}",
+                                    g=f"{logs['g_adv_latent']:.2f}", cyc=f"{logs['g_cyc_latent']:.3f}")
+                if self.step % cfg.sample_every == 0:
+                    self.sample()
+                if self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                    self.save()
+        except KeyboardInterrupt:
+            bar.close()
+            self.save()
+            raise
+        bar.close()
+        self.save(final=True)
+        self.write_run_files()
+        if self.step % cfg.sample_every != 0:
+            self.sample()
+        return self.out
+
+
+def train(cfg: TrainConfig, vl=None, resume: bool = False, progress: bool = True) -> Path:
+    """Train a LANIT model per `cfg`; returns the output folder (see the module docstring)."""
+    trainer = Trainer(cfg, vl=vl, progress=progress)
+    if resume:
+        trainer.resume()
+    try:
+        return trainer.run()
+    finally:
+        if trainer.dist.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
