@@ -153,3 +153,12 @@ def test_torchrun_two_processes_gloo(tmp_path, tiny_labeler):
     # Averaged gradients keep the replicas identical: rank 0's weights are the only ones saved,
     # so check the optimiser state was stepped twice from one run.
     assert model.metadata["step"] == 2
+
+
+def test_time_budget_stops_cleanly_with_a_checkpoint(tmp_path, tiny_labeler):
+    cfg = tiny_cfg(tmp_path, tiny_labeler, steps=50, max_minutes=0.0)
+    out = train(cfg, progress=False)
+    model = load_checkpoint(out)
+    assert model.metadata["step"] == 0 and model.metadata["final"] is True
+    assert cfg.replace(max_minutes=None, data=None).time_budget_s == 12 * 60
+    assert cfg.replace(max_minutes=None).time_budget_s is None

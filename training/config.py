@@ -17,6 +17,10 @@ from typing import Any
 from lanit_rt.config import ConfigError, LanitConfig
 
 
+# The embedded default must finish within 15 minutes on 2 CPU cores, labelling and saving included.
+DEFAULT_DATA_MAX_MINUTES = 12.0
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     # data and domains (None data -> the embedded Twemoji person set and its default domains)
@@ -25,13 +29,13 @@ class TrainConfig:
     out: str = "runs/default"
     # architecture (small widths so the default trains on a CPU)
     img_size: int = 64
-    base_dim: int | None = 32
+    base_dim: int | None = 16
     max_dim: int = 128
     style_dim: int = 64
     latent_dim: int = 16
     mapping_dim: int = 256
     # optimisation (LANIT / StarGAN v2 values)
-    steps: int = 2000
+    steps: int = 1000
     batch_size: int = 8
     lr: float = 1e-4
     mapping_lr: float = 1e-4
@@ -61,6 +65,9 @@ class TrainConfig:
     # bookkeeping
     seed: int = 0
     device: str = "auto"
+    # Wall-clock cap on the training loop (minutes); the run then saves and ends as if finished.
+    # None: no cap, except for the embedded default data (DEFAULT_DATA_MAX_MINUTES).
+    max_minutes: float | None = None
     log_every: int = 10
     sample_every: int = 500
     save_every: int = 500
@@ -85,6 +92,12 @@ class TrainConfig:
         return LanitConfig(domains=domains, img_size=self.img_size, style_dim=self.style_dim,
                            latent_dim=self.latent_dim, base_dim=self.base_dim, max_dim=self.max_dim,
                            mapping_dim=self.mapping_dim)
+
+    @property
+    def time_budget_s(self) -> float | None:
+        if self.max_minutes is not None:
+            return 60.0 * self.max_minutes
+        return 60.0 * DEFAULT_DATA_MAX_MINUTES if self.data is None else None
 
     @property
     def prompt_start_step(self) -> int:

@@ -195,7 +195,8 @@ def generator_step(nets: Nets, labeler: Labeler | None, x_real, y_org, y_trg, y_
     x_fake = nets.generator(x_real, s_trg)
     loss_adv = losses.adversarial_loss(nets.discriminator(x_fake), y_trg, real=True)
     loss_sty = losses.style_reconstruction_loss(nets.style_encoder(x_fake, y_trg), s_trg)
-    x_fake2 = nets.generator(x_real, style_of(y_trg, 2)).detach()
+    with torch.no_grad():  # the diversity term pushes only x_fake away from x_fake2
+        x_fake2 = nets.generator(x_real, style_of(y_trg, 2))
     loss_ds = losses.diversity_loss(x_fake, x_fake2)
     x_rec = nets.generator(x_fake, nets.style_encoder(x_real, y_org))
     loss_cyc = losses.cycle_loss(x_rec, x_real)
@@ -494,6 +495,13 @@ class Trainer:
         logs["lambda_ds"] = lambda_ds
         return logs
 
+    def _out_of_time(self, started: float, budget: float) -> bool:
+        """Whether the wall-clock budget is spent; all processes agree (rank 0 decides)."""
+        flag = torch.tensor([float(time.perf_counter() - started >= budget)], device=self.device)
+        if self.dist.world > 1:
+            dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
     def sample(self) -> Path | None:
         if not self.dist.main:
             return None
@@ -509,8 +517,13 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, desc="training", unit="step",
                    disable=not (self.progress and self.dist.main), dynamic_ncols=True)
         started, start_step = time.perf_counter(), self.step
+        budget = cfg.time_budget_s
         try:
             while self.step < cfg.steps:
+                if budget is not None and self._out_of_time(started, budget):
+                    if self.dist.main:
+                        tqdm.write(f"time budget of {budget / 60:.1f} min reached at step {self.step}")
+                    break
                 logs = self.train_step()
                 bar.update(1)
                 if self.dist.main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
