@@ -13,6 +13,7 @@ from lanit_rt.checkpoint import (
 from lanit_rt.config import ConfigError, LanitConfig
 from lanit_rt.networks import Discriminator, Generator, MappingNetwork, StyleEncoder
 from lanit_rt.style import latent_style_table, mix_styles, normalize_domain_weights, reference_style_table
+from lanit_rt.translator import Translator
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,7 @@ __all__ = [
     "LanitModel",
     "MappingNetwork",
     "StyleEncoder",
+    "Translator",
     "latent_style_table",
     "load_checkpoint",
     "mix_styles",

@@ -1,0 +1,129 @@
+"""onnxruntime backend: runs the exported OUT.onnx (image, domain_weights -> translated) and, when
+present beside it, OUT.style.onnx (image, style -> translated).
+
+The config and domain texts come from the graph's metadata_props (`lanit_config`, `domains`,
+`precision`, `kind`, `io_dtype`); a graph without them is rejected as foreign. Inputs and outputs are
+host numpy arrays (onnxruntime moves them for a GPU provider itself), float32 unless the artifact's
+`io_dtype` says otherwise. `InferenceSession.run` is thread-safe and this backend holds no shared
+buffers, so it takes no lock.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from lanit_rt.backends.base import (
+    ArtifactError,
+    Backend,
+    artifact_style_path,
+    parse_artifact_metadata,
+)
+
+_IO_NUMPY = {"fp32": np.float32, "fp16": np.float16}
+_EXPECTED_INPUTS = {"domain_weights": ("image", "domain_weights"), "style": ("image", "style")}
+OUTPUT_NAME = "translated"
+
+
+def import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise ImportError("the onnxruntime backend needs onnxruntime: pip install 'lanit-rt[onnx]' "
+                          "(or 'lanit-rt[onnx-gpu]' for CUDA)") from err
+    return onnxruntime
+
+
+def default_providers(device: torch.device | str) -> list[str]:
+    ort = import_onnxruntime()
+    available = ort.get_available_providers()
+    wanted = ["CPUExecutionProvider"]
+    if torch.device(device).type == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise RuntimeError("device='cuda' needs onnxruntime-gpu (CUDAExecutionProvider is not "
+                               "available): pip install 'lanit-rt[onnx-gpu]'")
+        wanted.insert(0, "CUDAExecutionProvider")
+    return wanted
+
+
+class _Graph:
+    """One InferenceSession with its validated LANIT metadata."""
+
+    def __init__(self, path: str, providers: Sequence[Any], threads: int | None):
+        ort = import_onnxruntime()
+        if not os.path.exists(path):
+            raise ArtifactError(f"no ONNX file at {path}")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(path, options, providers=list(providers))
+        except Exception as err:  # onnxruntime raises its own exception types for invalid graphs
+            raise ArtifactError(f"{path} is not a loadable ONNX graph: {err}") from None
+        meta = dict(self.session.get_modelmeta().custom_metadata_map)
+        info = parse_artifact_metadata(meta, path)
+        self.path = path
+        self.config = info["config"]
+        self.kind = info["kind"]
+        self.precision = info["precision"]
+        self.io_numpy = _IO_NUMPY.get(info["io_dtype"])
+        if self.io_numpy is None:
+            raise ArtifactError(f"{path}: io_dtype {info['io_dtype']!r} is not supported by numpy I/O")
+        inputs = tuple(i.name for i in self.session.get_inputs())
+        outputs = tuple(o.name for o in self.session.get_outputs())
+        expected = _EXPECTED_INPUTS[self.kind]
+        if sorted(inputs) != sorted(expected) or OUTPUT_NAME not in outputs:
+            raise ArtifactError(f"{path}: a '{self.kind}' graph needs inputs {list(expected)} and output "
+                                f"'{OUTPUT_NAME}', found inputs {list(inputs)} outputs {list(outputs)}")
+
+    def run(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        arrays = {k: v.detach().to("cpu", torch.float32).numpy().astype(self.io_numpy, copy=False)
+                  for k, v in feeds.items()}
+        (out,) = self.session.run([OUTPUT_NAME], arrays)
+        return torch.from_numpy(np.asarray(out, dtype=np.float32))
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, path: str | os.PathLike, device: torch.device | str = "cpu",
+                 providers: Sequence[Any] | None = None, threads: int | None = None):
+        path = str(path)
+        self.device = torch.device("cpu")  # host arrays in and out, whatever the provider
+        providers = list(providers) if providers is not None else default_providers(device)
+        first = _Graph(path, providers, threads)
+        graphs = {first.kind: first}
+        other = artifact_style_path(path) if first.kind == "domain_weights" else None
+        if other is not None and os.path.exists(other):
+            second = _Graph(other, providers, threads)
+            if second.kind != "style":
+                raise ArtifactError(f"{other} should be a 'style' graph, its metadata says {second.kind!r}")
+            if second.config != first.config:
+                raise ArtifactError(f"{other} and {path} were exported from different models")
+            graphs["style"] = second
+        self.graphs = graphs
+        self.config = first.config
+        self.path = Path(path)
+        self.providers = providers
+        self.precision = first.precision
+        self.supports_weights = "domain_weights" in graphs
+        self.supports_style = "style" in graphs
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "device": "cpu-io", "providers": [str(p) for p in self.providers],
+                "precision": self.precision, "graphs": sorted(self.graphs)}
+
+    def run_weights(self, images: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if not self.supports_weights:
+            raise ArtifactError(f"{self.path} is a style-input graph; domain targets need the "
+                                "domain_weights graph")
+        return self.graphs["domain_weights"].run({"image": images, "domain_weights": weights})
+
+    def run_style(self, images: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        if not self.supports_style:
+            return super().run_style(images, style)
+        return self.graphs["style"].run({"image": images, "style": style})

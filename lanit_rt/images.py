@@ -1,0 +1,273 @@
+"""Image conversion for the Translator: user images in, model batches, user images out.
+
+Accepted inputs, single or batched:
+- PIL images in mode "RGB" (a list is a batch);
+- uint8 numpy arrays [H, W, 3] (a list, or one [N, H, W, 3] array, is a batch);
+- float torch tensors in [-1, 1], [3, H, W] (a list is a batch) or [N, 3, H, W].
+
+Every image is mapped to a float32 tensor in [-1, 1] (uint8 v -> v / 127.5 - 1) and resized to the
+model size with antialiased bilinear interpolation. Outputs come back in the input's kind and
+container (PIL in -> PIL out, a [N, H, W, 3] array in -> one array out), clamped to [-1, 1] and, for
+uint8 kinds, rounded as round((y + 1) * 127.5). With `resize_back` every output is resized to its
+input's size. uint8 data travels to the device as uint8 (4x fewer bytes than float32) and is
+converted there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+KINDS = ("pil", "numpy", "tensor")
+# Tensors are accepted slightly outside [-1, 1] so a generator output (clamped or not) can be fed back.
+_RANGE_SLACK = 1e-3
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How a user's images arrived, so results can be returned the same way.
+
+    kind: "pil" | "numpy" | "tensor"; container: "single" (one image), "list", or "stacked" (one
+    [N, H, W, 3] array or [N, 3, H, W] tensor); sizes: each image's (H, W); for tensors, their dtype
+    and device.
+    """
+
+    kind: str
+    container: str
+    sizes: tuple[tuple[int, int], ...]
+    dtype: torch.dtype | None = None
+    device: torch.device | None = None
+
+    @property
+    def count(self) -> int:
+        return len(self.sizes)
+
+
+@dataclass
+class RawImages:
+    """Validated images before resizing: uint8 [N, H, W, 3] / float [N, 3, H, W] when every image has
+    the same size, otherwise one tensor per image ([H, W, 3] uint8 or [3, H, W] float)."""
+
+    spec: ImageSpec
+    stacked: torch.Tensor | None
+    items: list[torch.Tensor] | None
+
+
+def _kind_of(image: Any) -> str:
+    if isinstance(image, torch.Tensor):
+        return "tensor"
+    if isinstance(image, np.ndarray):
+        return "numpy"
+    try:
+        from PIL import Image
+    except ImportError:  # pillow is a core dependency; this only guards odd installs
+        Image = None
+    if Image is not None and isinstance(image, Image.Image):
+        return "pil"
+    raise TypeError(f"unsupported image type {type(image).__name__}; expected a PIL image, a uint8 "
+                    "numpy array [H, W, 3] or a float tensor [3, H, W] / [N, 3, H, W] in [-1, 1]")
+
+
+def _pil_to_uint8(image: Any, index: int) -> torch.Tensor:
+    if image.mode != "RGB":
+        raise ValueError(f"image {index}: PIL mode {image.mode!r} is not RGB; convert it first "
+                         "with image.convert('RGB')")
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # [H, W, 3]
+
+
+def _numpy_to_uint8(array: np.ndarray, index: int) -> torch.Tensor:
+    if array.dtype != np.uint8:
+        raise ValueError(f"image {index}: numpy images must be uint8 [H, W, 3], got dtype {array.dtype}")
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"image {index}: numpy images must be [H, W, 3] (RGB), got shape "
+                         f"{tuple(array.shape)}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"image {index}: empty image of shape {tuple(array.shape)}")
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _check_float_tensor(tensor: torch.Tensor, what: str) -> None:
+    if not tensor.is_floating_point():
+        raise ValueError(f"{what}: tensors must be floating point in [-1, 1], got {tensor.dtype}")
+    if tensor.shape[-3] != 3:
+        raise ValueError(f"{what}: tensors must have 3 channels ([3, H, W] or [N, 3, H, W]), got "
+                         f"shape {tuple(tensor.shape)}")
+    if tensor.shape[-1] == 0 or tensor.shape[-2] == 0:
+        raise ValueError(f"{what}: empty image of shape {tuple(tensor.shape)}")
+    if tensor.numel() == 0:
+        return
+    # min and max propagate NaN and +-inf, so one reduction (one device sync) checks everything.
+    low, high = torch.stack(torch.aminmax(tensor.detach())).float().cpu().tolist()
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise ValueError(f"{what}: tensor holds NaN or infinite values")
+    if low < -1 - _RANGE_SLACK or high > 1 + _RANGE_SLACK:
+        raise ValueError(f"{what}: tensor values must lie in [-1, 1], got [{low:.4g}, {high:.4g}]")
+
+
+def load_images(images: Any) -> RawImages:
+    """Validate user images and gather them as tensors (no resizing, no device transfer)."""
+    if isinstance(images, (list, tuple)):
+        if len(images) == 0:
+            raise ValueError("empty batch: pass at least one image")
+        kinds = {_kind_of(image) for image in images}
+        if len(kinds) > 1:
+            raise TypeError(f"mixed image kinds in one batch: {sorted(kinds)}; use one kind per call")
+        kind, container, items = kinds.pop(), "list", list(images)
+    else:
+        kind = _kind_of(images)
+        if kind == "numpy" and images.ndim == 4:
+            if images.shape[0] == 0:
+                raise ValueError("empty batch: the array holds 0 images")
+            container, items = "stacked", list(images)
+        elif kind == "tensor" and images.dim() == 4:
+            _check_float_tensor(images, "images")
+            if images.shape[0] == 0:
+                raise ValueError("empty batch: the tensor holds 0 images")
+            size = (int(images.shape[2]), int(images.shape[3]))
+            spec = ImageSpec("tensor", "stacked", (size,) * images.shape[0], images.dtype, images.device)
+            return RawImages(spec, images, None)
+        else:
+            container, items = "single", [images]
+
+    if kind == "tensor":
+        for i, tensor in enumerate(items):
+            if tensor.dim() != 3:
+                raise ValueError(f"image {i}: image tensors must be [3, H, W] (or one [N, 3, H, W] "
+                                 f"batch), got shape {tuple(tensor.shape)}")
+            _check_float_tensor(tensor, f"image {i}")
+        dtypes = {t.dtype for t in items}
+        devices = {t.device for t in items}
+        if len(devices) > 1:
+            raise ValueError(f"images are on different devices: {sorted(map(str, devices))}")
+        tensors = items
+        sizes = tuple((int(t.shape[1]), int(t.shape[2])) for t in tensors)
+        dtype = items[0].dtype if len(dtypes) == 1 else torch.float32
+        spec = ImageSpec(kind, container, sizes, dtype, items[0].device)
+    else:
+        convert = _pil_to_uint8 if kind == "pil" else _numpy_to_uint8
+        tensors = [convert(image, i) for i, image in enumerate(items)]
+        sizes = tuple((int(t.shape[0]), int(t.shape[1])) for t in tensors)
+        spec = ImageSpec(kind, container, sizes)
+    if len(set(sizes)) == 1:
+        return RawImages(spec, torch.stack(tensors), None)
+    return RawImages(spec, None, tensors)
+
+
+def _uint8_to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float32 [N, 3, H, W] in [-1, 1]."""
+    return images.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+def _resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """float [N, 3, H, W] -> [N, 3, *size], antialiased bilinear (a no-op at the same size)."""
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    return F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False,
+                         antialias=True)
+
+
+def to_model_batch(raw: RawImages, size: int, device: torch.device | str,
+                   staging: torch.Tensor | None = None) -> torch.Tensor:
+    """Validated images -> float32 [N, 3, size, size] in [-1, 1] on `device`.
+
+    `staging`, when given, is a (pinned) host uint8 buffer at least as large as the stacked uint8
+    batch; copying through it lets the host-to-device transfer run asynchronously.
+    """
+    device = torch.device(device)
+    target = (size, size)
+    uint8 = raw.spec.kind != "tensor"
+
+    def upload(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device == device:
+            return tensor
+        if staging is not None and tensor.dtype == torch.uint8 and tensor.numel() <= staging.numel():
+            host = staging[: tensor.numel()].view(tensor.shape)
+            host.copy_(tensor)
+            return host.to(device, non_blocking=True)
+        return tensor.to(device)
+
+    if raw.stacked is not None:
+        batch = upload(raw.stacked)
+        batch = _uint8_to_float(batch) if uint8 else batch.float()
+        return _resize(batch, target).contiguous()
+    resized = []
+    for item in raw.items:
+        item = upload(item)
+        item = _uint8_to_float(item[None]) if uint8 else item[None].float()
+        resized.append(_resize(item, target))
+    return torch.cat(resized).contiguous()
+
+
+def _float_to_uint8_hwc(images: torch.Tensor) -> torch.Tensor:
+    """float [N, 3, H, W] in [-1, 1] -> uint8 [N, H, W, 3], round((y + 1) * 127.5)."""
+    scaled = images.float().add(1.0).mul_(127.5).round_().clamp_(0, 255)
+    return scaled.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def _download(images: torch.Tensor, host_buffer: Callable[[int], torch.Tensor] | None) -> np.ndarray:
+    """uint8 device tensor -> a numpy array the caller owns (via pinned memory for GPU tensors)."""
+    if images.device.type == "cpu":
+        return images.numpy()
+    if host_buffer is None:
+        return images.cpu().numpy()
+    pinned = host_buffer(images.numel())[: images.numel()].view(images.shape)
+    pinned.copy_(images)
+    return pinned.numpy().copy()
+
+
+def from_model_batch(output: torch.Tensor, spec: ImageSpec, resize_back: bool = False,
+                     host_buffer: Callable[[int], torch.Tensor] | None = None) -> Any:
+    """float [N, 3, S, S] model output -> the user's kind and container (see module docstring).
+
+    Post-processing (clamp, resize, uint8 conversion) runs on the output's device; only the final
+    uint8 images are copied to the host, through `host_buffer(numel)` (a pinned uint8 buffer of at
+    least numel elements) when given and the output is on a GPU.
+    """
+    if output.shape[0] != spec.count:
+        raise ValueError(f"expected {spec.count} outputs, got {output.shape[0]}")
+    output = output.float().clamp(-1.0, 1.0)
+    same_size = len(set(spec.sizes)) == 1
+    if not resize_back:
+        per_image = None
+    elif same_size:
+        output = _resize(output, spec.sizes[0]).clamp_(-1.0, 1.0)
+        per_image = None
+    else:
+        per_image = [_resize(output[i: i + 1], hw).clamp_(-1.0, 1.0) for i, hw in enumerate(spec.sizes)]
+
+    if spec.kind == "tensor":
+        if per_image is not None:
+            items = [t[0].to(device=spec.device, dtype=spec.dtype) for t in per_image]
+        else:
+            batch = output.to(device=spec.device, dtype=spec.dtype)
+            if spec.container == "stacked":
+                return batch
+            items = list(batch.unbind(0))
+        return items[0] if spec.container == "single" else items
+
+    if per_image is not None:
+        arrays = [_float_to_uint8_hwc(t).cpu().numpy()[0] for t in per_image]
+    else:
+        stacked = _download(_float_to_uint8_hwc(output), host_buffer)  # [N, H, W, 3]
+        if spec.kind == "numpy" and spec.container == "stacked":
+            return stacked
+        arrays = list(stacked)
+    if spec.kind == "pil":
+        from PIL import Image
+        arrays = [Image.fromarray(a, mode="RGB") for a in arrays]
+    return arrays[0] if spec.container == "single" else arrays
+
+
+def convert_images(images: Any, size: int,
+                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, ImageSpec]:
+    """Convenience: user images -> (float32 [N, 3, size, size] on `device`, their ImageSpec)."""
+    raw = load_images(images)
+    return to_model_batch(raw, size, device), raw.spec
+
+
+__all__: Sequence[str] = ("ImageSpec", "RawImages", "convert_images", "from_model_batch",
+                          "load_images", "to_model_batch")

@@ -1,0 +1,346 @@
+"""`Translator`: the application-facing API for LANIT image-to-image translation on every backend.
+
+    translator = Translator.from_checkpoint("runs/emoji", device="cuda")
+    out = translator.translate(image, "blond hair")                 # one text target
+    out = translator.translate(images, ["blond hair", "beard"])     # multi-hot target
+    out = translator.translate(images, {"blond hair": 2, "beard": 1})
+    out = translator.translate(images, "beard", seed=3)             # latent-guided (mapping network)
+    out = translator.translate(images, "beard", reference=ref)      # reference-guided (style encoder)
+
+Targets. A domain target becomes normalised weights w [N, D] (rows sum to 1). With domains only,
+the style is the exact multi-hot mix of the checkpoint's style table, s = w @ style_table; the torch
+backend mixes a precomputed AdaIN table instead (identical, the map is affine). With `seed=` / `z=`
+the style is F(z, w) (mapping network), with `reference=` it is E(reference, w) (style encoder), with
+`style=` it is given directly. Those three need a style input in the backend (torch, or the
+exported '.style.onnx' graph) and, for seed/reference, the checkpoint's networks (from_checkpoint).
+
+Images. See lanit_rt.images: PIL / uint8 numpy / float tensors in [-1, 1], single or batched, any
+size; results come back in the same kind, at model size or (resize_back=True) the input size.
+
+Threads. A Translator may be called from several threads at once. Host-side conversion runs in the
+calling thread with per-thread pinned staging buffers; each backend serialises its device stage with
+one lock around its shared buffers (and CUDA-graph replay); the mapping network and style encoder
+hold no mutable state.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from lanit_rt.backends.base import ArtifactError, Backend, check_expected_domains, check_same_config
+from lanit_rt.backends.torch import TorchBackend
+from lanit_rt.checkpoint import CheckpointError, load_checkpoint
+from lanit_rt.config import LanitConfig
+from lanit_rt.images import from_model_batch, load_images, to_model_batch
+from lanit_rt.networks import MappingNetwork, StyleEncoder
+from lanit_rt.style import mix_styles, normalize_domain_weights
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+ONNX_FILE = "model.onnx"
+ENGINE_FILE = "model.engine"
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+_PRECISION_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def resolve_dtype(dtype: Any, device: torch.device | str) -> torch.dtype:
+    """None -> fp16 on CUDA, fp32 elsewhere; accepts torch dtypes and "fp32" / "fp16" / "bf16"."""
+    if dtype is None:
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype.lower() not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+        return _DTYPES[dtype.lower()]
+    if dtype not in _PRECISION_NAMES:
+        raise ValueError(f"unsupported dtype {dtype}; use float32, float16 or bfloat16")
+    return dtype
+
+
+def _checkpoint_folder(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path if path.is_dir() else path.parent
+
+
+class Translator:
+    """Translate images to text-named domains with one of the backends (see module docstring)."""
+
+    def __init__(self, backend: Backend, mapping: MappingNetwork | None = None,
+                 style_encoder: StyleEncoder | None = None, style_device: torch.device | str = "cpu"):
+        self.backend = backend
+        self.config: LanitConfig = backend.config
+        self.mapping = mapping
+        self.style_encoder = style_encoder
+        self.style_device = torch.device(style_device)
+        self._local = threading.local()
+
+    # ----------------------------------------------------------------------------- construction
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device: torch.device | str = "cpu",
+                        backend: str = "torch", dtype: Any = None, impl: str = "auto", *,
+                        artifact: str | os.PathLike | None = None, providers: Sequence[Any] | None = None,
+                        channels_last: bool | None = None, cuda_graphs: bool = False) -> "Translator":
+        """Load a checkpoint folder / model.safetensors.
+
+        backend="torch" runs its generator in `dtype` (None: fp16 on CUDA, fp32 on CPU) with `impl`
+        kernels. "onnxruntime" / "tensorrt" run the exported generator at `artifact` (default
+        model.onnx / model.engine in the checkpoint folder) and keep the checkpoint's mapping network
+        and style encoder (fp32, torch) for seed- and reference-guided targets; the artifact must
+        have been exported from this checkpoint's architecture.
+        """
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        model = load_checkpoint(path, device=device)
+        folder = _checkpoint_folder(path)
+        if backend == "torch":
+            runner: Backend = TorchBackend(model, device=device, dtype=resolve_dtype(dtype, device),
+                                           impl=impl, channels_last=channels_last,
+                                           cuda_graphs=cuda_graphs)
+        elif backend == "onnxruntime":
+            from lanit_rt.backends.onnxruntime import OnnxRuntimeBackend
+            onnx_path = Path(artifact) if artifact is not None else folder / ONNX_FILE
+            if not onnx_path.exists():
+                raise ArtifactError(f"no ONNX artifact at {onnx_path}; export one with "
+                                    f"`lanit-export {path} --onnx {onnx_path}`")
+            runner = OnnxRuntimeBackend(onnx_path, device=device, providers=providers)
+            check_same_config(runner.config, model.config, str(onnx_path))
+            _check_precision(runner.precision, dtype, device, str(onnx_path))
+        else:
+            from lanit_rt.backends.tensorrt import TensorRTBackend
+            engine_path = Path(artifact) if artifact is not None else folder / ENGINE_FILE
+            runner = TensorRTBackend(engine_path, device=device)
+            check_same_config(runner.config, model.config, str(engine_path))
+            _check_precision(runner.precision, dtype, device, str(engine_path))
+        return cls(runner, mapping=model.mapping, style_encoder=model.style_encoder, style_device=device)
+
+    @classmethod
+    def from_onnx(cls, path: str | os.PathLike, device: torch.device | str = "cpu",
+                  providers: Sequence[Any] | None = None, *, domains: Sequence[str] | None = None,
+                  threads: int | None = None) -> "Translator":
+        """Run an exported OUT.onnx (and OUT.style.onnx when present) with onnxruntime.
+
+        Config and domain texts come from the graph metadata; `domains`, when given, must equal
+        them (ArtifactError otherwise). Seed/reference targets need from_checkpoint.
+        """
+        from lanit_rt.backends.onnxruntime import OnnxRuntimeBackend
+        runner = OnnxRuntimeBackend(path, device=device, providers=providers, threads=threads)
+        check_expected_domains(runner.config.domains, domains, str(path))
+        return cls(runner)
+
+    @classmethod
+    def from_engine(cls, path: str | os.PathLike, device: torch.device | str = "cuda", *,
+                    domains: Sequence[str] | None = None) -> "Translator":
+        """Run a TensorRT engine OUT.engine described by OUT.engine.json."""
+        from lanit_rt.backends.tensorrt import TensorRTBackend, read_sidecar
+        check_expected_domains(read_sidecar(path)["domains"], domains, str(path))
+        return cls(TensorRTBackend(path, device=device))
+
+    # ----------------------------------------------------------------------------- targets
+    @property
+    def domains(self) -> tuple[str, ...]:
+        return self.config.domains
+
+    def domain_weights(self, domains: Any, n: int = 1) -> torch.Tensor:
+        """A domain spec -> normalised weights [n, D] float32 on the CPU.
+
+        Specs: a name; an int index; a list/tuple of names or indices (multi-hot, equal weights); a
+        dict name-or-index -> non-negative weight; a [D] or [N, D] tensor / array of weights ([D]
+        and [1, D] broadcast to every image).
+        """
+        d = self.config.num_domains
+        if isinstance(domains, (str, bool, int, np.integer)):
+            weights = torch.zeros(1, d)
+            weights[0, self._index(domains)] = 1.0
+        elif isinstance(domains, Mapping):
+            if not domains:
+                raise ValueError("empty domain dict: give at least one domain weight")
+            weights = torch.zeros(1, d)
+            for key, value in domains.items():
+                value = float(value)
+                if not np.isfinite(value) or value < 0:
+                    raise ValueError(f"domain weight for {key!r} must be finite and >= 0, got {value}")
+                weights[0, self._index(key)] += value
+        elif isinstance(domains, (list, tuple)):
+            if not domains:
+                raise ValueError("empty domain list: give at least one domain")
+            weights = torch.zeros(1, d)
+            for item in domains:
+                weights[0, self._index(item)] = 1.0
+        elif isinstance(domains, (torch.Tensor, np.ndarray)):
+            weights = torch.as_tensor(domains).detach().to("cpu", torch.float32)
+            if weights.dim() == 1:
+                weights = weights[None]
+            if weights.dim() != 2 or weights.shape[1] != d:
+                raise ValueError(f"domain weights must be [N, {d}] (or [{d}]), got {tuple(weights.shape)}")
+            if not bool(torch.isfinite(weights).all()):
+                raise ValueError("domain weights hold NaN or infinite values")
+        else:
+            raise TypeError(f"unsupported domain spec {type(domains).__name__}; use a name, an index, a "
+                            "list of names, a dict of weights or an [N, D] tensor")
+        if weights.shape[0] == 1 and n != 1:
+            weights = weights.expand(n, d)
+        elif weights.shape[0] != n:
+            raise ValueError(f"domain weights have {weights.shape[0]} rows for {n} images")
+        return normalize_domain_weights(weights).contiguous()
+
+    def _index(self, key: Any) -> int:
+        if isinstance(key, str):
+            return self.config.domain_index(key)  # KeyError listing the known domains
+        if isinstance(key, bool) or not isinstance(key, (int, np.integer)):
+            raise TypeError(f"a domain is a name or an int index, got {key!r}")
+        if not 0 <= int(key) < self.config.num_domains:
+            raise IndexError(f"domain index {int(key)} out of range for {self.config.num_domains} "
+                             f"domains {list(self.domains)}")
+        return int(key)
+
+    @torch.inference_mode()
+    def latent_style(self, weights: torch.Tensor, *, seed: int | None = None,
+                     z: Any = None) -> torch.Tensor:
+        """Mapping-network style F(z, w) [N, S] fp32; z [N, latent] (or [latent], broadcast), or drawn
+        as torch.randn(N, latent) from a CPU generator seeded with `seed`."""
+        if self.mapping is None:
+            raise CheckpointError("seed=/z= need the mapping network: load with "
+                                  "Translator.from_checkpoint from a checkpoint that has one")
+        n, latent = weights.shape[0], self.config.latent_dim
+        if (seed is None) == (z is None):
+            raise ValueError("pass exactly one of seed= or z=")
+        if z is None:
+            generator = torch.Generator(device="cpu").manual_seed(int(seed))
+            z = torch.randn(n, latent, generator=generator)
+        z = torch.as_tensor(z).detach().to("cpu", torch.float32)
+        if z.dim() == 1:
+            z = z[None]
+        if z.dim() != 2 or z.shape[1] != latent or z.shape[0] not in (1, n):
+            raise ValueError(f"z must be [{n}, {latent}] (or [{latent}]), got {tuple(z.shape)}")
+        z = z.expand(n, latent)
+        return self.mapping(z.to(self.style_device), weights.to(self.style_device)).float()
+
+    @torch.inference_mode()
+    def reference_style(self, reference: Any, weights: torch.Tensor) -> torch.Tensor:
+        """Style-encoder style E(reference, w) [N, S] fp32; one reference, or one per image."""
+        if self.style_encoder is None:
+            raise CheckpointError("reference= needs the style encoder: load with "
+                                  "Translator.from_checkpoint from a checkpoint that has one")
+        raw = load_images(reference)
+        n = weights.shape[0]
+        if raw.spec.count not in (1, n):
+            raise ValueError(f"got {raw.spec.count} reference images for {n} images; pass 1 or {n}")
+        refs = to_model_batch(raw, self.config.img_size, self.style_device)
+        styles = self.style_encoder.all_styles(refs).float()  # [R, D, S]
+        styles = styles.expand(n, -1, -1)
+        return mix_styles(styles, weights.to(self.style_device))
+
+    # ----------------------------------------------------------------------------- translation
+    def translate(self, images: Any, domains: Any = None, *, reference: Any = None,
+                  seed: int | None = None, z: Any = None, style: Any = None,
+                  resize_back: bool = False) -> Any:
+        """Translate `images` to the target `domains` (see the module docstring for all forms).
+
+        Returns the images in the input's kind: PIL -> PIL, uint8 numpy -> uint8 numpy, tensor ->
+        tensor in [-1, 1] (input dtype and device); single in -> single out, batch in -> batch out.
+        """
+        raw = load_images(images)
+        n = raw.spec.count
+        latent = seed if z is None else z
+        guides = [name for name, value in (("reference", reference), ("seed/z", latent), ("style", style))
+                  if value is not None]
+        if len(guides) > 1:
+            raise ValueError(f"pass at most one of reference=, seed=/z=, style=; got {guides}")
+        if seed is not None and z is not None:
+            raise ValueError("pass seed= or z=, not both")
+        if domains is not None and style is not None:
+            raise ValueError("style= fixes the target by itself; pass domains= or style=, not both")
+        if domains is None and style is None:
+            raise ValueError(f"pass domains= (a name, a list of names, a dict of weights, an index or "
+                             f"[N, D] weights); known domains: {list(self.domains)}")
+        weights = self.domain_weights(domains, n) if domains is not None else None
+        if guides and not self.backend.supports_style:
+            raise ArtifactError(f"{guides[0]}-guided translation needs a style input, which the "
+                                f"{self.backend.name} artifact lacks (export the '.style' graph too)")
+
+        if reference is not None:
+            style_vectors = self.reference_style(reference, weights)
+        elif seed is not None or z is not None:
+            style_vectors = self.latent_style(weights, seed=seed, z=z)
+        elif style is not None:
+            style_vectors = self._check_style(style, n)
+        else:
+            style_vectors = None
+
+        batch = to_model_batch(raw, self.config.img_size, self.backend.device,
+                               staging=self._staging(raw))
+        if style_vectors is None:
+            output = self.backend.run_weights(batch, weights)
+        else:
+            output = self.backend.run_style(batch, style_vectors)
+        download = (self._pinned_download if output.device.type == "cuda" and raw.spec.kind != "tensor"
+                    else None)
+        return from_model_batch(output, raw.spec, resize_back, host_buffer=download)
+
+    __call__ = translate
+
+    def _check_style(self, style: Any, n: int) -> torch.Tensor:
+        s = self.config.style_dim
+        style = torch.as_tensor(style).detach().to("cpu", torch.float32)
+        if style.dim() == 1:
+            style = style[None]
+        if style.dim() != 2 or style.shape[1] != s or style.shape[0] not in (1, n):
+            raise ValueError(f"style must be [{n}, {s}] (or [{s}]), got {tuple(style.shape)}")
+        if not bool(torch.isfinite(style).all()):
+            raise ValueError("style holds NaN or infinite values")
+        return style.expand(n, s).contiguous()
+
+    def _staging(self, raw) -> torch.Tensor | None:
+        """Per-thread pinned uint8 host buffer for uploads to CUDA (None elsewhere)."""
+        if self.backend.device.type != "cuda" or raw.spec.kind == "tensor" or raw.stacked is None:
+            return None
+        return self._pinned("upload", raw.stacked.numel())
+
+    def _pinned_download(self, numel: int) -> torch.Tensor:
+        return self._pinned("download", numel)
+
+    def _pinned(self, name: str, numel: int) -> torch.Tensor:
+        """A per-thread pinned uint8 buffer of at least `numel` elements, grown on demand. Per thread,
+        so no lock: a thread's previous transfer has finished (its results reached the host) before
+        its next call writes the buffer again."""
+        buffer = getattr(self._local, name, None)
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=torch.uint8, pin_memory=True)
+            setattr(self._local, name, buffer)
+        return buffer
+
+    def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
+        """Run one dummy batch per size: allocates the buffers, compiles kernels and, with
+        cuda_graphs=True, captures the graphs, so the first real calls are not slowed down."""
+        size = self.config.img_size
+        for n in batch_sizes:
+            images = torch.zeros(int(n), 3, size, size, device=self.backend.device)
+            if self.backend.supports_weights:
+                self.translate(images, torch.ones(int(n), self.config.num_domains))
+            if self.backend.supports_style:
+                self.translate(images, style=torch.zeros(int(n), self.config.style_dim))
+
+    def describe(self) -> dict[str, Any]:
+        """Plain-data description (backend, device, dtype ...) for logs and benchmarks."""
+        return {**self.backend.describe(), "domains": list(self.domains), "img_size": self.config.img_size}
+
+    def __repr__(self) -> str:
+        return (f"Translator({self.backend.name}, domains={list(self.domains)}, "
+                f"img_size={self.config.img_size})")
+
+
+def _check_precision(found: str, dtype: Any, device: torch.device | str, source: str) -> None:
+    """For exported artifacts `dtype` only states an expectation; raise when it is not met."""
+    if dtype is None:
+        return
+    wanted = _PRECISION_NAMES[resolve_dtype(dtype, device)]
+    if wanted != found:
+        raise ArtifactError(f"{source} is a {found} artifact, not the requested {wanted}")

@@ -1,0 +1,467 @@
+"""lanit_rt.Translator: every input kind and domain spec against direct network calls, the
+onnxruntime backend against the torch backend, clear errors, and thread safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from lanit_rt import (
+    CheckpointError,
+    Generator,
+    LanitConfig,
+    MappingNetwork,
+    StyleEncoder,
+    Translator,
+    latent_style_table,
+    load_checkpoint,
+    save_checkpoint,
+)
+from lanit_rt.backends.base import ArtifactError
+
+CONFIG = LanitConfig(domains=("blond hair", "black hair", "beard"), img_size=32, base_dim=8,
+                     max_dim=32, style_dim=16, latent_dim=8, mapping_dim=32)
+SIZE = CONFIG.img_size
+D = CONFIG.num_domains
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The tiny model gains nothing from intra-op threads, and on a busy 2-core machine their
+    spin-waiting makes every call many times slower; the previous setting is restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(1234)
+    generator, mapping, encoder = Generator(CONFIG), MappingNetwork(CONFIG), StyleEncoder(CONFIG)
+    # An untrained model barely reacts to its style: widen the style paths so styles, seeds and
+    # references change the output far beyond the test tolerances, and shrink the output layer so
+    # pixels stay inside [-1, 1] (clamping would hide differences).
+    with torch.no_grad():
+        mapping.head_weights[-1].mul_(15)
+        encoder.heads.weight.mul_(10)
+        generator.style_to_adain.weight.mul_(2)
+        generator.to_rgb[-1].weight.mul_(0.3)
+    table = latent_style_table(mapping, num_z=64, seed=0)
+    folder = tmp_path_factory.mktemp("ckpt")
+    save_checkpoint(folder, CONFIG, generator, mapping, encoder, latent_table=table,
+                    metadata={"test": True})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return load_checkpoint(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def translator(checkpoint):
+    return Translator.from_checkpoint(checkpoint)
+
+
+def _images(n: int, seed: int = 0, size: int = SIZE) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=gen) * 2 - 1
+
+
+def _uint8_images(n: int, seed: int = 0, h: int = SIZE, w: int = SIZE) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, h, w, 3), dtype=np.uint8)
+
+
+def _to_float(array: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1], written independently of lanit_rt.images."""
+    return torch.from_numpy(array.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2)
+
+
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+@torch.no_grad()
+def _direct(model, images: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The reference: the checkpoint's generator with the multi-hot mix of its style table."""
+    return model.generator(images, model.domain_style(weights)).clamp(-1, 1)
+
+
+def _assert_uint8_close(actual: np.ndarray, expected: np.ndarray) -> None:
+    assert actual.dtype == np.uint8 and actual.shape == expected.shape
+    # Rounding of values that sit on a .5 boundary may differ by one level after float noise.
+    assert np.abs(actual.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_domains_and_exported_api(translator):
+    import lanit_rt
+    assert lanit_rt.Translator is Translator
+    assert translator.domains == CONFIG.domains
+    assert translator.backend.name == "torch"
+    assert translator.backend.adain_table.shape == (D, translator.backend.generator.adain_dim)
+
+
+@pytest.mark.parametrize("spec, weights", [
+    ("black hair", [[0, 1, 0]] * 3),
+    (2, [[0, 0, 1]] * 3),
+    (["blond hair", "beard"], [[0.5, 0, 0.5]] * 3),
+    ({"blond hair": 3.0, "black hair": 1.0}, [[0.75, 0.25, 0]] * 3),
+    (np.array([1.0, 1.0, 1.0]), [[1 / 3] * 3] * 3),
+    (torch.tensor([[1.0, 0, 0], [0, 2.0, 2.0], [0, 0, 5.0]]), [[1, 0, 0], [0, 0.5, 0.5], [0, 0, 1]]),
+])
+def test_domain_specs_match_direct_generator(translator, model, spec, weights):
+    images = _images(3)
+    out = translator.translate(images, spec)
+    expected = _direct(model, images, torch.tensor(weights, dtype=torch.float32))
+    assert out.shape == images.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    assert out.min() >= -1 and out.max() <= 1
+
+
+def test_domain_targets_change_the_output(translator):
+    images = _images(2)
+    first = translator.translate(images, "blond hair")
+    second = translator.translate(images, "beard")
+    assert (first - second).abs().max() > 1e-3
+
+
+def test_input_kinds_match_direct_generator(translator, model):
+    arrays = _uint8_images(3, seed=1)
+    w = torch.tensor([[0.0, 0.5, 0.5]])
+    expected = _to_uint8(_direct(model, _to_float(arrays), w.expand(3, D)))
+    spec = ["black hair", "beard"]
+
+    stacked = translator.translate(arrays, spec)
+    assert isinstance(stacked, np.ndarray)
+    _assert_uint8_close(stacked, expected)
+
+    as_list = translator.translate(list(arrays), spec)
+    assert isinstance(as_list, list) and len(as_list) == 3
+    _assert_uint8_close(np.stack(as_list), expected)
+
+    single = translator.translate(arrays[1], spec)
+    _assert_uint8_close(single, expected[1])
+
+    pil = translator.translate([Image.fromarray(a) for a in arrays], spec)
+    assert all(isinstance(p, Image.Image) and p.mode == "RGB" and p.size == (SIZE, SIZE) for p in pil)
+    _assert_uint8_close(np.stack([np.asarray(p) for p in pil]), expected)
+
+    single_pil = translator.translate(Image.fromarray(arrays[2]), spec)
+    assert isinstance(single_pil, Image.Image)
+    _assert_uint8_close(np.asarray(single_pil), expected[2])
+
+    floats = _to_float(arrays)
+    expected_float = _direct(model, floats, w.expand(3, D))
+    one = translator.translate(floats[0], spec)
+    assert one.shape == (3, SIZE, SIZE)
+    torch.testing.assert_close(one, expected_float[0], atol=1e-5, rtol=0)
+    tensors = translator.translate(list(floats.double()), spec)
+    assert isinstance(tensors, list) and all(t.dtype == torch.float64 for t in tensors)
+    torch.testing.assert_close(torch.stack(tensors).float(), expected_float, atol=1e-5, rtol=0)
+
+
+def test_any_size_is_resized_and_optionally_restored(translator, model):
+    arrays = _uint8_images(2, seed=2, h=48, w=40)
+    out = translator.translate(arrays, "beard")
+    assert out.shape == (2, SIZE, SIZE, 3)
+    resized = F.interpolate(_to_float(arrays), size=(SIZE, SIZE), mode="bilinear",
+                            align_corners=False, antialias=True)
+    _assert_uint8_close(out, _to_uint8(_direct(model, resized, torch.tensor([[0.0, 0, 1]]).expand(2, D))))
+
+    back = translator.translate(arrays, "beard", resize_back=True)
+    assert back.shape == (2, 48, 40, 3)
+
+    mixed = [arrays[0], _uint8_images(1, seed=3, h=20, w=70)[0]]
+    restored = translator.translate(mixed, "beard", resize_back=True)
+    assert [r.shape for r in restored] == [(48, 40, 3), (20, 70, 3)]
+    at_model_size = translator.translate(mixed, "beard")
+    assert [r.shape for r in at_model_size] == [(SIZE, SIZE, 3)] * 2
+    np.testing.assert_array_equal(at_model_size[0], out[0])
+
+
+def test_seed_and_z_are_deterministic_and_match_mapping(translator, model):
+    images = _images(2, seed=4)
+    first = translator.translate(images, ["blond hair", "beard"], seed=7)
+    again = translator.translate(images, ["blond hair", "beard"], seed=7)
+    other = translator.translate(images, ["blond hair", "beard"], seed=8)
+    torch.testing.assert_close(first, again, atol=0, rtol=0)
+    assert (first - other).abs().max() > 1e-3
+
+    z = torch.randn(2, CONFIG.latent_dim, generator=torch.Generator().manual_seed(7))
+    w = torch.tensor([[0.5, 0, 0.5]] * 2)
+    with torch.no_grad():
+        expected = model.generator(images, model.mapping(z, w)).clamp(-1, 1)
+    torch.testing.assert_close(first, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(translator.translate(images, ["blond hair", "beard"], z=z), expected,
+                               atol=1e-5, rtol=0)
+
+
+def test_reference_guided_matches_style_encoder(translator, model):
+    images, refs = _images(3, seed=5), _images(3, seed=6)
+    w = torch.tensor([[0.0, 1.0, 0.0]] * 3)
+    with torch.no_grad():
+        expected = model.generator(images, model.style_encoder(refs, w)).clamp(-1, 1)
+        expected_one = model.generator(images, model.style_encoder(refs[:1].expand(3, -1, -1, -1), w))
+    out = translator.translate(images, "black hair", reference=refs)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(translator.translate(images, "black hair", reference=refs),
+                               out, atol=0, rtol=0)
+    broadcast = translator.translate(images, "black hair", reference=refs[0])
+    torch.testing.assert_close(broadcast, expected_one.clamp(-1, 1), atol=1e-5, rtol=0)
+    uint8_ref = translator.translate(images, "black hair", reference=list(_uint8_images(3, seed=9)))
+    assert (uint8_ref - out).abs().max() > 1e-3
+
+
+def test_explicit_style_matches_generator(translator, model):
+    images = _images(2, seed=10)
+    style = torch.randn(2, CONFIG.style_dim)
+    with torch.no_grad():
+        expected = model.generator(images, style).clamp(-1, 1)
+    torch.testing.assert_close(translator.translate(images, style=style), expected, atol=1e-5, rtol=0)
+
+
+def test_low_precision_and_channels_last(checkpoint, translator):
+    images = _images(2, seed=11)
+    fp32 = translator.translate(images, "blond hair")
+    channels_last = Translator.from_checkpoint(checkpoint, channels_last=True)
+    channels_last.warmup((2, 3))
+    assert sorted(channels_last.backend._slots) == [2, 3]
+    torch.testing.assert_close(channels_last.translate(images, "blond hair"), fp32, atol=1e-5, rtol=0)
+    bf16 = Translator.from_checkpoint(checkpoint, dtype="bf16")
+    assert bf16.backend.generator.from_rgb.weight.dtype == torch.bfloat16
+    low = bf16.translate(images, "blond hair")
+    assert low.dtype == torch.float32
+    assert (low - fp32).abs().mean() < 0.02
+
+
+def test_fused_kernel_impl_matches_reference(checkpoint, translator):
+    """impl="triton" routes every AdaIN/IN conv through the Triton kernels (interpreted on CPU)."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+    images = _images(1, seed=12)
+    fused = Translator.from_checkpoint(checkpoint, impl="triton")
+    torch.testing.assert_close(fused.translate(images, ["black hair", "beard"]),
+                               translator.translate(images, ["black hair", "beard"]), atol=1e-4, rtol=0)
+
+
+def test_unknown_domains_and_bad_specs(translator):
+    images = _images(1)
+    with pytest.raises(KeyError, match="known domains.*blond hair.*black hair.*beard"):
+        translator.translate(images, "red hair")
+    with pytest.raises(KeyError, match="red hair"):
+        translator.translate(images, ["beard", "red hair"])
+    with pytest.raises(KeyError, match="known domains"):
+        translator.translate(images, {"smiling": 1.0})
+    with pytest.raises(IndexError, match="out of range"):
+        translator.translate(images, 3)
+    with pytest.raises(ValueError, match="at least one active domain"):
+        translator.translate(images, torch.zeros(1, D))
+    with pytest.raises(ValueError, match="non-negative|>= 0"):
+        translator.translate(images, {"beard": -1.0})
+    with pytest.raises(ValueError, match=r"\[N, 3\]"):
+        translator.translate(images, torch.ones(1, D + 1))
+    with pytest.raises(ValueError, match="rows for 2 images"):
+        translator.translate(_images(2), torch.ones(3, D))
+    with pytest.raises(ValueError, match="pass domains="):
+        translator.translate(images)
+    with pytest.raises(ValueError, match="empty domain list"):
+        translator.translate(images, [])
+    with pytest.raises(ValueError, match="not both"):
+        translator.translate(images, "beard", style=torch.zeros(1, CONFIG.style_dim))
+    with pytest.raises(ValueError, match="at most one"):
+        translator.translate(images, "beard", seed=1, reference=images)
+    with pytest.raises(ValueError, match="reference images for 2 images"):
+        translator.translate(_images(2), "beard", reference=_images(3))
+
+
+def test_bad_images_give_clear_errors(translator):
+    with pytest.raises(ValueError, match="3 channels"):
+        translator.translate(torch.zeros(2, 4, SIZE, SIZE), "beard")
+    with pytest.raises(ValueError, match=r"\[H, W, 3\]"):
+        translator.translate(np.zeros((SIZE, SIZE, 4), np.uint8), "beard")
+    with pytest.raises(ValueError, match=r"\[H, W, 3\]"):
+        translator.translate(np.zeros((SIZE, SIZE), np.uint8), "beard")
+    with pytest.raises(ValueError, match="not RGB"):
+        translator.translate(Image.new("L", (SIZE, SIZE)), "beard")
+    with pytest.raises(ValueError, match="uint8"):
+        translator.translate(np.zeros((SIZE, SIZE, 3), np.float32), "beard")
+    with pytest.raises(ValueError, match="empty batch"):
+        translator.translate([], "beard")
+    with pytest.raises(ValueError, match="empty batch"):
+        translator.translate(torch.zeros(0, 3, SIZE, SIZE), "beard")
+    with pytest.raises(TypeError, match="mixed image kinds"):
+        translator.translate([np.zeros((SIZE, SIZE, 3), np.uint8), torch.zeros(3, SIZE, SIZE)], "beard")
+    bad = torch.zeros(1, 3, SIZE, SIZE)
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        translator.translate(bad, "beard")
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        translator.translate(torch.full((3, SIZE, SIZE), 255.0), "beard")
+    with pytest.raises(TypeError, match="unsupported image type"):
+        translator.translate("image.png", "beard")
+
+
+def test_missing_networks_and_options(checkpoint, translator):
+    bare = Translator(translator.backend)  # no mapping network / style encoder
+    images = _images(1)
+    with pytest.raises(CheckpointError, match="mapping network"):
+        bare.translate(images, "beard", seed=0)
+    with pytest.raises(CheckpointError, match="style encoder"):
+        bare.translate(images, "beard", reference=images)
+    with pytest.raises(ValueError, match="CUDA"):
+        Translator.from_checkpoint(checkpoint, cuda_graphs=True)
+    with pytest.raises(ValueError, match="unknown backend"):
+        Translator.from_checkpoint(checkpoint, backend="tvm")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        Translator.from_checkpoint(checkpoint, dtype="int8")
+
+
+def test_concurrent_calls_match_serial(translator):
+    specs = ["blond hair", "black hair", "beard", ["blond hair", "beard"]]
+    jobs = [(_images(1 + i % 3, seed=20 + i), specs[i % 4]) for i in range(12)]
+    serial = [translator.translate(images, spec) for images, spec in jobs]
+    seeded_serial = translator.translate(jobs[0][0], "beard", seed=3)
+    results: dict[int, torch.Tensor] = {}
+    seeded: list[torch.Tensor] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def worker(thread: int) -> None:
+        try:
+            barrier.wait()
+            for index in range(thread, len(jobs), 4):
+                images, spec = jobs[index]
+                results[index] = translator.translate(images, spec)
+                seeded.append(translator.translate(jobs[0][0], "beard", seed=3))
+        except BaseException as err:  # surfaced in the main thread below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert sorted(results) == list(range(len(jobs)))
+    for index, expected in enumerate(serial):
+        torch.testing.assert_close(results[index], expected, atol=1e-6, rtol=0)
+    assert len(seeded) == len(jobs)
+    for out in seeded:
+        torch.testing.assert_close(out, seeded_serial, atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------- TensorRT sidecar
+
+
+def _write_engine(folder, sidecar: dict) -> str:
+    engine = folder / "model.engine"
+    engine.write_bytes(b"not really an engine")
+    (folder / "model.engine.json").write_text(json.dumps(sidecar))
+    return str(engine)
+
+
+def test_engine_sidecar_is_validated_before_tensorrt(tmp_path):
+    with pytest.raises(ArtifactError, match="no TensorRT engine"):
+        Translator.from_engine(tmp_path / "missing.engine")
+    foreign = _write_engine(tmp_path, {"name": "some other model"})
+    with pytest.raises(ArtifactError, match="not a LANIT artifact"):
+        Translator.from_engine(foreign)
+    sidecar = {"lanit_config": CONFIG.to_json(), "domains": json.dumps(list(CONFIG.domains)),
+               "precision": "fp16", "kind": "domain_weights", "io_dtype": "float32",
+               "min_batch": 1, "opt_batch": 8, "max_batch": 64}
+    engine = _write_engine(tmp_path, sidecar)
+    with pytest.raises(ArtifactError, match="not the expected"):
+        Translator.from_engine(engine, domains=["smiling", "beard"])
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match=r"lanit-rt\[tensorrt\]"):
+            Translator.from_engine(engine)
+
+
+# --------------------------------------------------------------------------- onnxruntime
+
+
+@pytest.fixture(scope="module")
+def onnx_path(checkpoint, model):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from export.onnx_export import export_onnx
+    path = checkpoint / "model.onnx"
+    export_onnx(model, path, precision="fp32", validate=False)
+    return path
+
+
+@pytest.mark.slow
+def test_onnxruntime_matches_torch_backend(checkpoint, onnx_path, translator):
+    ort = Translator.from_checkpoint(checkpoint, backend="onnxruntime")
+    assert ort.backend.name == "onnxruntime" and ort.backend.supports_style
+    images = _images(5, seed=30)
+    for spec in ("black hair", ["blond hair", "beard"], torch.rand(5, D) + 0.1):
+        torch.testing.assert_close(ort.translate(images, spec), translator.translate(images, spec),
+                                   atol=1e-4, rtol=0)
+    torch.testing.assert_close(ort.translate(images, "beard", seed=2),
+                               translator.translate(images, "beard", seed=2), atol=1e-4, rtol=0)
+    refs = _images(5, seed=31)
+    torch.testing.assert_close(ort.translate(images, "beard", reference=refs),
+                               translator.translate(images, "beard", reference=refs), atol=1e-4, rtol=0)
+
+    standalone = Translator.from_onnx(onnx_path, domains=CONFIG.domains)
+    assert standalone.domains == CONFIG.domains
+    arrays = _uint8_images(2, seed=32, h=40, w=36)
+    _assert_uint8_close(standalone.translate(arrays, "beard", resize_back=True),
+                        translator.translate(arrays, "beard", resize_back=True))
+    with pytest.raises(CheckpointError, match="mapping network"):
+        standalone.translate(arrays, "beard", seed=1)
+
+
+@pytest.mark.slow
+def test_mismatched_or_foreign_onnx_artifacts(checkpoint, onnx_path, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    with pytest.raises(ArtifactError, match="not the expected"):
+        Translator.from_onnx(onnx_path, domains=["smiling", "blond hair", "beard"])
+    with pytest.raises(ArtifactError, match="fp32 artifact, not the requested fp16"):
+        Translator.from_checkpoint(checkpoint, backend="onnxruntime", dtype="fp16")
+    with pytest.raises(ArtifactError, match="lanit-export"):
+        Translator.from_checkpoint(checkpoint, backend="onnxruntime", artifact=tmp_path / "none.onnx")
+
+    proto = onnx.load(str(onnx_path))
+    other = LanitConfig.from_dict({**CONFIG.to_dict(), "domains": ["smiling", "beard", "bald"]})
+    for prop in proto.metadata_props:
+        if prop.key == "lanit_config":
+            prop.value = other.to_json()
+        if prop.key == "domains":
+            prop.value = json.dumps(list(other.domains))
+    relabelled = tmp_path / "relabelled.onnx"
+    onnx.save(proto, str(relabelled))
+    with pytest.raises(ArtifactError, match="different model"):
+        Translator.from_checkpoint(checkpoint, backend="onnxruntime", artifact=relabelled)
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "foreign",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(foreign))
+    with pytest.raises(ArtifactError, match="not a LANIT artifact"):
+        Translator.from_onnx(foreign)
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"definitely not protobuf")
+    with pytest.raises(ArtifactError, match="not a loadable ONNX graph"):
+        Translator.from_onnx(garbage)
+
+    style_only = Translator.from_onnx(str(onnx_path).replace(".onnx", ".style.onnx"))
+    with pytest.raises(ArtifactError, match="style-input graph"):
+        style_only.translate(_images(1), "beard")
+    style = torch.randn(1, CONFIG.style_dim)
+    assert style_only.translate(_images(1), style=style).shape == (1, 3, SIZE, SIZE)
