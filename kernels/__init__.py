@@ -2,11 +2,18 @@
 
 `ref` is the PyTorch reference (kernels.reference), the executable spec. `triton` is the fused
 kernel; `auto` picks it when it can run (CUDA tensor, no autograd, supported shape/dtype) and falls
-back to the reference otherwise. `import triton` happens only inside the Triton modules.
+back to the reference otherwise. `import triton` happens only inside the Triton modules
+(kernels.triton_adain, kernels.triton_conv), which kernels.dispatch loads lazily.
 """
 
 from kernels.reference import adain_conv2d_ref, adain_ref, instance_stats, modconv2d_ref
-from kernels.dispatch import adain, adain_conv2d, modconv2d
+from kernels.dispatch import (
+    KernelUnsupportedError,
+    adain,
+    adain_conv2d,
+    modconv2d,
+    triton_available,
+)
 
 __all__ = [
     "adain",
@@ -16,4 +23,6 @@ __all__ = [
     "adain_conv2d_ref",
     "modconv2d_ref",
     "instance_stats",
+    "KernelUnsupportedError",
+    "triton_available",
 ]

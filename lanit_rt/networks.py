@@ -6,7 +6,9 @@ Domains are multi-hot. Wherever StarGAN v2 picks one head by a domain index, the
 Linear, so no Python loop runs over samples or domains.
 
 The generator's AdaIN blocks run through kernels.adain_conv2d, so `impl="triton"` swaps in the
-fused kernels without touching the weights.
+fused kernels without touching the weights. With any impl other than "ref" the encoder's
+IN(affine) + LReLU + conv and the to_rgb IN + LReLU + 1x1 conv go through the same fused op
+(gamma = weight - 1, beta = bias); `impl="ref"` runs those nn modules unchanged.
 """
 
 from __future__ import annotations
@@ -47,7 +49,13 @@ class ResBlk(nn.Module):
             x = self.conv1x1(x)
         return F.avg_pool2d(x, 2) if self.downsample else x
 
-    def _residual(self, x: torch.Tensor) -> torch.Tensor:
+    def _residual(self, x: torch.Tensor, impl: str = "ref") -> torch.Tensor:
+        if self.normalize and impl != "ref":
+            # IN(affine) + LReLU + conv is the fused AdaIN conv with gamma = weight - 1, beta = bias.
+            h = _norm_leaky_conv(x, self.norm1, self.conv1, impl)
+            if self.downsample:
+                h = F.avg_pool2d(h, 2)
+            return _norm_leaky_conv(h, self.norm2, self.conv2, impl)
         if self.normalize:
             x = self.norm1(x)
         x = self.conv1(F.leaky_relu(x, LEAKY_SLOPE))
@@ -57,8 +65,23 @@ class ResBlk(nn.Module):
             x = self.norm2(x)
         return self.conv2(F.leaky_relu(x, LEAKY_SLOPE))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self._shortcut(x) + self._residual(x)) / math.sqrt(2)
+    def forward(self, x: torch.Tensor, impl: str = "ref") -> torch.Tensor:
+        """`impl="ref"` runs the nn modules as they are; otherwise normalised convs use kernels."""
+        return (self._shortcut(x) + self._residual(x, impl)) / math.sqrt(2)
+
+
+def _norm_leaky_conv(x: torch.Tensor, norm: nn.InstanceNorm2d, conv: nn.Conv2d, impl: str,
+                     negative_slope: float = LEAKY_SLOPE) -> torch.Tensor:
+    """conv(LReLU(norm(x))) through kernels.adain_conv2d; x [N, C, H, W], norm affine over C.
+
+    InstanceNorm's affine `weight * x_hat + bias` is AdaIN's `(1 + gamma) * x_hat + beta` with
+    gamma = weight - 1 and beta = bias, the same for every sample (expanded to [N, C]).
+    """
+    n, c = x.shape[:2]
+    gamma = (norm.weight - 1.0).unsqueeze(0).expand(n, c)
+    beta = norm.bias.unsqueeze(0).expand(n, c)
+    return kernels.adain_conv2d(x, gamma, beta, conv.weight, conv.bias, eps=norm.eps,
+                                negative_slope=negative_slope, impl=impl)
 
 
 class AdainResBlk(nn.Module):
@@ -155,10 +178,13 @@ class Generator(nn.Module):
         chunks = torch.split(params, self._adain_sizes, dim=1)
         h = self.from_rgb(x)
         for block in self.encode:
-            h = block(h)
+            h = block(h, impl=impl)
         for i, block in enumerate(self.decode):
             h = block(h, chunks[4 * i: 4 * i + 4], impl=impl)
-        return self.to_rgb(h)
+        if impl == "ref":
+            return self.to_rgb(h)
+        norm, act, conv = self.to_rgb
+        return _norm_leaky_conv(h, norm, conv, impl, act.negative_slope)
 
 
 class MappingNetwork(nn.Module):

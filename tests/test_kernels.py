@@ -1,0 +1,453 @@
+"""kernels/: references vs plain PyTorch, Triton (interpreter, TRITON_INTERPRET=1) vs references,
+dispatcher fallback rules, and the generator with impl="triton" vs impl="ref".
+
+Shapes are deliberately awkward (batch 1, odd H*W, C not a power of two) and tiny: the interpreter
+is 100-300x slower than eager PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from kernels import dispatch, reference
+
+pytest.importorskip("triton")
+
+from kernels import triton_adain, triton_conv  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# (rtol, atol) for outputs of magnitude ~1-40. bf16 is loose by one extra ulp because the CPU
+# interpreter rounds fp32 -> bf16 toward zero where the reference (and the GPU) rounds to nearest.
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
+CONV_TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (4e-3, 2e-2), torch.bfloat16: (3e-2, 1e-1)}
+
+
+def _layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+def _input(shape, dtype, channels_last=False, mean=1.5, std=2.0) -> torch.Tensor:
+    return _layout((torch.randn(shape) * std + mean).to(dtype), channels_last)
+
+
+def _assert_close(actual, expected, tol) -> None:
+    rtol, atol = tol
+    assert actual.dtype == expected.dtype
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol)
+
+
+# --------------------------------------------------------------------------------------------
+# References against plain PyTorch modules
+# --------------------------------------------------------------------------------------------
+
+def _adain_modules(x, gamma, beta, eps, slope):
+    h = nn.InstanceNorm2d(x.shape[1], eps=eps, affine=False)(x)
+    h = (1 + gamma[:, :, None, None]) * h + beta[:, :, None, None]
+    return h if slope is None else nn.LeakyReLU(slope)(h)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 7, 5), (2, 12, 9, 9)])
+@pytest.mark.parametrize("slope", [0.2, None])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_adain_ref_matches_instance_norm_modules(shape, slope, channels_last):
+    x = _input(shape, torch.float32, channels_last)
+    gamma, beta = torch.randn(shape[:2]), torch.randn(shape[:2])
+    out = reference.adain_ref(x, gamma, beta, 1e-5, slope)
+    torch.testing.assert_close(out, _adain_modules(x, gamma, beta, 1e-5, slope), rtol=1e-5, atol=1e-5)
+    if slope is None:
+        assert (out < 0).any()
+
+
+def test_instance_stats_match_biased_variance_in_fp32():
+    x = _input((2, 5, 7, 5), torch.float16)
+    mean, rstd = reference.instance_stats(x, eps=1e-5)
+    assert mean.dtype == rstd.dtype == torch.float32
+    x64 = x.double()
+    torch.testing.assert_close(mean.double(), x64.mean(dim=(2, 3)), rtol=1e-6, atol=1e-6)
+    var = x64.var(dim=(2, 3), unbiased=False)
+    torch.testing.assert_close(rstd.double(), (var + 1e-5).rsqrt(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("ksize", [1, 3])
+@pytest.mark.parametrize("upsample", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_adain_conv2d_ref_matches_module_composition(ksize, upsample, with_bias):
+    x = _input((2, 5, 7, 5), torch.float32)
+    gamma, beta = torch.randn(2, 5), torch.randn(2, 5) + 3.0  # large shift: padding must stay 0
+    conv = nn.Conv2d(5, 6, ksize, padding=ksize // 2, bias=with_bias)
+    h = _adain_modules(x, gamma, beta, 1e-5, 0.2)
+    if upsample:
+        h = F.interpolate(h, scale_factor=2, mode="nearest")
+    expected = conv(h)
+    out = reference.adain_conv2d_ref(x, gamma, beta, conv.weight, conv.bias, upsample)
+    assert out.shape == (2, 6) + ((14, 10) if upsample else (7, 5))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ksize", [1, 3])
+def test_modconv2d_ref_matches_per_sample_weights(ksize):
+    """The batched form equals StyleGAN2's fused form: one modulated, demodulated weight per sample."""
+    n, c_in, c_out = 2, 5, 4
+    x = torch.randn(n, c_in, 7, 5)
+    weight, style = torch.randn(c_out, c_in, ksize, ksize), torch.randn(n, c_in)
+    per_sample = weight[None] * style[:, None, :, None, None]  # [N, C_out, C_in, k, k]
+    per_sample = per_sample * (per_sample.square().sum(dim=(2, 3, 4), keepdim=True) + 1e-8).rsqrt()
+    grouped = F.conv2d(x.reshape(1, n * c_in, 7, 5), per_sample.reshape(n * c_out, c_in, ksize, ksize),
+                       padding=ksize // 2, groups=n).reshape(n, c_out, 7, 5)
+    torch.testing.assert_close(reference.modconv2d_ref(x, weight, style), grouped, rtol=1e-4, atol=1e-4)
+    plain = F.conv2d(x * style[:, :, None, None], weight, padding=ksize // 2)
+    torch.testing.assert_close(reference.modconv2d_ref(x, weight, style, demodulate=False), plain,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_references_are_differentiable_like_the_modules():
+    x = _input((2, 5, 7, 5), torch.float32).requires_grad_()
+    gamma, beta = torch.randn(2, 5, requires_grad=True), torch.randn(2, 5, requires_grad=True)
+    weight = torch.randn(3, 5, 3, 3, requires_grad=True)
+    out = reference.adain_conv2d_ref(x, gamma, beta, weight, None, True)
+    grads = torch.autograd.grad(out.square().sum(), (x, gamma, beta, weight))
+    h = F.interpolate(_adain_modules(x, gamma, beta, 1e-5, 0.2), scale_factor=2, mode="nearest")
+    expected = torch.autograd.grad(F.conv2d(h, weight, padding=1).square().sum(), (x, gamma, beta, weight))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels (interpreter) against the references
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(1, 3, 7, 5), (2, 12, 9, 9)])
+def test_adain_triton_matches_ref(dtype, channels_last, shape):
+    x = _input(shape, dtype, channels_last)
+    gamma, beta = torch.randn(shape[:2]), torch.randn(shape[:2])
+    out = kernels.adain(x, gamma, beta, impl="triton")
+    _assert_close(out, reference.adain_ref(x, gamma, beta), TOL[dtype])
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_adain_triton_without_activation_and_custom_eps():
+    x = _input((2, 5, 3, 3), torch.float32, std=0.01)  # tiny variance: eps matters
+    gamma, beta = torch.randn(2, 5), torch.randn(2, 5)
+    out = kernels.adain(x, gamma, beta, eps=1e-3, negative_slope=None, impl="triton")
+    expected = reference.adain_ref(x, gamma, beta, 1e-3, None)
+    _assert_close(out, expected, TOL[torch.float32])
+    assert (out < 0).any()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_adain_triton_partial_tiles_and_large_mean(channels_last):
+    """Forced small tiles: several partial HW tiles per plane and a partial channel block; a mean of
+    1000 with unit std would lose the variance to cancellation in a sum / sum-of-squares scheme."""
+    x = _input((2, 5, 9, 7), torch.float32, channels_last, mean=1000.0, std=1.0)
+    gamma, beta = torch.randn(2, 5), torch.randn(2, 5)
+    out = triton_adain.adain_triton(x, gamma, beta, 1e-5, 0.2, block_sizes=(2, 16))
+    # Against float64 ground truth: x * scale + shift at |x| ~ 1000 carries ~1e-4 of fp32 rounding
+    # (the reference too), while a cancelled variance would be off by several percent.
+    exact = _adain_modules(x.double(), gamma.double(), beta.double(), 1e-5, 0.2)
+    torch.testing.assert_close(out.double(), exact, rtol=1e-3, atol=1e-3)
+
+
+def test_adain_triton_on_a_strided_view():
+    base = _input((2, 8, 9, 9), torch.float32)
+    x = base[:, 1:6, ::2, :]  # non-contiguous channels and rows
+    gamma, beta = torch.randn(2, 5), torch.randn(2, 5)
+    _assert_close(kernels.adain(x, gamma, beta, impl="triton"), reference.adain_ref(x, gamma, beta),
+                  TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("upsample", [False, True])
+def test_adain_conv2d_triton_matches_ref(dtype, channels_last, upsample):
+    x = _input((1, 5, 7, 5), dtype, channels_last)
+    gamma, beta = torch.randn(1, 5), torch.randn(1, 5) + 1.0
+    weight, bias = (torch.randn(12, 5, 3, 3) * 0.3).to(dtype), torch.randn(12).to(dtype)
+    out = kernels.adain_conv2d(x, gamma, beta, weight, bias, upsample=upsample, impl="triton")
+    expected = reference.adain_conv2d_ref(x, gamma, beta, weight, bias, upsample)
+    assert out.shape == expected.shape
+    _assert_close(out, expected, CONV_TOL[dtype])
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+@pytest.mark.parametrize("ksize", [1, 3])
+@pytest.mark.parametrize("upsample", [False, True])
+def test_adain_conv2d_triton_kernel_sizes_without_bias(ksize, upsample):
+    x = _input((2, 3, 9, 9), torch.float32)
+    gamma, beta = torch.randn(2, 3), torch.randn(2, 3) - 2.0
+    weight = torch.randn(5, 3, ksize, ksize)
+    out = kernels.adain_conv2d(x, gamma, beta, weight, None, upsample=upsample, eps=1e-4,
+                               negative_slope=0.1, impl="triton")
+    expected = reference.adain_conv2d_ref(x, gamma, beta, weight, None, upsample, 1e-4, 0.1)
+    _assert_close(out, expected, CONV_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("upsample", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv_kernel_partial_tiles_on_every_axis(upsample, channels_last):
+    """16x16x16 tiles over C_in = C_out = 20 and 35 / 140 output pixels: every axis has a partial tile."""
+    x = _input((1, 20, 5, 7), torch.float32, channels_last)
+    gamma, beta = torch.randn(1, 20), torch.randn(1, 20)
+    weight, bias = torch.randn(20, 20, 3, 3) * 0.2, torch.randn(20)
+    scale, shift = triton_adain.adain_coefficients_triton(x, gamma, beta, 1e-5)
+    out = triton_conv.conv2d_prologue_triton(x, weight, bias, scale, shift, 0.2, upsample, None,
+                                             block_sizes=(16, 16, 16))
+    _assert_close(out, reference.adain_conv2d_ref(x, gamma, beta, weight, bias, upsample),
+                  CONV_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("demodulate", [True, False])
+def test_modconv2d_triton_matches_ref(dtype, channels_last, demodulate):
+    x = _input((2, 5, 7, 5), dtype, channels_last, mean=0.0, std=1.0)
+    weight, style = (torch.randn(12, 5, 3, 3) * 0.3).to(dtype), torch.randn(2, 5).to(dtype)
+    out = kernels.modconv2d(x, weight, style, demodulate=demodulate, impl="triton")
+    _assert_close(out, reference.modconv2d_ref(x, weight, style, demodulate), CONV_TOL[dtype])
+
+
+def test_modconv2d_triton_1x1():
+    x, weight, style = torch.randn(1, 3, 9, 9), torch.randn(5, 3, 1, 1), torch.randn(1, 3)
+    _assert_close(kernels.modconv2d(x, weight, style, impl="triton"),
+                  reference.modconv2d_ref(x, weight, style), CONV_TOL[torch.float32])
+
+
+def test_packed_weight_cache_follows_in_place_updates():
+    x = _input((1, 3, 5, 5), torch.float32)
+    gamma, beta = torch.zeros(1, 3), torch.zeros(1, 3)
+    weight = torch.randn(4, 3, 3, 3)
+    first = kernels.adain_conv2d(x, gamma, beta, weight, impl="triton")
+    weight.mul_(2.0)  # an optimiser step: the cached packed copy must not be reused
+    second = kernels.adain_conv2d(x, gamma, beta, weight, impl="triton")
+    _assert_close(second, 2.0 * first, CONV_TOL[torch.float32])
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatcher rules
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def launch_counter(monkeypatch):
+    """Counts launches of the Triton adain and conv launchers (still running them)."""
+    calls = {"adain": 0, "conv": 0}
+    adain_launch, conv_launch = triton_adain.adain_triton, triton_conv.conv2d_prologue_triton
+
+    def adain_spy(*args, **kwargs):
+        calls["adain"] += 1
+        return adain_launch(*args, **kwargs)
+
+    def conv_spy(*args, **kwargs):
+        calls["conv"] += 1
+        return conv_launch(*args, **kwargs)
+
+    monkeypatch.setattr(triton_adain, "adain_triton", adain_spy)
+    monkeypatch.setattr(triton_conv, "conv2d_prologue_triton", conv_spy)
+    return calls
+
+
+def _adain_args(requires_grad=False):
+    x = _input((1, 3, 5, 5), torch.float32).requires_grad_(requires_grad)
+    return x, torch.randn(1, 3), torch.randn(1, 3)
+
+
+def test_auto_uses_the_reference_on_cpu_even_when_interpreting(launch_counter):
+    x, gamma, beta = _adain_args()
+    out = kernels.adain(x, gamma, beta, impl="auto")
+    assert torch.equal(out, reference.adain_ref(x, gamma, beta))
+    weight = torch.randn(4, 3, 3, 3)
+    conv_out = kernels.adain_conv2d(x, gamma, beta, weight, impl="auto")
+    assert torch.equal(conv_out, reference.adain_conv2d_ref(x, gamma, beta, weight))
+    assert launch_counter == {"adain": 0, "conv": 0}
+
+
+def test_triton_impl_launches_the_kernels(launch_counter):
+    x, gamma, beta = _adain_args()
+    kernels.adain(x, gamma, beta, impl="triton")
+    kernels.adain_conv2d(x, gamma, beta, torch.randn(4, 3, 3, 3), impl="triton")
+    kernels.modconv2d(x, torch.randn(4, 3, 3, 3), torch.randn(1, 3), impl="triton")
+    assert launch_counter == {"adain": 1, "conv": 2}
+
+
+def test_autograd_falls_back_under_auto_and_is_refused_under_triton(launch_counter):
+    x, gamma, beta = _adain_args(requires_grad=True)
+    out = kernels.adain(x, gamma, beta, impl="auto")
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    assert grad.shape == x.shape and torch.isfinite(grad).all()
+    with pytest.raises(dispatch.KernelUnsupportedError, match="autograd"):
+        kernels.adain(x, gamma, beta, impl="triton")
+    with torch.no_grad():  # no graph is recorded, so the kernel may run
+        kernels.adain(x, gamma, beta, impl="triton")
+    assert launch_counter["adain"] == 1
+
+
+def test_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, gamma, beta = _adain_args()
+    with pytest.raises(dispatch.KernelUnsupportedError, match="CUDA"):
+        kernels.adain(x, gamma, beta, impl="triton")
+    with pytest.raises(dispatch.KernelUnsupportedError, match="CUDA"):
+        kernels.modconv2d(x, torch.randn(2, 3, 3, 3), torch.randn(1, 3), impl="triton")
+    assert torch.equal(kernels.adain(x, gamma, beta), reference.adain_ref(x, gamma, beta))
+
+
+def test_unsupported_dtype_falls_back_or_raises():
+    x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
+    gamma, beta = torch.randn(1, 3, dtype=torch.float64), torch.randn(1, 3, dtype=torch.float64)
+    weight = torch.randn(2, 3, 3, 3, dtype=torch.float64)
+    with pytest.raises(dispatch.KernelUnsupportedError, match="dtype"):
+        kernels.adain_conv2d(x, gamma, beta, weight, impl="triton")
+    out = kernels.adain_conv2d(x, gamma, beta, weight, impl="auto")
+    assert torch.equal(out, reference.adain_conv2d_ref(x, gamma, beta, weight))
+
+
+@pytest.mark.parametrize("impl", ["auto", "ref", "triton"])
+def test_bad_shapes_raise_value_errors_for_every_impl(impl):
+    x, gamma, beta = _adain_args()
+    with pytest.raises(ValueError, match="gamma"):
+        kernels.adain(x, gamma[:, :2], beta, impl=impl)
+    with pytest.raises(ValueError, match=r"\[N, C, H, W\]"):
+        kernels.adain(x[0], gamma, beta, impl=impl)
+    with pytest.raises(ValueError, match="weight"):
+        kernels.adain_conv2d(x, gamma, beta, torch.randn(4, 2, 3, 3), impl=impl)
+    with pytest.raises(ValueError, match="odd"):
+        kernels.adain_conv2d(x, gamma, beta, torch.randn(4, 3, 2, 2), impl=impl)
+    with pytest.raises(ValueError, match="bias"):
+        kernels.adain_conv2d(x, gamma, beta, torch.randn(4, 3, 3, 3), torch.randn(3), impl=impl)
+    with pytest.raises(ValueError, match="style"):
+        kernels.modconv2d(x, torch.randn(4, 3, 3, 3), torch.randn(1, 4), impl=impl)
+
+
+def test_unknown_impl_is_rejected():
+    x, gamma, beta = _adain_args()
+    with pytest.raises(ValueError, match="impl"):
+        kernels.adain(x, gamma, beta, impl="cuda")
+
+
+def test_missing_triton_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
+    dispatch._triton_modules.cache_clear()
+    try:
+        x, gamma, beta = _adain_args()
+        with pytest.raises(ImportError, match=r"lanit-rt\[triton\]"):
+            kernels.adain(x, gamma, beta, impl="triton")
+        assert not dispatch.triton_available()
+        assert torch.equal(kernels.adain(x, gamma, beta, impl="auto"), reference.adain_ref(x, gamma, beta))
+    finally:
+        monkeypatch.undo()
+        dispatch._triton_modules.cache_clear()
+    assert dispatch.triton_available()
+
+
+# --------------------------------------------------------------------------------------------
+# Generator integration
+# --------------------------------------------------------------------------------------------
+
+def _generator(config):
+    from lanit_rt.networks import Generator
+
+    gen = Generator(config).eval()
+    with torch.no_grad():  # non-trivial IN affines so that gamma = weight - 1 is exercised
+        for module in gen.modules():
+            if isinstance(module, nn.InstanceNorm2d):
+                module.weight.normal_(1.0, 0.3)
+                module.bias.normal_(0.0, 0.3)
+    return gen
+
+
+def test_resblk_ref_path_is_the_modules_bit_for_bit(tiny_config):
+    from lanit_rt.networks import LEAKY_SLOPE, ResBlk
+
+    block = _generator(tiny_config).encode[0]
+    assert isinstance(block, ResBlk) and block.normalize
+    x = torch.randn(2, block.conv1.in_channels, 16, 16)
+    h = block.conv1(F.leaky_relu(block.norm1(x), LEAKY_SLOPE))
+    h = block.conv2(F.leaky_relu(block.norm2(F.avg_pool2d(h, 2)), LEAKY_SLOPE))
+    expected = (block._shortcut(x) + h) / 2**0.5
+    assert torch.equal(block(x), expected)
+    assert torch.equal(block(x, impl="ref"), expected)
+
+
+def test_generator_triton_matches_ref(tiny_config, launch_counter):
+    gen = _generator(tiny_config)
+    x, style = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, tiny_config.style_dim)
+    with torch.no_grad():
+        expected = gen(x, style)
+        out = gen(x, style, impl="triton")
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    # Every IN/AdaIN + LReLU + conv of the generator went through the fused conv: 2 per ResBlk and
+    # AdainResBlk, plus to_rgb.
+    assert launch_counter["conv"] == 2 * (len(gen.encode) + len(gen.decode)) + 1
+
+
+@pytest.mark.slow
+def test_generator_triton_fp16_channels_last_matches_ref(tiny_config):
+    gen = _generator(tiny_config).half()
+    x = _layout((torch.rand(1, 3, 32, 32) * 2 - 1).half(), True)
+    style = torch.randn(1, tiny_config.style_dim).half()
+    with torch.no_grad():
+        expected = gen(x, style)
+        out = gen(x, style, impl="triton")
+    _assert_close(out, expected, (2e-2, 2e-2))
+
+
+def test_generator_auto_impl_trains_on_cpu(tiny_config):
+    gen = _generator(tiny_config).train()
+    x, style = torch.rand(1, 3, 32, 32) * 2 - 1, torch.randn(1, tiny_config.style_dim)
+    out = gen(x, style, impl="auto")
+    torch.testing.assert_close(out, gen(x, style), rtol=1e-4, atol=1e-4)
+    out.square().mean().backward()
+    norm = gen.encode[0].norm1
+    assert norm.weight.grad is not None and norm.weight.grad.abs().sum() > 0
+    assert gen.style_to_adain.weight.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------------------------
+# GPU code generation (no GPU needed) and GPU runs (skipped without one)
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper_with_the_launch_heuristics():
+    """The interpreter never checks what only the GPU compiler does (tl.dot tile shapes and dtypes,
+    shared memory): compile the bf16 variants for sm_90 ahead of time, in a fresh process because
+    under TRITON_INTERPRET=1 @triton.jit yields interpreter-only functions."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, "-m", "kernels.aot", "--arch", "90", "--dtypes", "bf16",
+                           "--quick"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    variants = json.loads(proc.stdout)["variants"]
+    assert {v["kernel"] for v in variants} == {"conv", "_adain_kernel", "_adain_coeff_kernel"}
+    for variant in variants:
+        assert variant["shared"] <= 227 * 1024  # H100 shared memory per block
+        if variant["kernel"] == "conv":
+            assert variant["tensor_cores"], variant  # MMA instructions, not a scalar FMA loop
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_kernels_match_ref():
+    """Compiled kernels on the GPU vs the references, every op / dtype / layout and the generator.
+    A fresh process: under TRITON_INTERPRET=1 the kernels would be interpreted on the host."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, "-m", "kernels.selfcheck"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["auto_launches"] == result["auto_calls"]  # impl="auto" picked Triton on CUDA
+    # fp32 convs run in TF32 on both sides by default (torch.backends.cudnn.allow_tf32).
+    rel = {"fp32": 1e-2 if result["tf32"] else 1e-4, "fp16": 1e-2, "bf16": 5e-2}
+    for record in result["records"]:
+        dtype = next(d for d in rel if d in record["check"])
+        bound = rel[dtype] * max(1.0, record["max_ref"])
+        assert record["max_err"] <= bound, record
