@@ -1,0 +1,127 @@
+"""`lanit-export`: ONNX graphs and TensorRT engines of a LANIT checkpoint's generator.
+
+    lanit-export CHECKPOINT --onnx OUT.onnx [--fp16]
+    lanit-export CHECKPOINT --trt fp16|fp32 [--onnx-path P] [--min-batch N] [--opt-batch N]
+                 [--max-batch N] [--out OUT.engine]
+
+Every artifact is validated against the PyTorch generator before it is written; the max abs errors
+are printed. Errors (missing/foreign checkpoint, unknown precision, empty batch range, missing
+optional dependency, failed validation) print one line `lanit-export: error: ...` and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from export.errors import ExportError
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing the usage block and exiting."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise _UsageError(message)
+
+
+def _int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lanit-export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="checkpoint folder or model.safetensors")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--onnx", metavar="OUT.onnx", help="write OUT.onnx and OUT.style.onnx")
+    target.add_argument("--trt", metavar="PRECISION", help="build a TensorRT engine: fp16 or fp32")
+    parser.add_argument("--fp16", action="store_true", help="(--onnx) fp16 graph, fp32 norm statistics")
+    parser.add_argument("--onnx-path", metavar="P", help="(--trt) build from this ONNX graph")
+    parser.add_argument("--min-batch", type=_int, help="(--trt) smallest batch (default 1)")
+    parser.add_argument("--opt-batch", type=_int, help="(--trt) batch to tune for (default 8)")
+    parser.add_argument("--max-batch", type=_int, help="(--trt) largest batch (default 32)")
+    parser.add_argument("--out", metavar="OUT.engine",
+                        help="(--trt) engine path (default: CHECKPOINT_DIR/generator.PRECISION.engine)")
+    parser.add_argument("--device", default="cpu", help="device for the PyTorch reference (default cpu)")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> None:
+    from lanit_rt import load_checkpoint  # noqa: PLC0415 (keeps --help fast)
+
+    from export.onnx_export import PRECISIONS  # noqa: PLC0415
+
+    trt_only = {"--onnx-path": args.onnx_path, "--min-batch": args.min_batch,
+                "--opt-batch": args.opt_batch, "--max-batch": args.max_batch, "--out": args.out}
+    if args.onnx is not None:
+        used = [flag for flag, value in trt_only.items() if value is not None]
+        if used:
+            raise _UsageError(f"{', '.join(used)} only apply with --trt")
+        if not args.onnx.endswith(".onnx"):
+            raise _UsageError(f"--onnx output must end in .onnx, got {args.onnx!r}")
+    else:
+        if args.trt not in PRECISIONS:
+            raise _UsageError(f"unknown precision {args.trt!r} for --trt; choose one of {list(PRECISIONS)}")
+        if args.fp16:
+            raise _UsageError("--fp16 applies to --onnx; use --trt fp16 for an fp16 engine")
+
+    if args.trt is not None:
+        from export.tensorrt import batch_profile, import_tensorrt  # noqa: PLC0415
+
+        profile = batch_profile(args.min_batch, args.opt_batch, args.max_batch)
+        import_tensorrt()  # fail before loading anything when TensorRT is missing
+
+    model = load_checkpoint(args.checkpoint, device=args.device)
+
+    if args.onnx is not None:
+        from export.onnx_export import export_onnx  # noqa: PLC0415
+
+        precision = "fp16" if args.fp16 else "fp32"
+        artifacts = export_onnx(model, args.onnx, precision, log=print)
+        for artifact in artifacts:
+            print(f"wrote {artifact.path} ({artifact.kind}, {precision}, opset {artifact.summary.opset})")
+        return
+
+    from export.tensorrt import export_tensorrt  # noqa: PLC0415
+
+    ckpt = Path(args.checkpoint)
+    folder = ckpt if ckpt.is_dir() else ckpt.parent
+    out = Path(args.out) if args.out else folder / f"generator.{args.trt}.engine"
+    artifact = export_tensorrt(model, out, args.trt, profile, onnx_path=args.onnx_path, log=print)
+    print(f"wrote {artifact.path} ({args.trt}, batch {profile.min}..{profile.max}, opt {profile.opt}) "
+          f"and {artifact.sidecar}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `lanit-export`; returns the process exit status."""
+    from lanit_rt import CheckpointError, ConfigError  # noqa: PLC0415
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+        _run(args)
+    except SystemExit as stop:  # --help
+        return int(stop.code or 0)
+    except _UsageError as err:
+        print(f"lanit-export: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ExportError, CheckpointError, ConfigError) as err:
+        print(f"lanit-export: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

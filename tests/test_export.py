@@ -1,0 +1,384 @@
+"""export/: ONNX artifacts vs the PyTorch generator, metadata, the CLI and TensorRT's pure pieces.
+
+Two exports (fp32 and fp16, both graphs each) are made once per module through the CLI; each takes
+~20 s on 2 CPU cores (the dynamo exporter dominates), hence the `slow` marks on the tests using them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from lanit_rt import (Generator, LanitConfig, MappingNetwork, StyleEncoder,  # noqa: E402
+                      latent_style_table, load_checkpoint, save_checkpoint)
+from export import ExportError, MissingDependencyError, ValidationError  # noqa: E402
+from export import tensorrt as trt_export  # noqa: E402
+from export.cli import main  # noqa: E402
+from export.onnx_export import (METADATA_KEYS, build_onnx_model, check_graph,  # noqa: E402
+                                export_onnx, fp32_compute_nodes, read_metadata, style_graph_path)
+from export.validate import (TOLERANCES, reference_output, validate_artifact,  # noqa: E402
+                             validate_onnx, validation_targets)
+
+CONFIG = LanitConfig(domains=("a", "b", "c"), img_size=32, base_dim=8, max_dim=32, style_dim=16,
+                     mapping_dim=32)
+TRT_HINT = "pip install 'lanit-rt[tensorrt]'"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(1234)
+    generator, mapping, encoder = Generator(CONFIG), MappingNetwork(CONFIG), StyleEncoder(CONFIG)
+    # Non-trivial norm affines so the fp32-norm path is exercised with real values.
+    with torch.no_grad():
+        for module in generator.modules():
+            if isinstance(module, torch.nn.InstanceNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.3, 0.3)
+    folder = tmp_path_factory.mktemp("ckpt")
+    save_checkpoint(folder, CONFIG, generator, mapping, encoder,
+                    latent_table=latent_style_table(mapping, num_z=64))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return load_checkpoint(checkpoint)
+
+
+def _cli_export(checkpoint: Path, out: Path, *extra: str) -> Path:
+    assert main([str(checkpoint), "--onnx", str(out), *extra]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp32_onnx(checkpoint, tmp_path_factory) -> Path:
+    return _cli_export(checkpoint, tmp_path_factory.mktemp("fp32") / "gen.onnx")
+
+
+@pytest.fixture(scope="module")
+def fp16_onnx(checkpoint, tmp_path_factory) -> Path:
+    return _cli_export(checkpoint, tmp_path_factory.mktemp("fp16") / "gen.onnx", "--fp16")
+
+
+@pytest.fixture(params=["fp32", "fp16"])
+def exported(request) -> tuple[str, Path]:
+    return request.param, request.getfixturevalue(f"{request.param}_onnx")
+
+
+def _session(path: Path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _images(batch: int, seed: int) -> np.ndarray:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand(batch, 3, CONFIG.img_size, CONFIG.img_size, generator=gen) * 2 - 1).numpy()
+
+
+MULTI_HOT = np.array([[1, 1, 0], [0, 1, 1], [1, 0, 1], [1, 1, 1], [1, 0, 0], [0, 0, 1],
+                      [0.2, 0.7, 0.0], [3, 0, 1]], np.float32)
+
+
+# ----------------------------------------------------------------------------- ONNX vs PyTorch
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_domain_weights_graph_matches_pytorch_multi_hot(exported, model, batch):
+    precision, path = exported
+    images, weights = _images(batch, seed=batch), MULTI_HOT[:batch]
+    got = _session(path).run(["translated"], {"image": images, "domain_weights": weights})[0]
+    with torch.no_grad():
+        style = model.domain_style(torch.from_numpy(weights))  # PyTorch's multi-hot style mixing
+        expected = model.generator(torch.from_numpy(images), style).numpy()
+    assert got.shape == (batch, 3, 32, 32) and got.dtype == np.float32
+    assert expected.std() > 0.05  # the comparison is not between two near-constant images
+    assert np.abs(got - expected).max() <= TOLERANCES[precision]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_style_graph_matches_pytorch(exported, model, batch):
+    precision, path = exported
+    images = _images(batch, seed=10 + batch)
+    styles = torch.randn(batch, CONFIG.style_dim, generator=torch.Generator().manual_seed(batch)).numpy()
+    got = _session(style_graph_path(path)).run(["translated"], {"image": images, "style": styles})[0]
+    with torch.no_grad():
+        expected = model.generator(torch.from_numpy(images), torch.from_numpy(styles)).numpy()
+    assert np.abs(got - expected).max() <= TOLERANCES[precision]
+
+
+@pytest.mark.slow
+def test_weights_are_normalised_in_graph_and_match_style_graph(fp32_onnx, model):
+    images = np.repeat(_images(1, seed=3), 4, axis=0)
+    weights = np.array([[1, 1, 0], [5, 5, 0], [1, 0, 0], [0, 1, 0]], np.float32)
+    out = _session(fp32_onnx).run(["translated"], {"image": images, "domain_weights": weights})[0]
+    assert np.abs(out[0] - out[1]).max() < 1e-5  # same target, different scale
+    assert np.abs(out[2] - out[3]).max() > 1e-2  # different domains really differ
+    styles = model.domain_style(torch.from_numpy(weights)).numpy()
+    via_style = _session(style_graph_path(fp32_onnx)).run(["translated"], {"image": images, "style": styles})[0]
+    assert np.abs(out - via_style).max() < 1e-4  # baked AdaIN table == AdaIN(mixed style)
+
+
+@pytest.mark.slow
+def test_samples_are_independent_of_batch(exported):
+    _, path = exported
+    session = _session(path)
+    images, weights = _images(8, seed=7), MULTI_HOT
+    batched = session.run(["translated"], {"image": images, "domain_weights": weights})[0]
+    single = session.run(["translated"], {"image": images[5:6], "domain_weights": weights[5:6]})[0]
+    assert np.abs(batched[5:6] - single).max() < 1e-5  # per-instance norm, no batch statistics
+
+
+# ----------------------------------------------------------------------------- graph and metadata
+
+@pytest.mark.slow
+def test_metadata_round_trips(exported, model):
+    precision, path = exported
+    for file, kind in ((path, "domain_weights"), (style_graph_path(path), "style")):
+        meta = read_metadata(file)
+        assert set(METADATA_KEYS) <= set(meta)
+        assert LanitConfig.from_json(meta["lanit_config"]) == model.config
+        assert json.loads(meta["domains"]) == list(CONFIG.domains)
+        assert (meta["precision"], meta["kind"], meta["io_dtype"]) == (precision, kind, "float32")
+        proto = onnx.load(str(file))
+        assert [d.dim_param for d in proto.graph.input[0].type.tensor_type.shape.dim][0] == "batch"
+        assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 18
+
+
+@pytest.mark.slow
+def test_fp16_graph_keeps_norm_statistics_fp32(fp16_onnx, fp32_onnx, model):
+    proto = onnx.load(str(fp16_onnx))
+    summary = check_graph(proto, CONFIG, "domain_weights", "fp16")
+    assert summary.convs > 0 and summary.fp16_convs == summary.convs
+    assert summary.instance_norms > 0 and summary.reduce_means > 0
+    inferred = onnx.shape_inference.infer_shapes(proto).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.value_info}
+    types.update({i.name: i.data_type for i in inferred.initializer})
+    for node in inferred.node:
+        if node.op_type in ("InstanceNormalization", "ReduceMean"):
+            assert types[node.input[0]] == onnx.TensorProto.FLOAT, node.name
+        if node.op_type == "Conv":
+            assert types[node.input[1]] == onnx.TensorProto.FLOAT16, node.name
+    # The same checker rejects an fp32 graph claimed as fp16.
+    with pytest.raises(ExportError, match="convolutions in fp16"):
+        check_graph(onnx.load(str(fp32_onnx)), CONFIG, "domain_weights", "fp16")
+
+
+@pytest.mark.slow
+def test_check_graph_rejects_broken_graphs(fp32_onnx):
+    proto = onnx.load(str(fp32_onnx))
+    check_graph(proto, CONFIG, "domain_weights", "fp32")
+    static = onnx.ModelProto()
+    static.CopyFrom(proto)
+    static.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
+    with pytest.raises(ExportError, match="dynamic 'batch'"):
+        check_graph(static, CONFIG, "domain_weights", "fp32")
+    old = onnx.ModelProto()
+    old.CopyFrom(proto)
+    for opset in old.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = 17
+    with pytest.raises(ExportError, match="opset 17"):
+        check_graph(old, CONFIG, "domain_weights", "fp32")
+    with pytest.raises(ExportError, match="after the batch axis"):
+        check_graph(proto, LanitConfig(domains=("a", "b"), img_size=32), "domain_weights", "fp32")
+
+
+def test_opset_below_18_is_refused(model):
+    with pytest.raises(ExportError, match="opset 17"):
+        build_onnx_model(model, opset=17)
+
+
+@pytest.mark.slow
+def test_failed_validation_leaves_no_artifact(model, fp32_onnx, tmp_path, monkeypatch):
+    import export.onnx_export as onnx_export
+
+    # Re-use the traced graphs (tracing is what makes exports slow); the write/validate/rename
+    # path under test is the real one. A zero tolerance makes the second graph fail validation
+    # after the first has passed: neither may be left behind.
+    graphs = {"domain_weights": onnx.load(str(fp32_onnx)),
+              "style": onnx.load(str(style_graph_path(fp32_onnx)))}
+    monkeypatch.setattr(onnx_export, "_trace", lambda model, kind, precision, opset: graphs[kind])
+    monkeypatch.setitem(TOLERANCES, "fp32", 1.0)
+    export_onnx(model, tmp_path / "ok.onnx", "fp32")
+    assert sorted(os.listdir(tmp_path)) == ["ok.onnx", "ok.style.onnx"]
+
+    calls = []
+
+    def validate_then_fail(path, model, kind, precision):
+        calls.append(kind)
+        report = validate_onnx(path, model, kind, precision)
+        if kind == "style":
+            report.tolerance = 0.0
+        return report
+
+    monkeypatch.setattr("export.validate.validate_onnx", validate_then_fail)
+    with pytest.raises(ValidationError, match="FAILED"):
+        export_onnx(model, tmp_path / "bad.onnx", "fp32")
+    assert calls == ["domain_weights", "style"]
+    assert sorted(os.listdir(tmp_path)) == ["ok.onnx", "ok.style.onnx"]
+
+
+# ----------------------------------------------------------------------------- validation helpers
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_validation_targets_are_multi_hot_and_valid(batch):
+    targets = validation_targets(5, batch)
+    assert targets.shape == (batch, 5)
+    assert (targets >= 0).all() and (targets.sum(axis=1) > 0).all()
+    assert (targets > 0).sum(axis=1)[0] >= 2  # every batch size sees a multi-hot target
+    if batch == 8:
+        assert len({tuple(r) for r in targets}) == 8
+
+
+def test_validate_artifact_catches_errors_above_tolerance(model):
+    def perturbed(offset):
+        def run(inputs):
+            return reference_output(model, "domain_weights", inputs) + offset
+        return run
+
+    ok = validate_artifact(perturbed(5e-5), model, "domain_weights", "fp32", batches=(1, 3))
+    assert ok.passed and ok.worst == pytest.approx(5e-5, rel=1e-2)
+    bad = validate_artifact(perturbed(1e-3), model, "domain_weights", "fp32", batches=(1, 3))
+    assert not bad.passed and "FAILED" in bad.describe("x")
+    assert validate_artifact(perturbed(1e-3), model, "domain_weights", "fp16", batches=(1,)).passed
+
+
+# ----------------------------------------------------------------------------- CLI errors
+
+def _cli_error(capsys, argv) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("lanit-export: error:")
+    return code, lines[0]
+
+
+def test_cli_missing_checkpoint(capsys, tmp_path):
+    code, line = _cli_error(capsys, [tmp_path / "nope", "--onnx", tmp_path / "o.onnx"])
+    assert code != 0 and "no LANIT checkpoint" in line
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_cli_foreign_checkpoints(capsys, tmp_path):
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    save_file({"w": torch.zeros(2)}, str(foreign / "model.safetensors"))
+    code, line = _cli_error(capsys, [foreign, "--onnx", tmp_path / "o.onnx"])
+    assert code != 0 and "not a LANIT checkpoint" in line
+    junk = tmp_path / "junk.safetensors"
+    junk.write_text("not tensors")
+    code, line = _cli_error(capsys, [junk, "--onnx", tmp_path / "o.onnx"])
+    assert code != 0 and "not a safetensors file" in line
+    assert not list(tmp_path.glob("*.onnx"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--trt", "int8"], "unknown precision 'int8'"),
+    (["--trt", "fp16", "--min-batch", "8", "--max-batch", "4"], "empty batch range"),
+    (["--trt", "fp32", "--min-batch", "2", "--opt-batch", "1"], "outside the batch range"),
+    (["--trt", "fp32", "--max-batch", "0"], "positive integer"),
+    (["--trt", "fp16", "--fp16"], "--fp16 applies to --onnx"),
+    (["--onnx", "out.onnx", "--max-batch", "4"], "only apply with --trt"),
+    (["--onnx", "out.txt"], "must end in .onnx"),
+    ([], "one of the arguments --onnx --trt is required"),
+])
+def test_cli_bad_arguments(capsys, checkpoint, argv, message):
+    code, line = _cli_error(capsys, [checkpoint, *argv])
+    assert code != 0 and message in line
+
+
+def test_cli_trt_without_tensorrt_names_the_extra(capsys, checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
+    out = tmp_path / "engines" / "g.engine"
+    code, line = _cli_error(capsys, [checkpoint, "--trt", "fp16", "--out", out])
+    assert code != 0 and TRT_HINT in line
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- TensorRT pure pieces
+
+def test_tensorrt_entry_points_raise_clear_error_and_write_nothing(model, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(MissingDependencyError, match=r"lanit-rt\[tensorrt\]"):
+        trt_export.export_tensorrt(model, tmp_path / "g.engine", "fp16")
+    with pytest.raises(MissingDependencyError, match=r"lanit-rt\[tensorrt\]"):
+        trt_export.build_engine_bytes(tmp_path / "missing.onnx", "fp32", trt_export.batch_profile())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_batch_profile_defaults_and_clamping():
+    assert trt_export.batch_profile() == trt_export.BatchProfile(1, 8, 32)
+    assert trt_export.batch_profile(max_batch=4) == trt_export.BatchProfile(1, 4, 4)
+    assert trt_export.batch_profile(min_batch=16) == trt_export.BatchProfile(16, 16, 32)
+    assert trt_export.batch_profile(min_batch=64) == trt_export.BatchProfile(64, 64, 64)
+    assert trt_export.batch_profile(2, 3, 5) == trt_export.BatchProfile(2, 3, 5)
+
+
+@pytest.mark.parametrize("args, message", [
+    ((5, None, 4), "empty batch range"), ((1, 9, 8), "outside"), ((0, None, None), "positive"),
+    ((None, None, -1), "positive"), ((True, None, None), "positive"), ((1.5, None, None), "positive"),
+])
+def test_batch_profile_rejects_bad_ranges(args, message):
+    with pytest.raises(ExportError, match=message):
+        trt_export.batch_profile(*args)
+
+
+def test_profile_shapes():
+    profile = trt_export.BatchProfile(1, 4, 16)
+    shapes = trt_export.profile_shapes(profile, CONFIG)
+    assert shapes == {"image": ((1, 3, 32, 32), (4, 3, 32, 32), (16, 3, 32, 32)),
+                      "domain_weights": ((1, 3), (4, 3), (16, 3))}
+    style = trt_export.profile_shapes(profile, CONFIG, kind="style")
+    assert style["style"] == ((1, 16), (4, 16), (16, 16))
+
+
+@pytest.mark.slow
+def test_layers_to_pin_follow_the_fp16_graph(fp16_onnx):
+    proto = onnx.load(str(fp16_onnx))
+    fp32_nodes = set(fp32_compute_nodes(proto))
+    by_type = {n.name: n.op_type for n in proto.graph.node}
+    stats = {n for n, t in by_type.items() if t in ("InstanceNormalization", "ReduceMean", "Sqrt")}
+    convs = {n for n, t in by_type.items() if t == "Conv"}
+    assert stats and stats <= fp32_nodes and not (convs & fp32_nodes)
+    # Layers as TensorRT's ONNX parser makes them: named after the node (helper layers get other
+    # names), the source node recorded in the metadata as "[ONNX Layer: NAME]".
+    layers = [(name, "CONVOLUTION" if t == "Conv" else "ELEMENTWISE", f"[ONNX Layer: {name}]")
+              for name, t in by_type.items()]
+    helpers = [(f"{name}_helper", "ELEMENTWISE", f"[ONNX Layer: {name}]") for name in sorted(stats)]
+    layers += helpers
+    layers += [("node_conv_fused", "CONVOLUTION", f"[ONNX Layer: {sorted(convs)[0]}]")]
+    layers += [("ONNXTRT_unnamed_norm", "NORMALIZATION", ""), ("ONNXTRT_cast", "CAST", "")]
+    pinned = {layers[i][0] for i in trt_export.layers_to_pin(layers, fp32_nodes)}
+    assert pinned == fp32_nodes | {h[0] for h in helpers} | {"ONNXTRT_unnamed_norm"}
+    assert trt_export.onnx_nodes_of_layer("[ONNX Layer: a/b]\x1f[ONNX Layer: c]") == ["a/b", "c"]
+
+
+@pytest.mark.slow
+def test_sidecar_has_the_onnx_metadata_and_round_trips(fp16_onnx, model, tmp_path):
+    profile = trt_export.BatchProfile(2, 4, 8)
+    data = trt_export.engine_sidecar(model.config, "fp16", profile, tensorrt_version="10.x")
+    meta = read_metadata(fp16_onnx)
+    assert {k: data[k] for k in METADATA_KEYS} == {k: meta[k] for k in METADATA_KEYS}
+    engine = tmp_path / "g.engine"
+    path = trt_export.write_sidecar(engine, data)
+    assert path == tmp_path / "g.engine.json"
+    raw, config, read_profile = trt_export.read_sidecar(engine)
+    assert raw == data and config == model.config and read_profile == profile
+    path.write_text(json.dumps({**data, "max_batch": 1}))
+    with pytest.raises(ExportError, match="empty batch range|outside"):
+        trt_export.read_sidecar(engine)
+    path.write_text("{")
+    with pytest.raises(ExportError, match="not a lanit-rt engine sidecar"):
+        trt_export.read_sidecar(engine)
