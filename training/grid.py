@@ -63,5 +63,8 @@ def save_sample_grid(path: Path, ema, images, pool: torch.Tensor, labels: torch.
     rows.extend([src_tiles[i]] + [col[i] for col in ref_cols] for i in range(n))
 
     grid = tile(rows, sources.shape[-1])
+    zoom = max(1, 128 // sources.shape[-1])  # small models: enlarge (nearest) so faces stay visible
+    if zoom > 1:
+        grid = grid.resize((grid.width * zoom, grid.height * zoom), Image.NEAREST)
     atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
     return path
