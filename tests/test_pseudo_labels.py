@@ -379,9 +379,9 @@ def _count_encodes(monkeypatch, vl) -> list[int]:
     calls: list[int] = []
     original = vl.encode_images
 
-    def counting(images):
+    def counting(images, raw=False):
         calls.append(images.shape[0])
-        return original(images)
+        return original(images, raw=raw)
 
     monkeypatch.setattr(vl, "encode_images", counting)
     return calls

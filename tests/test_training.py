@@ -109,6 +109,11 @@ def test_cli_dry_run_prints_the_resolved_config(capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["steps"] == 7 and printed["lr"] == 2e-4 and printed["domains"] == ["a", "b"]
     assert printed["out"] == "runs/default"
+    # The embedded default labels top-1 (its domains exclude each other); own data: adaptive.
+    assert printed["label_mode"] == "topk" and printed["topk"] == 1
+    assert run.main(["--dry-run", "--data", "/photos", "--domains", "a,b"]) == 0
+    assert json.loads(capsys.readouterr().out)["label_mode"] == "adaptive"
+    assert TrainConfig(data="/photos", label_mode="threshold").label_rule == "threshold"
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -647,7 +647,7 @@ def evaluate_run(run_dir: str | Path, vl=None, *, gt: str | Path | None = None,
         if trainer_csv.exists():
             trainer_labels = read_labels_csv(trainer_csv, run.paths, domains)
             label_results["trainer"] = label_quality(trainer_labels, truth, domains)
-            label_results["trainer_mode"] = run.train_config.get("label_mode", "adaptive")
+            label_results["trainer_mode"] = _train_config_object(run.train_config).label_rule
     label_results["settings"] = {"topk": topk, "threshold": threshold,
                                  "templates": resolve_templates(run)}
 

@@ -33,6 +33,9 @@ DEFAULT_HEADS = ASSETS_DIR / "lanit_lite_heads.safetensors"
 IMAGE_TRUNK = "efficientnet_lite0"
 IMAGE_FEATURES = 1280  # efficientnet_lite0 trunk width after conv_head
 TEXT_FEATURES = 384  # MiniLM-L6 hidden size
+# Heads-file entry (outside the model's state dict): the mean of the training vendors' mean trunk
+# features, the centre used when images are encoded without a labelled set.
+IMAGE_CENTRE_KEY = "image_centre"
 
 
 class LanitLiteError(RuntimeError):
@@ -48,6 +51,9 @@ class LanitLiteArch:
     image_proj: str = "linear"  # open_clip timm_proj: "linear" | "mlp"
     text_proj: str = "mlp"  # open_clip hf_proj_type: "linear" | "mlp"
     unlocked_blocks: int = 0  # trailing efficientnet stages trained with the heads (0 = heads only)
+    # Heads trained on trunk features with each vendor's mean removed; labelling then removes the
+    # labelled set's mean (see `VisionLanguage.centre_images`), which cancels a drawing style.
+    centre_features: bool = False
     context_length: int = 32
     init_logit_scale: float = 2.6592  # log(1 / 0.07), open_clip's default
     init_logit_bias: float = -10.0
@@ -67,6 +73,11 @@ class LanitLiteArch:
             if key in values:
                 values[key] = tuple(float(v) for v in values[key])
         return cls(**values)
+
+    def __post_init__(self) -> None:
+        if self.centre_features and (self.image_proj != "linear" or self.unlocked_blocks):
+            # Centring commutes with a bias-free linear projection of a frozen trunk only.
+            raise LanitLiteError("centre_features needs image_proj='linear' and unlocked_blocks=0")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -199,7 +210,7 @@ def read_heads(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
 
 
 def write_heads(path: str | Path, model: nn.Module, arch: LanitLiteArch, training: dict[str, Any],
-                dtype: torch.dtype = torch.float16) -> Path:
+                dtype: torch.dtype = torch.float16, image_centre: torch.Tensor | None = None) -> Path:
     """Save the trained part of `model` (`head_keys`) as safetensors plus the JSON sidecar."""
     from safetensors.torch import save_file
 
@@ -211,6 +222,10 @@ def write_heads(path: str | Path, model: nn.Module, arch: LanitLiteArch, trainin
         tensor = state[key].detach().cpu()
         # BatchNorm counters stay integers; everything else is stored in `dtype` to keep it small.
         tensors[key] = (tensor.to(dtype) if tensor.is_floating_point() else tensor).contiguous()
+    if arch.centre_features:
+        if image_centre is None:
+            raise LanitLiteError("heads trained with centre_features need their image_centre")
+        tensors[IMAGE_CENTRE_KEY] = image_centre.detach().cpu().float().contiguous()
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "lanit-lite-heads"})
     tmp.replace(path)
@@ -255,6 +270,7 @@ def create_lanit_lite(heads: str | Path | None = "default", device: str | torch.
     """
     open_clip = _import_open_clip()
     head_tensors: dict[str, torch.Tensor] | None = None
+    centre: torch.Tensor | None = None
     if heads is None:
         if arch is None:
             arch = (LanitLiteArch.from_dict(read_heads(DEFAULT_HEADS)[1]["arch"])
@@ -265,6 +281,7 @@ def create_lanit_lite(heads: str | Path | None = "default", device: str | torch.
             raise LanitLiteError(f"the committed lanit-lite heads are missing ({heads_path}); "
                                  "run `python -m training.align` to make them")
         head_tensors, info = read_heads(heads_path)
+        centre = head_tensors.pop(IMAGE_CENTRE_KEY, None)
         file_arch = LanitLiteArch.from_dict(info["arch"])
         if arch is not None and arch != file_arch:
             raise LanitLiteError(f"heads {heads_path} were trained for {file_arch}, not {arch}")
@@ -288,4 +305,11 @@ def create_lanit_lite(heads: str | Path | None = "default", device: str | torch.
     # EfficientNet's depthwise convolutions run ~1.7x faster on CPU in channels-last layout;
     # NCHW inputs are accepted unchanged.
     model.visual.to(memory_format=torch.channels_last)
-    return model, tokenizer, {"image_size": arch.image_size, "mean": tuple(arch.mean), "std": tuple(arch.std)}
+    pre = {"image_size": arch.image_size, "mean": tuple(arch.mean), "std": tuple(arch.std),
+           "centre_images": arch.centre_features, "image_shift": None}
+    if arch.centre_features:
+        if centre is None:  # untrained heads: no training data to take a mean from
+            centre = torch.zeros(IMAGE_FEATURES)
+        with torch.no_grad():  # the bias-free projection maps the trunk-space centre to the embedding
+            pre["image_shift"] = model.visual.head(centre.float().to(device)[None])[0]
+    return model, tokenizer, pre

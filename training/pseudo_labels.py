@@ -36,7 +36,7 @@ from PIL import Image
 from tqdm import tqdm
 
 LABEL_MODES = ("adaptive", "topk", "threshold")
-CACHE_FORMAT = "lanit-rt-image-features/1"
+CACHE_FORMAT = "lanit-rt-image-features/2"  # /2: raw (unnormalised) embeddings
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
@@ -138,6 +138,9 @@ def image_features(vl, paths: Sequence[str | os.PathLike], cache_dir: str | os.P
                    batch_size: int = 64, progress: bool = True) -> torch.Tensor:
     """L2-normalised features [N, E] (fp32, CPU) of the images at `paths`, in order.
 
+    For a labeler that centres images (lanit-lite, see `VisionLanguage.set_image_centre`) the
+    set's mean embedding is removed first and becomes the labeler's centre for later encodings.
+
     Computed once per (model, image set) and stored under `cache_dir` (None: no cache). The cache
     key covers every file's absolute path, size and modification time, so editing, adding or
     removing a file recomputes. Unreadable files give a NaN row and a warning (see the module
@@ -169,7 +172,8 @@ def image_features(vl, paths: Sequence[str | os.PathLike], cache_dir: str | os.P
             raise ImageFeatureError(f"none of the {len(unique)} images could be read "
                                     f"(first: {shown[0][0]}: {shown[0][1]})")
     index = torch.tensor([row_of[e] for e in entries], dtype=torch.long)
-    return feats[index]
+    vl.set_image_centre(feats)
+    return vl.normalize_features(feats)[index]
 
 
 def _encode_files(vl, paths: list[str], batch_size: int, progress: bool
@@ -188,7 +192,7 @@ def _encode_files(vl, paths: list[str], batch_size: int, progress: bool
                 except _DECODE_ERRORS as err:
                     failed[paths[i]] = f"{type(err).__name__}: {err}"
             if images:
-                out = vl.encode_images(torch.stack(images).to(vl.device))  # [B, E]
+                out = vl.encode_images(torch.stack(images).to(vl.device), raw=True)  # [B, E]
                 feats[torch.tensor(rows)] = out.float().cpu()
             bar.update(min(batch_size, len(paths) - start))
     return feats, failed

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
         if args.dry_run:
-            print(cfg.to_json())
+            print(cfg.replace(label_mode=cfg.label_rule).to_json())
             return 0
         if cfg.data is not None:
             from training.data import find_images

@@ -163,7 +163,7 @@ class Labeler:
 
         with torch.no_grad():
             domain_feats, base_feat = self.prompt_bank()
-            return pseudo_labels(self.image_feats, domain_feats, base_feat, mode=self.cfg.label_mode,
+            return pseudo_labels(self.image_feats, domain_feats, base_feat, mode=self.cfg.label_rule,
                                  topk=self.cfg.topk, threshold=self.cfg.threshold)
 
     def scores(self, images: torch.Tensor) -> torch.Tensor:

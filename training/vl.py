@@ -74,7 +74,8 @@ class VisionLanguage(nn.Module):
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, image_size: int | Sequence[int],
-                 mean: Sequence[float], std: Sequence[float], name: str) -> None:
+                 mean: Sequence[float], std: Sequence[float], name: str, centre_images: bool = False,
+                 image_shift: torch.Tensor | None = None) -> None:
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -97,6 +98,14 @@ class VisionLanguage(nn.Module):
         with torch.no_grad():
             probe = self.encode_texts(["a"])
         self.embed_dim = int(probe.shape[-1])
+        # Set-relative image features (lanit-lite): encode_images subtracts `image_shift`, the mean
+        # raw embedding of the last labelled image set (`set_image_centre`), before normalising.
+        self.centre_images = bool(centre_images)
+        if self.centre_images and image_shift is None:
+            image_shift = torch.zeros(self.embed_dim)
+        self.register_buffer("image_shift", None if image_shift is None
+                             else image_shift.detach().float().to(device).reshape(self.embed_dim),
+                             persistent=False)
 
     # -- housekeeping --------------------------------------------------------------------
 
@@ -158,10 +167,34 @@ class VisionLanguage(nn.Module):
             x = x.clamp(0.0, 1.0)
         return (x - self.mean) / self.std
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """[N, 3, H, W] in [-1, 1] -> L2-normalised features [N, E] fp32 (differentiable)."""
-        feats = self.model.encode_image(self.preprocess(images.to(self.device)))
-        return F.normalize(feats.float(), dim=-1)
+    def encode_images(self, images: torch.Tensor, raw: bool = False) -> torch.Tensor:
+        """[N, 3, H, W] in [-1, 1] -> L2-normalised features [N, E] fp32 (differentiable).
+
+        raw=True returns the model's unnormalised, uncentred embeddings (what feature caches keep);
+        `normalize_features` turns them into what raw=False returns."""
+        feats = self.model.encode_image(self.preprocess(images.to(self.device))).float()
+        return feats if raw else self.normalize_features(feats)
+
+    def normalize_features(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw embeddings [N, E] -> the features labels are made from: centred when this labeler
+        centres images, then L2-normalised."""
+        if self.image_shift is not None:
+            raw = raw - self.image_shift.to(raw.device)
+        return F.normalize(raw, dim=-1)
+
+    def set_image_centre(self, raw: torch.Tensor) -> None:
+        """Centre later image features on the mean of these raw embeddings [N, E] (NaN rows, from
+        unreadable files, are ignored). A no-op for labelers that do not centre.
+
+        lanit-lite's heads were trained on features with each emoji vendor's mean removed, so a
+        vendor's drawing style, a constant offset in feature space, does not decide the labels; the
+        same is done to the image set being labelled (and to images generated from it)."""
+        if not self.centre_images:
+            return
+        rows = raw[~torch.isnan(raw).any(dim=1)]
+        if len(rows) == 0:
+            raise ValueError("set_image_centre needs at least one finite feature row")
+        self.image_shift = rows.float().mean(0).to(self.device)
 
     # -- texts ---------------------------------------------------------------------------
 
@@ -324,7 +357,8 @@ def _load_lanit_lite(name: str, device) -> VisionLanguage:
         model, tokenizer, pre = create_lanit_lite(heads=heads, device=device)
     except (RuntimeError, ValueError, OSError) as err:
         raise VisionLanguageError(f"could not load {name}: {err}") from None
-    return VisionLanguage(model, tokenizer, pre["image_size"], pre["mean"], pre["std"], name=name)
+    return VisionLanguage(model, tokenizer, pre["image_size"], pre["mean"], pre["std"], name=name,
+                          centre_images=pre["centre_images"], image_shift=pre["image_shift"])
 
 
 def _wrap(open_clip, model: nn.Module, tokenizer, name: str) -> VisionLanguage:
