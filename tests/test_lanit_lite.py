@@ -208,5 +208,10 @@ def test_centring_labeler_ignores_a_constant_style_offset(lite):
     torch.testing.assert_close(vl.normalize_features(moved[:5]), plain)
     with pytest.raises(ValueError):
         vl.set_image_centre(moved[5:])
+    # The convolutional tower also encodes at another input size (the DL loss uses 128).
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert vl.preprocess(images, size=64).shape == (2, 3, 64, 64)
+    small, full = vl.encode_images(images, size=64), vl.encode_images(images)
+    assert small.shape == full.shape and not torch.allclose(small, full)
     with pytest.raises(LanitLiteError):
         LanitLiteArch(centre_features=True, unlocked_blocks=1)

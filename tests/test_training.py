@@ -116,6 +116,14 @@ def test_cli_dry_run_prints_the_resolved_config(capsys):
     assert TrainConfig(data="/photos", label_mode="threshold").label_rule == "threshold"
 
 
+def test_dl_loss_encode_size_resolution():
+    # lanit-lite (convolutional) encodes generated images at 128 for the DL loss; others at their size.
+    assert TrainConfig().dl_size(224) == 128 and TrainConfig().dl_size(96) == 96
+    assert TrainConfig(labeler="lanit-lite:/my/heads.safetensors").dl_size(224) == 128
+    assert TrainConfig(labeler="ViT-B-32").dl_size(224) == 224
+    assert TrainConfig(labeler="ViT-B-32", dl_image_size=160).dl_size(224) == 160
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--domains", "only one"], "at least 2 domain"),
     (["--set", "nonsense=1"], "unknown config key"),

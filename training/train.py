@@ -169,7 +169,7 @@ class Labeler:
     def scores(self, images: torch.Tensor) -> torch.Tensor:
         """Differentiable scores [N, D] = cos(f(x), t_k) - cos(f(x), t_base) of generated images."""
         domain_feats, base_feat = self.prompt_bank()
-        feats = self.vl.encode_images(images)
+        feats = self.vl.encode_images(images, size=self.cfg.dl_size(self.vl.image_size))
         return feats @ domain_feats.t() - (feats @ base_feat)[:, None]
 
 

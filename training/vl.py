@@ -149,13 +149,14 @@ class VisionLanguage(nn.Module):
 
     # -- images --------------------------------------------------------------------------
 
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+    def preprocess(self, images: torch.Tensor, size: int | None = None) -> torch.Tensor:
         """[-1, 1] images of any size -> the model's normalised input [N, 3, S, S]: (x + 1) / 2,
-        short side resized to S (bicubic, antialiased) and centre-cropped, then (x - mean) / std."""
+        short side resized to S (bicubic, antialiased) and centre-cropped, then (x - mean) / std.
+        S is the model's `image_size` unless `size` is given (convolutional towers only)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [N, 3, H, W], got {tuple(images.shape)}")
         x = (images.float() + 1.0) * 0.5
-        size = self.image_size
+        size = size or self.image_size
         h, w = x.shape[-2:]
         if (h, w) != (size, size):
             scale = size / min(h, w)
@@ -167,12 +168,13 @@ class VisionLanguage(nn.Module):
             x = x.clamp(0.0, 1.0)
         return (x - self.mean) / self.std
 
-    def encode_images(self, images: torch.Tensor, raw: bool = False) -> torch.Tensor:
+    def encode_images(self, images: torch.Tensor, raw: bool = False, size: int | None = None) -> torch.Tensor:
         """[N, 3, H, W] in [-1, 1] -> L2-normalised features [N, E] fp32 (differentiable).
 
         raw=True returns the model's unnormalised, uncentred embeddings (what feature caches keep);
-        `normalize_features` turns them into what raw=False returns."""
-        feats = self.model.encode_image(self.preprocess(images.to(self.device))).float()
+        `normalize_features` turns them into what raw=False returns. `size`: encode at this input
+        size instead of `image_size` (see `preprocess`)."""
+        feats = self.model.encode_image(self.preprocess(images.to(self.device), size)).float()
         return feats if raw else self.normalize_features(feats)
 
     def normalize_features(self, raw: torch.Tensor) -> torch.Tensor:
