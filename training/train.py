@@ -166,9 +166,11 @@ class Labeler:
             return pseudo_labels(self.image_feats, domain_feats, base_feat, mode=self.cfg.label_rule,
                                  topk=self.cfg.topk, threshold=self.cfg.threshold)
 
-    def scores(self, images: torch.Tensor) -> torch.Tensor:
-        """Differentiable scores [N, D] = cos(f(x), t_k) - cos(f(x), t_base) of generated images."""
-        domain_feats, base_feat = self.prompt_bank()
+    def scores(self, images: torch.Tensor, learn_prompts: bool = False) -> torch.Tensor:
+        """Differentiable scores [N, D] = cos(f(x), t_k) - cos(f(x), t_base) of generated images;
+        with gradients into the prompts only when `learn_prompts` (else the bank's cached features)."""
+        with torch.set_grad_enabled(learn_prompts and torch.is_grad_enabled()):
+            domain_feats, base_feat = self.prompt_bank()
         feats = self.vl.encode_images(images, size=self.cfg.dl_size(self.vl.image_size))
         return feats @ domain_feats.t() - (feats @ base_feat)[:, None]
 
@@ -188,7 +190,7 @@ def discriminator_step(nets: Nets, x_real, y_org, y_trg, s_trg, cfg: TrainConfig
 
 
 def generator_step(nets: Nets, labeler: Labeler | None, x_real, y_org, y_trg, y_abl, removed,
-                   style_of, cfg: TrainConfig, lambda_ds: float):
+                   style_of, cfg: TrainConfig, lambda_ds: float, learn_prompts: bool = False):
     """One G objective. `style_of(targets, which)` gives the style for `which` in (1, 2) (two
     latents or two references) mixed over the `targets` rows, with gradients."""
     s_trg = style_of(y_trg, 1)
@@ -205,7 +207,7 @@ def generator_step(nets: Nets, labeler: Labeler | None, x_real, y_org, y_trg, y_
             "g_cyc": loss_cyc.item()}
     if labeler is not None and cfg.lambda_dl > 0:
         x_abl = nets.generator(x_real, style_of(y_abl, 1))
-        scores = labeler.scores(torch.cat([x_fake, x_abl]))
+        scores = labeler.scores(torch.cat([x_fake, x_abl]), learn_prompts)
         n = x_real.shape[0]
         loss_dl = losses.domain_regularization_loss(scores[:n], y_trg, scores[n:], removed,
                                                     scale=float(labeler.vl.logit_scale))
@@ -474,7 +476,7 @@ class Trainer:
                     return nets.style_encoder(refs[which], targets)
                 names = ("generator",)
             g_loss, g_logs = generator_step(nets, self.labeler, x_real, y_org, y_trg, y_abl, removed,
-                                            style_of, cfg, lambda_ds)
+                                            style_of, cfg, lambda_ds, learn_prompts)
             for name in optims:
                 optims[name].zero_grad(set_to_none=True)
             if learn_prompts:
