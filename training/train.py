@@ -40,7 +40,6 @@ from training.data import ImageSet, check_images, find_images
 from training.grid import save_sample_grid
 
 TRAIN_CONFIG_FILE = "train_config.json"
-DL_CENTRE_IMAGES = 256  # real images that set the labeler's centre at the DL loss's input size
 METRICS_FILE = "metrics.jsonl"
 LABELS_FILE = "pseudo_labels.csv"
 PROMPTS_FILE = "prompts.safetensors"
@@ -306,15 +305,6 @@ class Trainer:
             dist.barrier()
         if not self.dist.main:
             feats = image_features(vl, paths, cache, progress=False)
-        dl_size = self.cfg.dl_size(vl.image_size)
-        if vl.centre_images and dl_size != vl.image_size:
-            # The DL loss encodes generated images at another size, where features have another
-            # mean: centre them on real training images encoded the same way (same on every rank).
-            rows = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(self.cfg.seed))
-            with torch.no_grad():
-                raw = vl.encode_images(self.images.batch(rows[:DL_CENTRE_IMAGES], device=self.device),
-                                       raw=True, size=dl_size)
-            vl.set_image_centre(raw, size=dl_size)
         bank = PromptBank(vl, list(self.domains), templates=self.templates,
                           base_prompt=self.cfg.base_prompt, learnable=self.cfg.stage == 2).to(self.device)
         return Labeler(vl, bank, feats.to(self.device), self.cfg)

@@ -106,7 +106,6 @@ class VisionLanguage(nn.Module):
         self.register_buffer("image_shift", None if image_shift is None
                              else image_shift.detach().float().to(device).reshape(self.embed_dim),
                              persistent=False)
-        self.size_shifts: dict[int, torch.Tensor] = {}  # centres at other input sizes (`size=`)
 
     # -- housekeeping --------------------------------------------------------------------
 
@@ -176,21 +175,18 @@ class VisionLanguage(nn.Module):
         `normalize_features` turns them into what raw=False returns. `size`: encode at this input
         size instead of `image_size` (see `preprocess`)."""
         feats = self.model.encode_image(self.preprocess(images.to(self.device), size)).float()
-        return feats if raw else self.normalize_features(feats, size)
+        return feats if raw else self.normalize_features(feats)
 
-    def normalize_features(self, raw: torch.Tensor, size: int | None = None) -> torch.Tensor:
-        """Raw embeddings [N, E] (of images encoded at `size`, default `image_size`) -> the features
-        labels are made from: centred when this labeler centres images, then L2-normalised."""
-        shift = self.size_shifts.get(size, self.image_shift) if size else self.image_shift
-        if shift is not None:
-            raw = raw - shift.to(raw.device)
+    def normalize_features(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw embeddings [N, E] -> the features labels are made from: centred when this labeler
+        centres images, then L2-normalised."""
+        if self.image_shift is not None:
+            raw = raw - self.image_shift.to(raw.device)
         return F.normalize(raw, dim=-1)
 
-    def set_image_centre(self, raw: torch.Tensor, size: int | None = None) -> None:
+    def set_image_centre(self, raw: torch.Tensor) -> None:
         """Centre later image features on the mean of these raw embeddings [N, E] (NaN rows, from
-        unreadable files, are ignored). A no-op for labelers that do not centre. `size`: the input
-        size the embeddings were encoded at, when not `image_size`; a new centre at `image_size`
-        (a new image set) drops those of other sizes.
+        unreadable files, are ignored). A no-op for labelers that do not centre.
 
         lanit-lite's heads were trained on features with each emoji vendor's mean removed, so a
         vendor's drawing style, a constant offset in feature space, does not decide the labels; the
@@ -200,12 +196,7 @@ class VisionLanguage(nn.Module):
         rows = raw[~torch.isnan(raw).any(dim=1)]
         if len(rows) == 0:
             raise ValueError("set_image_centre needs at least one finite feature row")
-        centre = rows.float().mean(0).to(self.device)
-        if size and size != self.image_size:
-            self.size_shifts[size] = centre
-        else:
-            self.image_shift = centre
-            self.size_shifts.clear()
+        self.image_shift = rows.float().mean(0).to(self.device)
 
     # -- texts ---------------------------------------------------------------------------
 
