@@ -121,8 +121,9 @@ class TrainConfig:
         """`dl_image_size` resolved for a labeler whose own input size is `labeler_size`."""
         if self.dl_image_size is not None:
             return self.dl_image_size
-        lite = self.labeler == "lanit-lite" or self.labeler.startswith("lanit-lite:")
-        return min(labeler_size, LANIT_LITE_DL_SIZE) if lite else labeler_size
+        from training.vl import is_lanit_lite
+
+        return min(labeler_size, LANIT_LITE_DL_SIZE) if is_lanit_lite(self.labeler) else labeler_size
 
     @property
     def prompt_start_step(self) -> int:

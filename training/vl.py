@@ -323,12 +323,18 @@ def _hf_text_forward(text: nn.Module, embeds: torch.Tensor, ids: torch.Tensor) -
 
 # ----------------------------------------------------------------------------- loading
 
+def is_lanit_lite(name: str) -> bool:
+    """Whether a labeler name selects the packaged lanit-lite model (any heads)."""
+    name = str(name).strip()
+    return name == LANIT_LITE or name.startswith(LANIT_LITE + ":")
+
+
 def load_vision_language(name: str = LANIT_LITE, device: str | torch.device = "cpu") -> VisionLanguage:
     """Resolve a labeler name (see the module docstring) to a frozen `VisionLanguage` on `device`."""
     name = str(name).strip()
     if not name:
         raise VisionLanguageError("empty labeler name")
-    if name == LANIT_LITE or name.startswith(LANIT_LITE + ":"):
+    if is_lanit_lite(name):
         vl = _load_lanit_lite(name, device)
     elif name.startswith("local-dir:"):
         vl = _load_open_clip_folder(name, Path(name.split(":", 1)[1]).expanduser(), device)
