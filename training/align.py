@@ -41,8 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from training import emoji as emoji_data
-from training.lanit_lite import (DEFAULT_HEADS, LanitLiteArch, create_lanit_lite, head_keys, pyramid_pool,
-                                 write_heads)
+from training.lanit_lite import (DEFAULT_HEADS, LanitLiteArch, PyramidImageTower, create_lanit_lite, head_keys,
+                                 pyramid_pool, write_heads)
 
 TWEMOJI_SIZE = 72
 RENDER_SIZE = 109  # Noto Color Emoji is a bitmap font with this one strike
@@ -79,7 +79,7 @@ class AlignConfig:
     seed: int = 0
     vendors: tuple[str, ...] = ("openmoji", "noto")
     views: int = 3
-    steps: int = 6000  # vs 3000: Noto persons F1 0.454 vs 0.415 (heads trained on OpenMoji alone)
+    steps: int = 6000  # vs 3000: Noto persons F1 0.454 vs 0.415 (OpenMoji-only heads; RESULTS.md)
     batch_size: int = 256
     lr: float = 6e-3
     trunk_lr: float = 2e-4
@@ -99,7 +99,8 @@ class AlignConfig:
     # vs "avg" 0.88 / 0.74 (see benchmarks/RESULTS.md).
     image_pool: str = "pyramid"
     centre_features: bool = True
-    # Chosen by training on OpenMoji alone and labelling Noto: persons F1 0.375 (w=1), 0.415 (0.5).
+    # Chosen by training on OpenMoji alone and labelling Noto (`eval_labeler --vendor noto`):
+    # persons F1 0.369 at w = 1, 0.322 at 0, 0.389 at 0.5 (benchmarks/RESULTS.md).
     set_centre_weight: float = 0.5
     cache_dir: str = "~/.cache/lanit-rt/align"
     out: str = str(DEFAULT_HEADS)
@@ -398,7 +399,7 @@ class SplitImageTower(nn.Module):
     @torch.no_grad()
     def prepare(self, h: torch.Tensor) -> torch.Tensor:
         trunk = self.visual.trunk
-        if self.unlocked_blocks == 0 and hasattr(self.visual, "pooled"):  # lanit_lite.PyramidImageTower
+        if isinstance(self.visual, PyramidImageTower):  # its arch allows no unlocked stages
             return pyramid_pool(trunk, h)
         h = trunk.blocks[self.cache_cut:self.cut](h)
         if self.unlocked_blocks == 0:

@@ -220,8 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"({speed['images_per_s']} img/s, {speed['threads']} threads); model load {load_s}")
     sizes = package_megabytes()
     print(f"packaged towers on disk: {sizes} = {sum(sizes.values()):.1f} MB")
-    payload = {"vendor": args.vendor, "templates": args.templates, "results": results, "speed": speed, "load_seconds": load_s,
-               "tower_packages_mb": sizes}
+    payload = {"vendor": args.vendor, "templates": args.templates, "results": results, "speed": speed,
+               "load_seconds": load_s, "tower_packages_mb": sizes}
     Path(args.out).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")
     return 0
