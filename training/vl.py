@@ -206,9 +206,8 @@ class VisionLanguage(nn.Module):
         rows = raw[~torch.isnan(raw).any(dim=1)]
         if len(rows) == 0:
             raise ValueError("set_image_centre needs at least one finite feature row")
-        mean = rows.float().mean(0).to(self.device)
         w = self.set_centre_weight
-        self.image_shift = mean if w == 1.0 else w * mean + (1.0 - w) * self.trained_shift
+        self.image_shift = w * rows.float().mean(0).to(self.device) + (1.0 - w) * self.trained_shift
 
     # -- texts ---------------------------------------------------------------------------
 
