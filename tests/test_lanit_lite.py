@@ -108,6 +108,21 @@ def test_committed_heads_beat_random_heads_on_held_out_twemoji(lite, lite_random
     assert trained >= 0.4 and trained > untrained + 0.2, (trained, untrained)
 
 
+def test_untrained_heads_are_the_same_on_every_load():
+    """The chance baseline (`lanit-lite:none`) is drawn from a fixed seed, without touching the
+    caller's random state."""
+    arch = LanitLiteArch(image_size=64, embed_dim=32)
+    state = torch.random.get_rng_state()
+    model = create_lanit_lite(heads=None, arch=arch)[0]
+    first = model.state_dict()
+    assert torch.equal(torch.random.get_rng_state(), state)
+    again = create_lanit_lite(heads=None, arch=arch)[0].state_dict()
+    other = create_lanit_lite(heads=None, arch=arch, seed=1)[0].state_dict()
+    keys = head_keys(model, 0)
+    assert len(keys) >= 4 and all(torch.equal(first[k], again[k]) for k in keys)
+    assert not torch.equal(first["visual.head.proj.weight"], other["visual.head.proj.weight"])
+
+
 def test_bad_heads_raise(tmp_path):
     with pytest.raises(LanitLiteError):
         create_lanit_lite(heads=tmp_path / "missing.safetensors")

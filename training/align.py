@@ -506,7 +506,7 @@ def prepare(cfg: AlignConfig) -> AlignData:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     arch = cfg.arch()
-    model, tokenizer, pre = create_lanit_lite(heads=None, arch=arch)
+    model, tokenizer, pre = create_lanit_lite(heads=None, arch=arch, seed=cfg.seed)
     tower = SplitImageTower(model.visual, arch.unlocked_blocks)
     cache_dir = Path(cfg.cache_dir).expanduser()
 

@@ -311,12 +311,14 @@ def _quiet_loading():
 
 
 def create_lanit_lite(heads: str | Path | None = "default", device: str | torch.device = "cpu",
-                      arch: LanitLiteArch | None = None):
+                      arch: LanitLiteArch | None = None, seed: int = 0):
     """Build lanit-lite. Returns ``(open_clip model, tokenizer, {"image_size", "mean", "std"})``.
 
     heads: ``"default"`` (the committed heads), a path to a heads ``.safetensors`` (JSON sidecar
     beside it) or None for untrained, randomly initialised heads (chance-level labels) on the
-    architecture of `arch`, else of the committed heads, else `LanitLiteArch()`.
+    architecture of `arch`, else of the committed heads, else `LanitLiteArch()`. Untrained heads
+    are drawn from `seed` (the same chance baseline on every load); torch's global random state is
+    left as it was.
     The model is in eval mode with every parameter frozen (callers that train re-enable grads).
     Mean/std apply to [0, 1] pixels already resized to `image_size`.
     """
@@ -340,11 +342,12 @@ def create_lanit_lite(heads: str | Path | None = "default", device: str | torch.
         arch = file_arch
 
     register_lanit_lite(arch)
-    with _quiet_loading():
+    with _quiet_loading(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
         model = open_clip.create_model(LANIT_LITE, pretrained=None, pretrained_image=False,
                                        pretrained_text=True, device="cpu")
-    if arch.image_pool == "pyramid":
-        model.visual = PyramidImageTower(model.visual, arch.embed_dim)
+        if arch.image_pool == "pyramid":
+            model.visual = PyramidImageTower(model.visual, arch.embed_dim)
     _load_image_tower(model)
     if head_tensors is not None:
         expected = set(head_keys(model, arch.unlocked_blocks))
