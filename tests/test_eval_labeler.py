@@ -55,3 +55,45 @@ def test_evaluate_labeler_reports_consistent_numbers():
     assert result["macro_f1"] == pytest.approx(sum(result["f1"].values()) / len(domains), abs=1e-3)
     assert 0.0 < result["active_per_image"] < len(domains)
     assert 0.0 <= result["hair_top1"] <= 1.0 and 0.0 <= result["gender_top1"] <= 1.0
+
+
+def _ablation_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "labeler_ablation.py"
+    spec = importlib.util.spec_from_file_location("labeler_ablation", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ablation_ranking_helpers():
+    ablation = _ablation_module()
+    truth = torch.tensor([[1, 0], [0, 1], [1, 0], [0, 1]], dtype=torch.float32)
+    perfect = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.1, 0.6]])
+    assert ablation.mean_auc(perfect, truth) == 1.0
+    assert ablation.top1(perfect, truth) == 1.0
+    # Domain 0: the positive of row 2 (0.25) falls below the negative of row 1 (0.4), one of four
+    # pairs, so its AUC is 3/4; row 2 now prefers domain 1 (0.3), so top-1 is 3/4.
+    scores = perfect.clone()
+    scores[2, 0], scores[1, 0] = 0.25, 0.4
+    assert ablation.mean_auc(scores, truth) == pytest.approx((0.75 + 1.0) / 2)
+    assert ablation.top1(scores, truth) == 0.75
+
+
+def test_ablation_pooled_parts_match_the_pyramid_pooling():
+    timm = pytest.importorskip("timm")
+    ablation = _ablation_module()
+    from training.lanit_lite import pyramid_pool
+
+    trunk = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=0).eval()
+    h = torch.randn(2, 192, 7, 7)
+    parts = ablation.pooled_parts(trunk, h)
+    pyramid = torch.cat([parts[k] for k in ablation.POOLS["pyramid"]], dim=1)
+    torch.testing.assert_close(pyramid, pyramid_pool(trunk, h))
+    with torch.no_grad():
+        head = trunk.bn2(trunk.conv_head(trunk.blocks[-1](h)))
+    torch.testing.assert_close(parts["top"], head[:, :, :4].mean((2, 3)))
+    torch.testing.assert_close(parts["bottom"], head[:, :, 3:].mean((2, 3)))
+    torch.testing.assert_close(parts["centre"], head[:, :, 2:5, 2:5].mean((2, 3)))

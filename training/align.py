@@ -513,6 +513,25 @@ def prepare(cfg: AlignConfig) -> AlignData:
     t0 = time.time()
     glyphs = collect_glyphs(cfg)
     _log(f"align: {len(glyphs)} glyphs from {', '.join(cfg.vendors)}")
+    cached = trunk_cache(cfg, tower, glyphs, t0)
+    image_feats = torch.cat([tower.prepare(cached[i:i + 1024].float()).half()
+                             for i in range(0, len(cached), 1024)])
+    image_centre = None
+    if arch.centre_features:
+        image_feats, image_centre = centre_per_vendor(image_feats, glyphs, cfg.views)
+    _log(f"align: image features {tuple(image_feats.shape)} ready at {time.time() - t0:.0f}s")
+
+    names = [g.name for g in glyphs]
+    index = build_captions(names, [emoji_data.aliases(g.sequence) for g in glyphs])
+    text_feats = cached_text_features(cache_dir, model, tokenizer, index.captions)
+    _log(f"align: {len(index.captions)} caption features ready at {time.time() - t0:.0f}s")
+    return AlignData(model, tower, glyphs, image_feats, image_centre, index, text_feats, t0)
+
+
+def trunk_cache(cfg: AlignConfig, tower: SplitImageTower, glyphs: Sequence[Glyph], t0: float) -> torch.Tensor:
+    """The frozen trunk's output at `tower.cache_cut` for every rendered view of `glyphs`
+    ([G * views, C, H, W] fp16, glyph-major), read from `cfg.cache_dir` or computed and stored."""
+    arch = cfg.arch()
     image_key = _cache_key({"glyphs": [(g.vendor, g.sequence) for g in glyphs], "views": cfg.views,
                             "seed": cfg.seed, "size": arch.image_size, "cut": tower.cache_cut,
                             "mean": arch.mean, "std": arch.std, "v": 4})
@@ -527,19 +546,7 @@ def prepare(cfg: AlignConfig) -> AlignData:
                 _log(f"align: trunk features {start}/{len(renders)} at {time.time() - t0:.0f}s")
         return torch.cat(feats)
 
-    cached = _cached(cache_dir / f"images-{image_key}.pt", make_image_features)
-    image_feats = torch.cat([tower.prepare(cached[i:i + 1024].float()).half()
-                             for i in range(0, len(cached), 1024)])
-    image_centre = None
-    if arch.centre_features:
-        image_feats, image_centre = centre_per_vendor(image_feats, glyphs, cfg.views)
-    _log(f"align: image features {tuple(image_feats.shape)} ready at {time.time() - t0:.0f}s")
-
-    names = [g.name for g in glyphs]
-    index = build_captions(names, [emoji_data.aliases(g.sequence) for g in glyphs])
-    text_feats = cached_text_features(cache_dir, model, tokenizer, index.captions)
-    _log(f"align: {len(index.captions)} caption features ready at {time.time() - t0:.0f}s")
-    return AlignData(model, tower, glyphs, image_feats, image_centre, index, text_feats, t0)
+    return _cached(Path(cfg.cache_dir).expanduser() / f"images-{image_key}.pt", make_image_features)
 
 
 def centre_per_vendor(feats: torch.Tensor, glyphs: Sequence[Glyph], views: int

@@ -1,0 +1,249 @@
+"""Ablations of lanit-lite's head training: one table row per run, seconds to minutes each.
+
+    python benchmarks/labeler_ablation.py [--pool pyramid] [--steps 3000] [--seed 0]
+        [--weight-decay 1e-4] [--feature-dropout 0] [--set-centre-weight 0.5] [--nn]
+        [--out benchmarks/results/labeler_ablation.json]
+
+Heads are trained with `python -m training.align`'s own loss and loop (`align.train_heads`) on
+`align`'s cached trunk features (the first run fills the cache, ~12 min on 2 cores), pooled as
+`--pool` says; held-out Twemoji is then scored from cached features of the same trunk, as
+`python -m training.eval_labeler` scores it (adaptive rule, "emoji" templates, the labelling centre
+`w * set mean + (1 - w) * training centre`), plus the ranking and retrieval figures that it does
+not report:
+- persons: macro F1, mean per-domain ROC AUC of the adaptive scores, hair and gender top-1;
+- animal faces and food: top-1;
+- names: zero-shot top-1 over the 1,907 emoji names of all 3,939 Twemoji images;
+- `--nn`: the image-only diagnosis, the class of each animal / food image's nearest training
+  drawing (centred pooled features, no heads), at w and at w = 1.
+Pools (of the trunk's head `H`, its last stage `L` and the stage before it `P`):
+avg = avg(H) (open_clip's own), avg+max, pyramid = avg(H), max(H), avg(L), avg(P) (the committed
+heads), pyramid+halves (avg of H's top and bottom halves as well), pyramid+centre (avg of H's
+central 3x3 as well).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training import align as A  # noqa: E402
+from training import emoji as emoji_data  # noqa: E402
+from training.eval_labeler import eval_sets, f1_scores  # noqa: E402
+from training.lanit_lite import LanitLiteArch, create_lanit_lite  # noqa: E402
+
+POOLS = {
+    "avg": ("avg",),
+    "avg+max": ("avg", "max"),
+    "pyramid": ("avg", "max", "last", "before"),
+    "pyramid+halves": ("avg", "max", "last", "before", "top", "bottom"),
+    "pyramid+centre": ("avg", "max", "last", "before", "centre"),
+}
+PARTS = ("avg", "max", "last", "before", "top", "bottom", "centre")
+
+
+@torch.no_grad()
+def pooled_parts(trunk: nn.Module, h: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every pooled part of one batch of trunk features `h` (the input of the last stage)."""
+    last = trunk.blocks[-1](h)
+    head = trunk.bn2(trunk.conv_head(last))
+    rows = head.shape[2]
+    return {"avg": head.mean((2, 3)), "max": head.amax((2, 3)), "last": last.mean((2, 3)),
+            "before": h.mean((2, 3)), "top": head[:, :, :(rows + 1) // 2].mean((2, 3)),
+            "bottom": head[:, :, rows // 2:].mean((2, 3)), "centre": head[:, :, 2:-2, 2:-2].mean((2, 3))}
+
+
+def parts_of(trunk: nn.Module, h_batches) -> dict[str, torch.Tensor]:
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in PARTS}
+    for h in h_batches:
+        for key, value in pooled_parts(trunk, h.float()).items():
+            out[key].append(value.half())
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def cached(path: Path, make):
+    if path.is_file():
+        return torch.load(path, weights_only=False)
+    value = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(value, path)
+    return value
+
+
+def twemoji_parts(model, arch: LanitLiteArch, cache_dir: Path) -> dict[str, dict]:
+    """Pooled parts of the three evaluation sets and of all Twemoji (for name retrieval)."""
+    from training.pseudo_labels import load_image
+
+    tower = A.SplitImageTower(model.visual, 0)
+
+    def encode(paths):
+        def batches():
+            for i in range(0, len(paths), 64):
+                images = torch.stack([load_image(p, arch.image_size) for p in paths[i:i + 64]])  # [-1, 1]
+                x = ((images + 1) * 0.5 - torch.tensor(arch.mean).view(1, 3, 1, 1)) / torch.tensor(arch.std).view(1, 3, 1, 1)
+                yield tower.features(x.contiguous(memory_format=torch.channels_last))
+        return parts_of(model.visual.trunk, batches())
+
+    def make():
+        out = {name: {"parts": encode(paths), "domains": domains, "truth": truth}
+               for name, (paths, domains, truth) in eval_sets().items()}
+        entries = emoji_data.twemoji_entries()
+        out["all"] = {"parts": encode([e.path for e in entries]), "names": [e.name for e in entries]}
+        return out
+
+    return cached(cache_dir / f"twemoji-parts-{arch.image_size}.pt", make)
+
+
+class TrainingDropout(nn.Module):
+    """Dropout while gradients are on. `align.train_heads` keeps the model in eval mode (frozen
+    BatchNorm), which would switch an nn.Dropout off."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.p, training=torch.is_grad_enabled()) if self.p else x
+
+
+def scores(vl, proj: nn.Module, feats: torch.Tensor, centre: torch.Tensor, w: float, domains) -> torch.Tensor:
+    from training.prompts import PromptBank
+
+    with torch.no_grad():
+        x = F.normalize(proj(feats - (w * feats.mean(0) + (1 - w) * centre)), dim=-1)
+        domain_feats, base_feat = PromptBank(vl, domains, templates="emoji")()
+    return x @ domain_feats.t() - (x @ base_feat)[:, None]
+
+
+def top1(s: torch.Tensor, truth: torch.Tensor, cols=None) -> float:
+    cols = list(range(truth.shape[1])) if cols is None else cols
+    rows = truth[:, cols].sum(1) == 1
+    return float((s[rows][:, cols].argmax(1) == truth[rows][:, cols].argmax(1)).float().mean())
+
+
+def mean_auc(s: torch.Tensor, truth: torch.Tensor) -> float:
+    aucs = []
+    for k in range(truth.shape[1]):
+        pos, neg = s[truth[:, k] > 0, k], s[truth[:, k] == 0, k]
+        aucs.append(float(((pos[:, None] > neg[None]).float() + 0.5 * (pos[:, None] == neg[None]).float()).mean()))
+    return sum(aucs) / len(aucs)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pool", default="pyramid", choices=sorted(POOLS))
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--seed", type=int, default=0, help="head initialisation and batches (renders: seed 0)")
+    parser.add_argument("--weight-decay", type=float, default=A.AlignConfig.weight_decay)
+    parser.add_argument("--feature-dropout", type=float, default=0.0)
+    parser.add_argument("--set-centre-weight", type=float, default=A.AlignConfig.set_centre_weight)
+    parser.add_argument("--nn", action="store_true", help="also the nearest-training-drawing diagnosis")
+    parser.add_argument("--out", default="benchmarks/results/labeler_ablation.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+
+    cfg = A.AlignConfig(steps=args.steps, seed=0, weight_decay=args.weight_decay, log_every=1000)
+    arch = cfg.arch()
+    model, tokenizer, _ = create_lanit_lite(heads=None, arch=arch, seed=args.seed)
+    cache_dir = Path(cfg.cache_dir).expanduser()
+    t0 = time.time()
+    glyphs = A.collect_glyphs(cfg)
+    tower = A.SplitImageTower(model.visual, 0)
+    h = A.trunk_cache(cfg, tower, glyphs, t0)
+    key = A._cache_key({"glyphs": len(glyphs), "rows": len(h), "sum": float(h[:64].float().sum())})
+    train_parts = cached(cache_dir / f"train-parts-{key}.pt",
+                         lambda: parts_of(model.visual.trunk, (h[i:i + 1024] for i in range(0, len(h), 1024))))
+    test = twemoji_parts(model, arch, cache_dir)
+    keys = POOLS[args.pool]
+
+    def join(parts):
+        return torch.cat([parts[k].float() for k in keys], dim=1)
+
+    feats, centre = A.centre_per_vendor(join(train_parts), glyphs, cfg.views)
+    torch.manual_seed(args.seed)
+    proj = nn.Linear(feats.shape[1], arch.embed_dim, bias=False)
+    model.visual.head = nn.Sequential(OrderedDict(drop=TrainingDropout(args.feature_dropout), proj=proj))
+    index = A.build_captions([g.name for g in glyphs], [emoji_data.aliases(g.sequence) for g in glyphs])
+    text_feats = A.cached_text_features(cache_dir, model, tokenizer, index.captions)
+    data = A.AlignData(model, A.SplitImageTower(model.visual, 0), glyphs, feats.half(), centre, index,
+                       text_feats, time.time())
+    summary = A.train_heads(A.AlignConfig(**{**cfg.__dict__, "seed": args.seed}), data)
+
+    from training.vl import VisionLanguage
+
+    vl = VisionLanguage(model, tokenizer, arch.image_size, arch.mean, arch.std, name="ablation")
+    w = args.set_centre_weight
+    row: dict = {"pool": args.pool, "steps": args.steps, "seed": args.seed, "weight_decay": args.weight_decay,
+                 "feature_dropout": args.feature_dropout, "set_centre_weight": w,
+                 "train_seconds": summary["seconds"]}
+    persons = test["persons"]
+    s = scores(vl, proj, join(persons["parts"]), centre, w, persons["domains"])
+    truth = persons["truth"]
+    domains = list(persons["domains"])
+    row["persons_f1"] = float(f1_scores(s > 0, truth).mean())
+    row["persons_auc"] = mean_auc(s, truth)
+    row["hair_top1"] = top1(s, truth, [domains.index(d) for d in emoji_data.PERSON_DOMAINS])
+    row["gender_top1"] = top1(s, truth, [domains.index("man"), domains.index("woman")])
+    for name in ("animal faces", "food"):
+        entry = test[name]
+        row[f"{name.split()[0]}_top1"] = top1(scores(vl, proj, join(entry["parts"]), centre, w, entry["domains"]),
+                                              entry["truth"])
+    row["names_top1"] = name_retrieval(vl, proj, join(test["all"]["parts"]), test["all"]["names"], glyphs)
+    if args.nn:
+        row["nearest_drawing"] = nearest_drawing(test, join, feats, centre, glyphs, cfg.views, w)
+
+    print("| pool | steps | seed | wd | dropout | w | persons F1 | AUC | hair | gender | animals | food | names |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| {args.pool} | {args.steps} | {args.seed} | {args.weight_decay:g} | {args.feature_dropout:g} | {w:g} | "
+          + " | ".join(f"{row[k]:.3f}" for k in ("persons_f1", "persons_auc", "hair_top1", "gender_top1",
+                                                  "animal_top1", "food_top1", "names_top1")) + " |")
+    if args.nn:
+        print("nearest training drawing, top-1:", row["nearest_drawing"])
+    out = Path(args.out)
+    rows = json.loads(out.read_text()) if out.is_file() else []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows + [row], indent=1) + "\n")
+    return 0
+
+
+def name_retrieval(vl, proj, feats, names, glyphs) -> float:
+    """Zero-shot top-1 over the distinct emoji names that training saw (skin tones folded)."""
+    base = [emoji_data.strip_skin_tone(n) for n in names]
+    known = sorted({emoji_data.strip_skin_tone(g.name) for g in glyphs} & set(base))
+    keep = torch.tensor([b in set(known) for b in base])
+    target = torch.tensor([known.index(b) for b in base if b in set(known)])
+    with torch.no_grad():
+        texts = torch.cat([vl.encode_texts([f"an emoji of {A.caption_phrase(n)}." for n in known[i:i + 512]])
+                           for i in range(0, len(known), 512)])
+        x = F.normalize(proj(feats[keep] - feats[keep].mean(0)), dim=-1)
+    return float(((x @ texts.t()).argmax(1) == target).float().mean())
+
+
+def nearest_drawing(test, join, train_feats, centre, glyphs, views, w) -> dict[str, float]:
+    """Top-1 of the class of each Twemoji image's nearest training drawing of the set's classes."""
+    out = {}
+    for name, class_of in (("animal faces", emoji_data.animal_face_class), ("food", emoji_data.food_class)):
+        entry = test[name]
+        domains = list(entry["domains"])
+        chosen = [(i, class_of(g.name)) for i, g in enumerate(glyphs) if class_of(g.name) is not None]
+        rows = torch.tensor([i * views + v for i, _ in chosen for v in range(views)])
+        labels = torch.tensor([domains.index(c) for _, c in chosen for _ in range(views)])
+        feats = join(entry["parts"])
+        for weight in (w, 1.0):
+            query = F.normalize(feats - (weight * feats.mean(0) + (1 - weight) * centre), dim=1)
+            nearest = labels[(query @ F.normalize(train_feats[rows].float(), dim=1).t()).argmax(1)]
+            out[f"{name} (w={weight:g})"] = float((nearest == entry["truth"].argmax(1)).float().mean())
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
