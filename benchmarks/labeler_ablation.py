@@ -28,6 +28,7 @@ import json
 import sys
 import time
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -176,7 +177,7 @@ def main(argv=None) -> int:
     text_feats = A.cached_text_features(cache_dir, model, tokenizer, index.captions)
     data = A.AlignData(model, A.SplitImageTower(model.visual, 0), glyphs, feats.half(), centre, index,
                        text_feats, time.time())
-    summary = A.train_heads(A.AlignConfig(**{**cfg.__dict__, "seed": args.seed}), data)
+    summary = A.train_heads(replace(cfg, seed=args.seed), data)  # renders stay those of seed 0
 
     from training.vl import VisionLanguage
 
