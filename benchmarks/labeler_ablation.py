@@ -39,8 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training import align as A  # noqa: E402
 from training import emoji as emoji_data  # noqa: E402
-from training.eval_labeler import eval_sets, f1_scores  # noqa: E402
-from training.lanit_lite import LanitLiteArch, create_lanit_lite  # noqa: E402
+from training.eval_labeler import eval_sets, f1_scores, top1_accuracy  # noqa: E402
+from training.lanit_lite import create_lanit_lite  # noqa: E402
+from training.vl import VisionLanguage  # noqa: E402
 
 POOLS = {
     "avg": ("avg",),
@@ -71,28 +72,19 @@ def parts_of(trunk: nn.Module, h_batches) -> dict[str, torch.Tensor]:
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def cached(path: Path, make):
-    if path.is_file():
-        return torch.load(path, weights_only=False)
-    value = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(value, path)
-    return value
-
-
-def twemoji_parts(model, arch: LanitLiteArch, cache_dir: Path) -> dict[str, dict]:
-    """Pooled parts of the three evaluation sets and of all Twemoji (for name retrieval)."""
+def twemoji_parts(vl, cache_dir: Path) -> dict[str, dict]:
+    """Pooled parts of the three evaluation sets and of all Twemoji (for name retrieval), from the
+    images as labelling loads and preprocesses them."""
     from training.pseudo_labels import load_image
 
-    tower = A.SplitImageTower(model.visual, 0)
+    tower = A.SplitImageTower(vl.model.visual, 0)
 
     def encode(paths):
         def batches():
             for i in range(0, len(paths), 64):
-                images = torch.stack([load_image(p, arch.image_size) for p in paths[i:i + 64]])  # [-1, 1]
-                x = ((images + 1) * 0.5 - torch.tensor(arch.mean).view(1, 3, 1, 1)) / torch.tensor(arch.std).view(1, 3, 1, 1)
-                yield tower.features(x.contiguous(memory_format=torch.channels_last))
-        return parts_of(model.visual.trunk, batches())
+                images = torch.stack([load_image(p, vl.image_size) for p in paths[i:i + 64]])
+                yield tower.features(vl.preprocess(images).contiguous(memory_format=torch.channels_last))
+        return parts_of(vl.model.visual.trunk, batches())
 
     def make():
         out = {name: {"parts": encode(paths), "domains": domains, "truth": truth}
@@ -101,7 +93,7 @@ def twemoji_parts(model, arch: LanitLiteArch, cache_dir: Path) -> dict[str, dict
         out["all"] = {"parts": encode([e.path for e in entries]), "names": [e.name for e in entries]}
         return out
 
-    return cached(cache_dir / f"twemoji-parts-{arch.image_size}.pt", make)
+    return A._cached(cache_dir / f"twemoji-parts-{vl.image_size}.pt", make)
 
 
 class TrainingDropout(nn.Module):
@@ -123,12 +115,6 @@ def scores(vl, proj: nn.Module, feats: torch.Tensor, centre: torch.Tensor, w: fl
         x = F.normalize(proj(feats - (w * feats.mean(0) + (1 - w) * centre)), dim=-1)
         domain_feats, base_feat = PromptBank(vl, domains, templates="emoji")()
     return x @ domain_feats.t() - (x @ base_feat)[:, None]
-
-
-def top1(s: torch.Tensor, truth: torch.Tensor, cols=None) -> float:
-    cols = list(range(truth.shape[1])) if cols is None else cols
-    rows = truth[:, cols].sum(1) == 1
-    return float((s[rows][:, cols].argmax(1) == truth[rows][:, cols].argmax(1)).float().mean())
 
 
 def mean_auc(s: torch.Tensor, truth: torch.Tensor) -> float:
@@ -155,15 +141,16 @@ def main(argv=None) -> int:
     cfg = A.AlignConfig(steps=args.steps, seed=0, weight_decay=args.weight_decay, log_every=1000)
     arch = cfg.arch()
     model, tokenizer, _ = create_lanit_lite(heads=None, arch=arch, seed=args.seed)
+    vl = VisionLanguage(model, tokenizer, arch.image_size, arch.mean, arch.std, name="ablation")
     cache_dir = Path(cfg.cache_dir).expanduser()
     t0 = time.time()
     glyphs = A.collect_glyphs(cfg)
     tower = A.SplitImageTower(model.visual, 0)
     h = A.trunk_cache(cfg, tower, glyphs, t0)
     key = A._cache_key({"glyphs": len(glyphs), "rows": len(h), "sum": float(h[:64].float().sum())})
-    train_parts = cached(cache_dir / f"train-parts-{key}.pt",
+    train_parts = A._cached(cache_dir / f"train-parts-{key}.pt",
                          lambda: parts_of(model.visual.trunk, (h[i:i + 1024] for i in range(0, len(h), 1024))))
-    test = twemoji_parts(model, arch, cache_dir)
+    test = twemoji_parts(vl, cache_dir)
     keys = POOLS[args.pool]
 
     def join(parts):
@@ -179,9 +166,6 @@ def main(argv=None) -> int:
                        text_feats, time.time())
     summary = A.train_heads(replace(cfg, seed=args.seed), data)  # renders stay those of seed 0
 
-    from training.vl import VisionLanguage
-
-    vl = VisionLanguage(model, tokenizer, arch.image_size, arch.mean, arch.std, name="ablation")
     w = args.set_centre_weight
     row: dict = {"pool": args.pool, "steps": args.steps, "seed": args.seed, "weight_decay": args.weight_decay,
                  "feature_dropout": args.feature_dropout, "set_centre_weight": w,
@@ -192,11 +176,11 @@ def main(argv=None) -> int:
     domains = list(persons["domains"])
     row["persons_f1"] = float(f1_scores(s > 0, truth).mean())
     row["persons_auc"] = mean_auc(s, truth)
-    row["hair_top1"] = top1(s, truth, [domains.index(d) for d in emoji_data.PERSON_DOMAINS])
-    row["gender_top1"] = top1(s, truth, [domains.index("man"), domains.index("woman")])
+    row["hair_top1"] = top1_accuracy(s, truth, [domains.index(d) for d in emoji_data.PERSON_DOMAINS])
+    row["gender_top1"] = top1_accuracy(s, truth, [domains.index("man"), domains.index("woman")])
     for name in ("animal faces", "food"):
         entry = test[name]
-        row[f"{name.split()[0]}_top1"] = top1(scores(vl, proj, join(entry["parts"]), centre, w, entry["domains"]),
+        row[f"{name.split()[0]}_top1"] = top1_accuracy(scores(vl, proj, join(entry["parts"]), centre, w, entry["domains"]),
                                               entry["truth"])
     row["names_top1"] = name_retrieval(vl, proj, join(test["all"]["parts"]), test["all"]["names"], glyphs)
     if args.nn:

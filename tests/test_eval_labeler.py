@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from training import emoji as E
-from training.eval_labeler import eval_sets, evaluate_labeler, f1_scores
+from training.eval_labeler import eval_sets, evaluate_labeler, f1_scores, top1_accuracy
 
 
 def test_f1_scores_by_hand():
@@ -73,13 +73,13 @@ def test_ablation_ranking_helpers():
     truth = torch.tensor([[1, 0], [0, 1], [1, 0], [0, 1]], dtype=torch.float32)
     perfect = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.1, 0.6]])
     assert ablation.mean_auc(perfect, truth) == 1.0
-    assert ablation.top1(perfect, truth) == 1.0
+    assert top1_accuracy(perfect, truth) == 1.0
     # Domain 0: the positive of row 2 (0.25) falls below the negative of row 1 (0.4), one of four
     # pairs, so its AUC is 3/4; row 2 now prefers domain 1 (0.3), so top-1 is 3/4.
     scores = perfect.clone()
     scores[2, 0], scores[1, 0] = 0.25, 0.4
     assert ablation.mean_auc(scores, truth) == pytest.approx((0.75 + 1.0) / 2)
-    assert ablation.top1(scores, truth) == 0.75
+    assert top1_accuracy(scores, truth) == 0.75
 
 
 def test_ablation_pooled_parts_match_the_pyramid_pooling():

@@ -44,6 +44,13 @@ def f1_scores(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     return torch.where(denom > 0, 2 * tp / denom.clamp_min(1), torch.zeros_like(tp))
 
 
+def top1_accuracy(scores: torch.Tensor, truth: torch.Tensor, columns: Sequence[int] | None = None) -> float:
+    """Argmax accuracy over `columns` (all by default), on the rows with exactly one true column there."""
+    columns = list(range(truth.shape[1])) if columns is None else list(columns)
+    rows = truth[:, columns].sum(1) == 1
+    return float((scores[rows][:, columns].argmax(1) == truth[rows][:, columns].argmax(1)).float().mean())
+
+
 def eval_sets(vendor: str = "twemoji", render_dir: str | Path | None = None
               ) -> dict[str, tuple[list[Path], tuple[str, ...], torch.Tensor]]:
     """name -> (image paths, domain texts, 0/1 truth [N, D]).
@@ -112,16 +119,10 @@ def evaluate_labeler(vl, sets, templates: str | Sequence[str] = "emoji") -> dict
             "active_per_image": float(labels.sum(1).mean()),
         }
         if bool((truth.sum(1) == 1).all()):
-            entry["top1"] = float((scores.argmax(1) == truth.argmax(1)).float().mean())
+            entry["top1"] = top1_accuracy(scores, truth)
         if set_name == "persons":
-            hair = [domains.index(d) for d in emoji_data.PERSON_DOMAINS]
-            has_hair = truth[:, hair].sum(1) == 1
-            entry["hair_top1"] = float((scores[has_hair][:, hair].argmax(1)
-                                        == truth[has_hair][:, hair].argmax(1)).float().mean())
-            gender = [domains.index("man"), domains.index("woman")]
-            has_gender = truth[:, gender].sum(1) == 1
-            entry["gender_top1"] = float((scores[has_gender][:, gender].argmax(1)
-                                          == truth[has_gender][:, gender].argmax(1)).float().mean())
+            entry["hair_top1"] = top1_accuracy(scores, truth, [domains.index(d) for d in emoji_data.PERSON_DOMAINS])
+            entry["gender_top1"] = top1_accuracy(scores, truth, [domains.index("man"), domains.index("woman")])
         results[set_name] = entry
     return results
 
