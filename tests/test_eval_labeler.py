@@ -80,6 +80,10 @@ def test_ablation_ranking_helpers():
     scores[2, 0], scores[1, 0] = 0.25, 0.4
     assert ablation.mean_auc(scores, truth) == pytest.approx((0.75 + 1.0) / 2)
     assert top1_accuracy(scores, truth) == 0.75
+    # Over a subset of columns, rows without exactly one true column there are left out (row 1).
+    truth3 = torch.tensor([[1, 0, 0], [0, 0, 1], [0, 1, 0]], dtype=torch.float32)
+    scores3 = torch.tensor([[0.9, 0.1, 0.0], [0.1, 0.8, 0.5], [0.1, 0.7, 0.0]])
+    assert top1_accuracy(scores3, truth3, [0, 1]) == 1.0
 
 
 def test_ablation_pooled_parts_match_the_pyramid_pooling():
