@@ -108,13 +108,17 @@ class TrainingDropout(nn.Module):
         return F.dropout(x, self.p, training=torch.is_grad_enabled()) if self.p else x
 
 
-def scores(vl, proj: nn.Module, feats: torch.Tensor, centre: torch.Tensor, w: float, domains) -> torch.Tensor:
+def scores(vl, proj: nn.Module, feats: torch.Tensor, domains) -> torch.Tensor:
+    """Adaptive scores of one set's pooled features, as labelling makes them: projected, centred
+    by the labeler's own set centre (`VisionLanguage.set_image_centre`), then `pseudo_labels`."""
     from training.prompts import PromptBank
+    from training.pseudo_labels import pseudo_labels
 
     with torch.no_grad():
-        x = F.normalize(proj(feats - (w * feats.mean(0) + (1 - w) * centre)), dim=-1)
+        raw = proj(feats)
+        vl.set_image_centre(raw)
         domain_feats, base_feat = PromptBank(vl, domains, templates="emoji")()
-    return x @ domain_feats.t() - (x @ base_feat)[:, None]
+        return pseudo_labels(vl.normalize_features(raw), domain_feats, base_feat, mode="adaptive")[1]
 
 
 def mean_auc(s: torch.Tensor, truth: torch.Tensor) -> float:
@@ -141,7 +145,6 @@ def main(argv=None) -> int:
     cfg = A.AlignConfig(steps=args.steps, seed=0, weight_decay=args.weight_decay, log_every=1000)
     arch = cfg.arch()
     model, tokenizer, _ = create_lanit_lite(heads=None, arch=arch, seed=args.seed)
-    vl = VisionLanguage(model, tokenizer, arch.image_size, arch.mean, arch.std, name="ablation")
     cache_dir = Path(cfg.cache_dir).expanduser()
     t0 = time.time()
     glyphs = A.collect_glyphs(cfg)
@@ -150,7 +153,6 @@ def main(argv=None) -> int:
     key = A._cache_key({"glyphs": len(glyphs), "rows": len(h), "sum": float(h[:64].float().sum())})
     train_parts = A._cached(cache_dir / f"train-parts-{key}.pt",
                          lambda: parts_of(model.visual.trunk, (h[i:i + 1024] for i in range(0, len(h), 1024))))
-    test = twemoji_parts(vl, cache_dir)
     keys = POOLS[args.pool]
 
     def join(parts):
@@ -167,11 +169,16 @@ def main(argv=None) -> int:
     summary = A.train_heads(replace(cfg, seed=args.seed), data)  # renders stay those of seed 0
 
     w = args.set_centre_weight
+    with torch.no_grad():  # the bias-free projection maps the training centre into the embedding
+        shift = proj(centre)
+    vl = VisionLanguage(model, tokenizer, arch.image_size, arch.mean, arch.std, name="ablation",
+                        centre_images=True, image_shift=shift, set_centre_weight=w)
+    test = twemoji_parts(vl, cache_dir)
     row: dict = {"pool": args.pool, "steps": args.steps, "seed": args.seed, "weight_decay": args.weight_decay,
                  "feature_dropout": args.feature_dropout, "set_centre_weight": w,
                  "train_seconds": summary["seconds"]}
     persons = test["persons"]
-    s = scores(vl, proj, join(persons["parts"]), centre, w, persons["domains"])
+    s = scores(vl, proj, join(persons["parts"]), persons["domains"])
     truth = persons["truth"]
     domains = list(persons["domains"])
     row["persons_f1"] = float(f1_scores(s > 0, truth).mean())
@@ -180,8 +187,8 @@ def main(argv=None) -> int:
     row["gender_top1"] = top1_accuracy(s, truth, [domains.index("man"), domains.index("woman")])
     for name in ("animal faces", "food"):
         entry = test[name]
-        row[f"{name.split()[0]}_top1"] = top1_accuracy(scores(vl, proj, join(entry["parts"]), centre, w, entry["domains"]),
-                                              entry["truth"])
+        entry_scores = scores(vl, proj, join(entry["parts"]), entry["domains"])
+        row[f"{name.split()[0]}_top1"] = top1_accuracy(entry_scores, entry["truth"])
     row["names_top1"] = name_retrieval(vl, proj, join(test["all"]["parts"]), test["all"]["names"], glyphs)
     if args.nn:
         row["nearest_drawing"] = nearest_drawing(test, join, feats, centre, glyphs, cfg.views, w)
