@@ -72,9 +72,10 @@ def parts_of(trunk: nn.Module, h_batches) -> dict[str, torch.Tensor]:
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def twemoji_parts(vl, cache_dir: Path) -> dict[str, dict]:
-    """Pooled parts of the three evaluation sets and of all Twemoji (for name retrieval), from the
-    images as labelling loads and preprocesses them."""
+def vendor_parts(vl, cache_dir: Path, vendor: str = "twemoji") -> dict[str, dict]:
+    """Pooled parts of the three evaluation sets of `vendor` (and, for Twemoji, of all its images,
+    for name retrieval), from the images as labelling loads and preprocesses them. Training vendors
+    are rendered as `eval_sets` renders them (validation for heads trained without that vendor)."""
     from training.pseudo_labels import load_image
 
     tower = A.SplitImageTower(vl.model.visual, 0)
@@ -87,13 +88,24 @@ def twemoji_parts(vl, cache_dir: Path) -> dict[str, dict]:
         return parts_of(vl.model.visual.trunk, batches())
 
     def make():
+        render_dir = None if vendor == "twemoji" else cache_dir / f"render-{vendor}"
         out = {name: {"parts": encode(paths), "domains": domains, "truth": truth}
-               for name, (paths, domains, truth) in eval_sets().items()}
-        entries = emoji_data.twemoji_entries()
-        out["all"] = {"parts": encode([e.path for e in entries]), "names": [e.name for e in entries]}
+               for name, (paths, domains, truth) in eval_sets(vendor, render_dir).items()}
+        if vendor == "twemoji":
+            entries = emoji_data.twemoji_entries()
+            out["all"] = {"parts": encode([e.path for e in entries]), "names": [e.name for e in entries]}
         return out
 
-    return A._cached(cache_dir / f"twemoji-parts-{vl.image_size}.pt", make)
+    return A._cached(cache_dir / f"{vendor}-parts-{vl.image_size}.pt", make)
+
+
+def training_parts(cfg, model, glyphs) -> dict[str, torch.Tensor]:
+    """Pooled parts of align's cached training views ([G * views, C] per part, glyph-major),
+    computed once from align's trunk cache (which the first call fills, ~12 min on 2 cores)."""
+    h = A.trunk_cache(cfg, A.SplitImageTower(model.visual, 0), glyphs, time.time())
+    key = A._cache_key({"glyphs": len(glyphs), "rows": len(h), "sum": float(h[:64].float().sum())})
+    return A._cached(Path(cfg.cache_dir).expanduser() / f"train-parts-{key}.pt",
+                     lambda: parts_of(model.visual.trunk, (h[i:i + 1024] for i in range(0, len(h), 1024))))
 
 
 class TrainingDropout(nn.Module):
@@ -146,13 +158,8 @@ def main(argv=None) -> int:
     arch = cfg.arch()
     model, tokenizer, _ = create_lanit_lite(heads=None, arch=arch, seed=args.seed)
     cache_dir = Path(cfg.cache_dir).expanduser()
-    t0 = time.time()
     glyphs = A.collect_glyphs(cfg)
-    tower = A.SplitImageTower(model.visual, 0)
-    h = A.trunk_cache(cfg, tower, glyphs, t0)
-    key = A._cache_key({"glyphs": len(glyphs), "rows": len(h), "sum": float(h[:64].float().sum())})
-    train_parts = A._cached(cache_dir / f"train-parts-{key}.pt",
-                         lambda: parts_of(model.visual.trunk, (h[i:i + 1024] for i in range(0, len(h), 1024))))
+    train_parts = training_parts(cfg, model, glyphs)
     keys = POOLS[args.pool]
 
     def join(parts):
@@ -173,7 +180,7 @@ def main(argv=None) -> int:
         shift = proj(centre)
     vl = VisionLanguage(model, tokenizer, arch.image_size, arch.mean, arch.std, name="ablation",
                         centre_images=True, image_shift=shift, set_centre_weight=w)
-    test = twemoji_parts(vl, cache_dir)
+    test = vendor_parts(vl, cache_dir)
     row: dict = {"pool": args.pool, "steps": args.steps, "seed": args.seed, "weight_decay": args.weight_decay,
                  "feature_dropout": args.feature_dropout, "set_centre_weight": w,
                  "train_seconds": summary["seconds"]}

@@ -57,19 +57,24 @@ def test_evaluate_labeler_reports_consistent_numbers():
     assert 0.0 <= result["hair_top1"] <= 1.0 and 0.0 <= result["gender_top1"] <= 1.0
 
 
-def _ablation_module():
+def _bench_module(name):
     import importlib.util
+    import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "labeler_ablation.py"
-    spec = importlib.util.spec_from_file_location("labeler_ablation", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(folder))  # labeler_memory imports labeler_ablation
+    try:
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
     return module
 
 
 def test_ablation_ranking_helpers():
-    ablation = _ablation_module()
+    ablation = _bench_module("labeler_ablation")
     truth = torch.tensor([[1, 0], [0, 1], [1, 0], [0, 1]], dtype=torch.float32)
     perfect = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.1, 0.6]])
     assert ablation.mean_auc(perfect, truth) == 1.0
@@ -88,7 +93,7 @@ def test_ablation_ranking_helpers():
 
 def test_ablation_pooled_parts_match_the_pyramid_pooling():
     timm = pytest.importorskip("timm")
-    ablation = _ablation_module()
+    ablation = _bench_module("labeler_ablation")
     from training.lanit_lite import pyramid_pool
 
     trunk = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=0).eval()
@@ -101,3 +106,43 @@ def test_ablation_pooled_parts_match_the_pyramid_pooling():
     torch.testing.assert_close(parts["top"], head[:, :, :4].mean((2, 3)))
     torch.testing.assert_close(parts["bottom"], head[:, :, 3:].mean((2, 3)))
     torch.testing.assert_close(parts["centre"], head[:, :, 2:5, 2:5].mean((2, 3)))
+
+
+def test_memory_scores_retrieve_by_text_and_compare_in_trunk_space():
+    memory = _bench_module("labeler_memory")
+    # Memory: views 0-1 sit near text 0 in the joint space, views 2-3 near text 1.
+    keys = torch.nn.functional.normalize(torch.tensor([[1.0, 0.1], [1.0, -0.1], [0.1, 1.0], [-0.1, 1.0]]), dim=1)
+    texts = torch.eye(2)
+    values = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.6, 0.0, 0.8]])
+    images = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 1.0]]), dim=1)
+    raw = torch.stack([(images @ values[:2].t()).amax(1), (images @ values[2:].t()).amax(1)], dim=1)
+    expected = raw - raw.mean(1, keepdim=True) - raw.mean(0, keepdim=True) + raw.mean()
+    got = memory.memory_scores(images, texts, keys, values, 2, "max")
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got.sum(0), torch.zeros(2), atol=1e-6, rtol=0)  # double-centred
+    torch.testing.assert_close(got.sum(1), torch.zeros(3), atol=1e-6, rtol=0)
+    # "mean": the cosine with the mean of the retrieved views; "top3" of two views = their mean.
+    proto = torch.nn.functional.normalize(torch.stack([values[:2].mean(0), values[2:].mean(0)]), dim=1)
+    raw = images @ proto.t()
+    torch.testing.assert_close(memory.memory_scores(images, texts, keys, values, 2, "mean"),
+                               raw - raw.mean(1, keepdim=True) - raw.mean(0, keepdim=True) + raw.mean())
+    raw = torch.stack([(images @ values[:2].t()).mean(1), (images @ values[2:].t()).mean(1)], dim=1)
+    torch.testing.assert_close(memory.memory_scores(images, texts, keys, values, 2, "top3"),
+                               raw - raw.mean(1, keepdim=True) - raw.mean(0, keepdim=True) + raw.mean())
+    with pytest.raises(ValueError, match="reduction"):
+        memory.memory_scores(images, texts, keys, values, 2, "median")
+
+
+def test_memory_grid_is_ranked_on_validation_splits_only():
+    memory = _bench_module("labeler_memory")
+
+    def row(a, f1, animal, food):
+        return dict(a=a, k=4, reduction="max" if a else "-", persons_f1=f1, animal_top1=animal, food_top1=food)
+
+    splits = {"om -> noto": [row(0, 0.4, 0.4, 0.4), row(0.5, 0.5, 0.4, 0.4), row(0.7, 0.4, 0.6, 0.6)],
+              "noto -> openmoji": [row(0, 0.3, 0.3, 0.3), row(0.5, 0.3, 0.3, 0.4), row(0.7, 0.3, 0.4, 0.3)],
+              "default -> twemoji": [row(0, 0.7, 0.5, 0.6), row(0.5, 0.9, 0.9, 0.9), row(0.7, 0.1, 0.1, 0.1)]}
+    order = memory.ranked(splits)
+    # a = 0.7 gains 0.4 and 0.1 on validation (mean 0.25), a = 0.5 gains 0.1 and 0.1; Twemoji is ignored.
+    assert [c for _, c in order] == [(0.7, 4, "max"), (0.5, 4, "max"), (0, 4, "-")]
+    assert order[0][0] == pytest.approx(0.25)
