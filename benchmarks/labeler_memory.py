@@ -53,6 +53,7 @@ from training import emoji as emoji_data  # noqa: E402
 from training.eval_labeler import f1_scores, top1_accuracy  # noqa: E402
 from training.lanit_lite import DEFAULT_HEADS, IMAGE_CENTRE_KEY, read_heads  # noqa: E402
 from training.prompts import PromptBank  # noqa: E402
+from training.pseudo_labels import pseudo_labels  # noqa: E402
 from training.vl import load_vision_language  # noqa: E402
 
 REDUCTIONS = ("max", "top3", "mean")
@@ -106,14 +107,16 @@ class Split:
         for name in ("persons", "animal faces", "food"):
             entry = test[name]
             x = torch.cat([entry["parts"][k].float() for k in ablation.POOLS["pyramid"]], dim=1)
-            x = x - (w * x.mean(0) + (1 - w) * self.raw_centre)  # labelling's centre, in trunk space
-            with torch.no_grad():
+            with torch.no_grad():  # text scores exactly as labelling makes them
+                raw = self.proj(x)
+                self.vl.set_image_centre(raw)
                 text, base = PromptBank(self.vl, entry["domains"], templates="emoji")()
-                image = F.normalize(self.proj(x), dim=1)
-            text, base = F.normalize(text, dim=1), F.normalize(base.reshape(-1), dim=0)
-            self.sets[name] = dict(trunk=F.normalize(x, dim=1), text=text,
-                                   text_scores=image @ text.t() - (image @ base)[:, None],
-                                   domains=list(entry["domains"]), truth=entry["truth"])
+                text_scores = pseudo_labels(self.vl.normalize_features(raw), text, base, mode="adaptive")[1]
+                # The same centre in trunk space, where the memory compares (the projection is linear).
+                shift = w * x.mean(0) + (1 - w) * self.raw_centre
+                torch.testing.assert_close(self.proj(shift), self.vl.image_shift, rtol=1e-4, atol=1e-4)
+            self.sets[name] = dict(trunk=F.normalize(x - shift, dim=1), text=F.normalize(text, dim=1),
+                                   text_scores=text_scores, domains=list(entry["domains"]), truth=entry["truth"])
 
     def evaluate(self, a: float, k: int, reduction: str) -> dict[str, float]:
         out = {}
