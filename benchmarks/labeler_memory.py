@@ -149,9 +149,13 @@ def config(row: dict) -> tuple:
     return row["a"], row["k"], row["reduction"]
 
 
+def is_test(split_name: str) -> bool:
+    return split_name.endswith("-> twemoji")
+
+
 def ranked(splits: dict[str, list[dict]]) -> list[tuple[float, tuple]]:
     """Configurations by mean GAIN sum over the validation splits (all but Twemoji)."""
-    validation = [name for name in splits if not name.endswith("-> twemoji")] or list(splits)
+    validation = [name for name in splits if not is_test(name)] or list(splits)
     gains: dict[tuple, list[float]] = {}
     for name in validation:
         base = next(r for r in splits[name] if r["a"] == 0)
@@ -161,9 +165,8 @@ def ranked(splits: dict[str, list[dict]]) -> list[tuple[float, tuple]]:
 
 
 def report(splits: dict[str, list[dict]], top: int = 12) -> str:
-    twemoji = next((rows for name, rows in splits.items() if name.endswith("-> twemoji")), None)
-    validation = [name for name in splits if not name.endswith("-> twemoji")]
-    by_config = {name: {config(r): r for r in rows} for name, rows in splits.items()}
+    validation = [name for name in splits if not is_test(name)]
+    twemoji = next(({config(r): r for r in rows} for name, rows in splits.items() if is_test(name)), None)
     header = "| a | K | reduction | mean validation gain |"
     if twemoji:
         header += " Twemoji " + " | ".join(METRICS) + " |"
@@ -171,11 +174,10 @@ def report(splits: dict[str, list[dict]], top: int = 12) -> str:
              "|" + "---|" * (header.count("|") - 1)]
     order = ranked(splits)
     chosen = [c for c in order if c[1][0] == 0] + [c for c in order if c[1][0] != 0][:top]
-    for gain, (a, k, reduction) in chosen:
-        line = f"| {a:g} | {k} | {reduction} | {gain:+.3f} |"
+    for gain, key in chosen:
+        line = "| {:g} | {} | {} | ".format(*key) + f"{gain:+.3f} |"
         if twemoji:
-            row = by_config[next(n for n in splits if n.endswith("-> twemoji"))][(a, k, reduction)]
-            line += " " + " | ".join(f"{row[m]:.3f}" for m in METRICS) + " |"
+            line += " " + " | ".join(f"{twemoji[key][m]:.3f}" for m in METRICS) + " |"
         lines.append(line)
     return "\n".join(lines)
 
