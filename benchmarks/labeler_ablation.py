@@ -72,6 +72,11 @@ def parts_of(trunk: nn.Module, h_batches) -> dict[str, torch.Tensor]:
     return {k: torch.cat(v) for k, v in out.items()}
 
 
+def joined(parts: dict[str, torch.Tensor], pool: str = "pyramid") -> torch.Tensor:
+    """The fp32 features [N, C] of `pool`: its pooled parts side by side."""
+    return torch.cat([parts[k].float() for k in POOLS[pool]], dim=1)
+
+
 def vendor_parts(vl, cache_dir: Path, vendor: str = "twemoji") -> dict[str, dict]:
     """Pooled parts of the three evaluation sets of `vendor` (and, for Twemoji, of all its images,
     for name retrieval), from the images as labelling loads and preprocesses them. Training vendors
@@ -160,10 +165,9 @@ def main(argv=None) -> int:
     cache_dir = Path(cfg.cache_dir).expanduser()
     glyphs = A.collect_glyphs(cfg)
     train_parts = training_parts(cfg, model, glyphs)
-    keys = POOLS[args.pool]
 
     def join(parts):
-        return torch.cat([parts[k].float() for k in keys], dim=1)
+        return joined(parts, args.pool)
 
     feats, centre = A.centre_per_vendor(join(train_parts), glyphs, cfg.views)
     torch.manual_seed(args.seed)

@@ -92,7 +92,7 @@ class Split:
         cfg = A.AlignConfig()
         glyphs = A.collect_glyphs(cfg)
         parts = ablation.training_parts(cfg, self.vl.model, glyphs)
-        feats = torch.cat([parts[k].float() for k in ablation.POOLS["pyramid"]], dim=1)
+        feats = ablation.joined(parts)
         keep = [g.vendor in memory_vendors for g in glyphs]
         if not any(keep):
             raise SystemExit(f"no training glyphs of {memory_vendors}; align renders {cfg.vendors}")
@@ -106,7 +106,7 @@ class Split:
         w = self.vl.set_centre_weight
         for name in ("persons", "animal faces", "food"):
             entry = test[name]
-            x = torch.cat([entry["parts"][k].float() for k in ablation.POOLS["pyramid"]], dim=1)
+            x = ablation.joined(entry["parts"])
             with torch.no_grad():  # text scores exactly as labelling makes them
                 raw = self.proj(x)
                 self.vl.set_image_centre(raw)
@@ -118,13 +118,18 @@ class Split:
             self.sets[name] = dict(trunk=F.normalize(x - shift, dim=1), text=F.normalize(text, dim=1),
                                    text_scores=text_scores, domains=list(entry["domains"]), truth=entry["truth"])
 
-    def evaluate(self, a: float, k: int, reduction: str) -> dict[str, float]:
+    def memory(self, k: int, reduction: str) -> dict[str, torch.Tensor]:
+        """Each set's `memory_scores` (independent of the weight a)."""
+        return {name: memory_scores(s["trunk"], s["text"], self.keys, self.values, k, reduction)
+                for name, s in self.sets.items()}
+
+    def evaluate(self, a: float = 0.0, memory: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+        """The figures of `(1 - a) * text scores + a * memory` (text scores alone when a = 0)."""
         out = {}
         for name, s in self.sets.items():
             scores = s["text_scores"]
             if a > 0:
-                memory = memory_scores(s["trunk"], s["text"], self.keys, self.values, k, reduction)
-                scores = (1 - a) * scores + a * memory
+                scores = (1 - a) * scores + a * memory[name]
             truth = s["truth"]
             if name == "persons":
                 hair = [s["domains"].index(d) for d in emoji_data.PERSON_DOMAINS]
@@ -137,11 +142,12 @@ class Split:
 
 
 def grid(split: Split) -> list[dict]:
-    rows = [dict(a=0.0, k=0, reduction="-", **split.evaluate(0.0, 0, "-"))]
+    rows = [dict(a=0.0, k=0, reduction="-", **split.evaluate())]
     for reduction in REDUCTIONS:
         for k in NEIGHBOURS:
+            memory = split.memory(k, reduction)
             for a in WEIGHTS:
-                rows.append(dict(a=a, k=k, reduction=reduction, **split.evaluate(a, k, reduction)))
+                rows.append(dict(a=a, k=k, reduction=reduction, **split.evaluate(a, memory)))
     return rows
 
 
