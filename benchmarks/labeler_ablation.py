@@ -1,7 +1,8 @@
 """Ablations of lanit-lite's head training: one table row per run, seconds to minutes each.
 
     python benchmarks/labeler_ablation.py [--pool pyramid] [--steps 3000] [--seed 0]
-        [--weight-decay 1e-4] [--feature-dropout 0] [--set-centre-weight 0.5] [--nn]
+        [--weight-decay 1e-4] [--feature-dropout 0] [--set-centre-weight 0.5]
+        [--image-side learned|locked] [--nap 0] [--nn]
         [--out benchmarks/results/labeler_ablation.json]
 
 Heads are trained with `python -m training.align`'s own loss and loop (`align.train_heads`) on
@@ -19,6 +20,14 @@ Pools (of the trunk's head `H`, its last stage `L` and the stage before it `P`):
 avg = avg(H) (open_clip's own), avg+max, pyramid = avg(H), max(H), avg(L), avg(P) (the committed
 heads), pyramid+halves (avg of H's top and bottom halves as well), pyramid+centre (avg of H's
 central 3x3 as well).
+Two fixed linear maps of the centred pooled features, both bias-free so that labelling's centring
+goes through them unchanged:
+- `--image-side locked`: LiT's locked image side. The image projection is fixed to the leading
+  `embed_dim` principal directions of the centred training features (scaled to unit mean norm)
+  and only the text head, temperature and bias train.
+- `--nap K`: nuisance attribute projection. The K leading principal directions of the differences
+  between the two vendors' drawings of the same emoji (means over views) are projected out before
+  the trained projection, so that the heads cannot use what tells the vendors apart.
 """
 
 from __future__ import annotations
@@ -125,6 +134,47 @@ class TrainingDropout(nn.Module):
         return F.dropout(x, self.p, training=torch.is_grad_enabled()) if self.p else x
 
 
+class FixedLinear(nn.Module):
+    """x @ weight.T with a fixed weight (a buffer, so `align.train_heads` leaves it alone)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.t()
+
+
+def principal_directions(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k leading eigenvectors [k, F] of the second-moment matrix of the rows of x."""
+    x = x.double()
+    evals, evecs = torch.linalg.eigh(x.t() @ x / len(x))
+    return evecs[:, evals.argsort(descending=True)[:k]].t().float()
+
+
+def locked_projection(feats: torch.Tensor, dim: int) -> FixedLinear:
+    """LiT's locked image side: the leading `dim` principal directions of the centred features,
+    scaled so that the projected training rows have unit mean norm."""
+    weight = principal_directions(feats.float(), dim)
+    return FixedLinear(weight / (feats.float() @ weight.t()).norm(dim=1).mean())
+
+
+def nuisance_projection(feats: torch.Tensor, glyphs, views: int, k: int) -> FixedLinear:
+    """I - U U^T for the k leading directions U of (vendor A drawing - vendor B drawing) over the
+    emoji that two vendors both draw (rows glyph-major, `views` per glyph, means over views)."""
+    per_glyph = feats.float().view(len(glyphs), views, -1).mean(1)
+    rows: dict[str, dict[str, int]] = {}
+    for i, g in enumerate(glyphs):
+        rows.setdefault(g.vendor, {})[g.sequence] = i
+    if len(rows) != 2:
+        raise SystemExit(f"--nap needs exactly two training vendors, got {sorted(rows)}")
+    first, second = rows.values()
+    common = sorted(set(first) & set(second))
+    diffs = per_glyph[[first[q] for q in common]] - per_glyph[[second[q] for q in common]]
+    u = principal_directions(diffs, k)
+    return FixedLinear(torch.eye(feats.shape[1]) - u.t() @ u)
+
+
 def scores(vl, proj: nn.Module, feats: torch.Tensor, domains) -> torch.Tensor:
     """Adaptive scores of one set's pooled features, as labelling makes them: projected, centred
     by the labeler's own set centre (`VisionLanguage.set_image_centre`), then `pseudo_labels`."""
@@ -154,6 +204,10 @@ def main(argv=None) -> int:
     parser.add_argument("--weight-decay", type=float, default=A.AlignConfig.weight_decay)
     parser.add_argument("--feature-dropout", type=float, default=0.0)
     parser.add_argument("--set-centre-weight", type=float, default=A.AlignConfig.set_centre_weight)
+    parser.add_argument("--image-side", default="learned", choices=("learned", "locked"),
+                        help="locked: image projection fixed to the features' principal directions")
+    parser.add_argument("--nap", type=int, default=0,
+                        help="project out this many leading cross-vendor difference directions first")
     parser.add_argument("--nn", action="store_true", help="also the nearest-training-drawing diagnosis")
     parser.add_argument("--out", default="benchmarks/results/labeler_ablation.json")
     args = parser.parse_args(argv)
@@ -171,8 +225,15 @@ def main(argv=None) -> int:
 
     feats, centre = A.centre_per_vendor(join(train_parts), glyphs, cfg.views)
     torch.manual_seed(args.seed)
-    proj = nn.Linear(feats.shape[1], arch.embed_dim, bias=False)
-    model.visual.head = nn.Sequential(OrderedDict(drop=TrainingDropout(args.feature_dropout), proj=proj))
+    layers = OrderedDict(drop=TrainingDropout(args.feature_dropout))
+    if args.nap:
+        layers["nap"] = nuisance_projection(feats, glyphs, cfg.views, args.nap)
+    if args.image_side == "locked":
+        layers["proj"] = locked_projection(layers["nap"](feats) if args.nap else feats, arch.embed_dim)
+    else:
+        layers["proj"] = nn.Linear(feats.shape[1], arch.embed_dim, bias=False)
+    # `proj` below is the whole map from centred features to the embedding.
+    proj = model.visual.head = nn.Sequential(layers)
     index = A.build_captions([g.name for g in glyphs], [emoji_data.aliases(g.sequence) for g in glyphs])
     text_feats = A.cached_text_features(cache_dir, model, tokenizer, index.captions)
     data = A.AlignData(model, A.SplitImageTower(model.visual, 0), glyphs, feats.half(), centre, index,
@@ -187,6 +248,7 @@ def main(argv=None) -> int:
     test = vendor_parts(vl, cache_dir)
     row: dict = {"pool": args.pool, "steps": args.steps, "seed": args.seed, "weight_decay": args.weight_decay,
                  "feature_dropout": args.feature_dropout, "set_centre_weight": w,
+                 "image_side": args.image_side, "nap": args.nap,
                  "train_seconds": summary["seconds"]}
     persons = test["persons"]
     s = scores(vl, proj, join(persons["parts"]), persons["domains"])
@@ -204,9 +266,11 @@ def main(argv=None) -> int:
     if args.nn:
         row["nearest_drawing"] = nearest_drawing(test, join, feats, centre, glyphs, cfg.views, w)
 
-    print("| pool | steps | seed | wd | dropout | w | persons F1 | AUC | hair | gender | animals | food | names |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| pool | steps | seed | wd | dropout | w | image side | nap | persons F1 | AUC | hair | gender | animals "
+          "| food | names |")
+    print("|" + "---|" * 15)
     print(f"| {args.pool} | {args.steps} | {args.seed} | {args.weight_decay:g} | {args.feature_dropout:g} | {w:g} | "
+          f"{args.image_side} | {args.nap} | "
           + " | ".join(f"{row[k]:.3f}" for k in ("persons_f1", "persons_auc", "hair_top1", "gender_top1",
                                                   "animal_top1", "food_top1", "names_top1")) + " |")
     if args.nn:

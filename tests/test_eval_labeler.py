@@ -108,6 +108,46 @@ def test_ablation_pooled_parts_match_the_pyramid_pooling():
     torch.testing.assert_close(parts["centre"], head[:, :, 2:5, 2:5].mean((2, 3)))
 
 
+def test_ablation_locked_projection_keeps_the_feature_geometry():
+    ablation = _bench_module("labeler_ablation")
+    gen = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(12, 3, generator=gen))[0].t()  # 3 orthonormal rows in R^12
+    feats = torch.randn(40, 3, generator=gen) @ basis  # rows inside that 3-d subspace
+    proj = ablation.locked_projection(feats, 3)
+    assert not list(proj.parameters())  # fixed: nothing for the optimiser
+    out = proj(feats)
+    assert out.norm(dim=1).mean() == pytest.approx(1.0, abs=1e-5)
+    # Inside the spanned subspace the map is a scaled rotation: cosines are kept.
+    cos = torch.nn.functional.cosine_similarity
+    torch.testing.assert_close(cos(out[:, None], out[None], dim=-1), cos(feats[:, None], feats[None], dim=-1),
+                               atol=1e-4, rtol=0)
+
+
+def test_ablation_nuisance_projection_removes_the_vendor_difference():
+    from training.align import Glyph
+
+    ablation = _bench_module("labeler_ablation")
+    gen = torch.Generator().manual_seed(0)
+    n, views, dim = 30, 2, 8
+    content = torch.randn(n, dim, generator=gen)
+    content[:, 0] = 0.0  # content lives off axis 0 ...
+    style = torch.zeros(dim)
+    style[0] = 5.0  # ... and vendor b draws everything shifted along it by a per-emoji amount
+    amount = torch.rand(n, 1, generator=gen) + 0.5
+    a_rows, b_rows = content, content + amount * style
+    feats = torch.cat([a_rows, b_rows]).repeat_interleave(views, dim=0)  # glyph-major, `views` per glyph
+    glyphs = [Glyph("a", f"e{i}", f"emoji {i}") for i in range(n)] + \
+             [Glyph("b", f"e{i}", f"emoji {i}") for i in range(n)]
+    nap = ablation.nuisance_projection(feats, glyphs, views, 1)
+    projected = nap(feats)
+    torch.testing.assert_close(projected[:, 0], torch.zeros(len(feats)), atol=1e-5, rtol=0)
+    # The two vendors' drawings of one emoji now coincide; the content axes are untouched.
+    torch.testing.assert_close(projected[: n * views], projected[n * views:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(projected[:, 1:], feats[:, 1:], atol=1e-5, rtol=0)
+    with pytest.raises(SystemExit, match="two training vendors"):
+        ablation.nuisance_projection(feats[: n * views], glyphs[:n], views, 1)
+
+
 def test_memory_scores_retrieve_by_text_and_compare_in_trunk_space():
     memory = _bench_module("labeler_memory")
     # Memory: views 0-1 sit near text 0 in the joint space, views 2-3 near text 1.
