@@ -92,7 +92,7 @@ def test_committed_heads_beat_random_heads_on_held_out_twemoji(lite, lite_random
         model, tokenizer, pre = model_tuple
         vl = VisionLanguage(model, tokenizer, pre["image_size"], pre["mean"], pre["std"], name=LANIT_LITE,
                             centre_images=pre["centre_images"], image_shift=pre["image_shift"],
-                            set_centre_weight=pre["set_centre_weight"])
+                            set_centre_weight=pre["set_centre_weight"], label_views=pre["label_views"])
         correct = 0
         for entries, classes, label_of in ((E.animal_face_entries(), E.ANIMAL_FACE_CLASSES, E.animal_face_class),
                                            (E.food_entries(), E.FOOD_CLASSES, E.food_class)):
@@ -306,3 +306,49 @@ def test_set_centre_weight_mixes_the_set_mean_with_the_training_centre(lite):
     with pytest.raises(VisionLanguageError):
         VisionLanguage(model, tokenizer, pre["image_size"], pre["mean"], pre["std"], name="lite",
                        centre_images=True, image_shift=trained, set_centre_weight=1.5)
+
+
+def test_labels_average_the_embeddings_of_the_label_views(lite, tmp_path):
+    from PIL import Image
+
+    from training.pseudo_labels import image_features, load_image
+    from training.vl import VisionLanguage, VisionLanguageError, load_vision_language
+
+    model, tokenizer, pre = lite
+    assert pre["label_views"] == ("plain", "thin-outlines")  # the committed heads' labelling views
+    assert load_vision_language("lanit-lite:none").label_views == ("plain", "thin-outlines")
+
+    def wrapper(*views):
+        return VisionLanguage(model, tokenizer, pre["image_size"], pre["mean"], pre["std"], name="lite",
+                              label_views=views)
+
+    vl = wrapper("plain", "thin-outlines")
+    images = torch.rand(3, 3, 72, 72) * 2 - 1
+    with torch.no_grad():  # at 72 px (3x3 filter) to stay quick
+        plain = vl.encode_images(images, raw=True, size=72)
+        thin = vl.encode_images(images, raw=True, size=72, views=("thin-outlines",))
+        both = vl.encode_images(images, raw=True, size=72, views=("plain", "thin-outlines"))
+    torch.testing.assert_close(both, (plain + thin) / 2, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(F.normalize(plain, dim=-1), F.normalize(thin, dim=-1), atol=1e-2)
+    # Labelling encodes the label views; the plain encoding (DL loss, evaluation) stays plain.
+    paths = []
+    for i, colour in enumerate(((200, 30, 30), (30, 30, 200))):
+        img = Image.new("RGB", (72, 72), (255, 255, 255))
+        img.paste(colour, (20, 20, 52, 52))
+        paths.append(tmp_path / f"{i}.png")
+        img.save(paths[-1])
+    with torch.no_grad():
+        stacked = torch.stack([load_image(p, pre["image_size"]) for p in paths])
+        expected = F.normalize(vl.encode_images(stacked, raw=True, views=vl.label_views), dim=-1)
+    torch.testing.assert_close(image_features(vl, paths, None, progress=False), expected, atol=1e-4, rtol=1e-4)
+    assert len({vl.identity, wrapper("plain").identity, wrapper("thin-outlines").identity}) == 3
+    for bad in ((), ("plain", "plain"), ("sepia",)):
+        with pytest.raises(VisionLanguageError, match="views"):
+            wrapper(*bad)
+        with pytest.raises(VisionLanguageError, match="views"):
+            vl.encode_images(images, views=bad)
+        with pytest.raises(LanitLiteError, match="label_views"):
+            LanitLiteArch(label_views=bad)
+    arch = LanitLiteArch(label_views=("plain", "thin-outlines"))
+    assert LanitLiteArch.from_dict(json.loads(json.dumps(arch.to_dict()))) == arch
+    assert LanitLiteArch.from_dict({}).label_views == ("plain",)  # heads files from before the views

@@ -379,9 +379,9 @@ def _count_encodes(monkeypatch, vl) -> list[int]:
     calls: list[int] = []
     original = vl.encode_images
 
-    def counting(images, raw=False):
+    def counting(images, raw=False, **kwargs):
         calls.append(images.shape[0])
-        return original(images, raw=raw)
+        return original(images, raw=raw, **kwargs)
 
     monkeypatch.setattr(vl, "encode_images", counting)
     return calls
@@ -422,6 +422,40 @@ def test_image_features_values_and_cache(clip_vl, tmp_path, monkeypatch):
     calls.clear()
     image_features(clip_vl, paths[:2], cache, progress=False)
     assert sum(calls) == 2
+
+
+def test_image_features_encode_in_cpu_micro_batches(clip_vl, tmp_path, monkeypatch):
+    import training.pseudo_labels as pl
+
+    paths = make_images(tmp_path / "imgs", n=5)
+    whole = image_features(clip_vl, paths, None, batch_size=5, progress=False)
+    monkeypatch.setattr(pl, "CPU_MICRO_BATCH", 2)
+    calls = _count_encodes(monkeypatch, clip_vl)
+    split = image_features(clip_vl, paths, None, batch_size=5, progress=False)
+    assert calls == [2, 2, 1]
+    torch.testing.assert_close(split, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_thin_outlines_view_scales_with_the_input():
+    from training.vl import image_view, outline_kernel
+
+    assert [outline_kernel(s) for s in (32, 72, 128, 224)] == [1, 3, 5, 9]
+    white = torch.ones(1, 3, 72, 72)
+    assert image_view(white, "plain") is white
+    torch.testing.assert_close(image_view(white, "thin-outlines"), white)
+    # A dark stroke narrower than the window is erased; a wider one keeps its middle rows.
+    for size, width, survivors in ((72, 2, 0), (72, 5, 3), (224, 8, 0), (224, 12, 4)):
+        x = torch.ones(1, 3, size, size)
+        x[:, :, 20:20 + width, :] = -1.0
+        dark_rows = (image_view(x, "thin-outlines")[0, 0] < 0).all(dim=1)
+        assert int(dark_rows.sum()) == survivors, (size, width)
+    # The separable form is the k x k maximum.
+    x = torch.rand(2, 3, 50, 40)
+    k = outline_kernel(40)
+    torch.testing.assert_close(image_view(x, "thin-outlines")[..., :, :],
+                               F.max_pool2d(F.pad(x, (k // 2,) * 4, value=-1.0), k, stride=1))
+    with pytest.raises(VisionLanguageError, match="unknown image view"):
+        image_view(x, "sepia")
 
 
 def test_image_features_unreadable_files(clip_vl, tmp_path, monkeypatch):

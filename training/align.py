@@ -102,6 +102,8 @@ class AlignConfig:
     # Chosen by training on OpenMoji alone and labelling Noto (`eval_labeler --vendor noto`):
     # persons F1 0.369 at w = 1, 0.322 at 0, 0.389 at 0.5 (benchmarks/RESULTS.md).
     set_centre_weight: float = 0.5
+    # Used when labelling only (training renders its own restyled views): see LanitLiteArch.
+    label_views: tuple[str, ...] = ("plain", "thin-outlines")
     cache_dir: str = "~/.cache/lanit-rt/align"
     out: str = str(DEFAULT_HEADS)
     log_every: int = 100
@@ -110,7 +112,8 @@ class AlignConfig:
         return LanitLiteArch(embed_dim=self.embed_dim, image_size=self.image_size,
                              image_proj=self.image_proj, text_proj=self.text_proj,
                              unlocked_blocks=self.unlocked_blocks, image_pool=self.image_pool,
-                             centre_features=self.centre_features, set_centre_weight=self.set_centre_weight)
+                             centre_features=self.centre_features, set_centre_weight=self.set_centre_weight,
+                             label_views=self.label_views)
 
 
 # ----------------------------------------------------------------------------- emoji sources
@@ -698,11 +701,14 @@ def parse_args(argv: Sequence[str] | None) -> AlignConfig:
     parser.add_argument("--image-pool", default=defaults.image_pool, choices=("avg", "pyramid"))
     parser.add_argument("--set-centre-weight", type=float, default=defaults.set_centre_weight,
                         help="labelling centre = w * set mean + (1 - w) * training centre")
+    parser.add_argument("--label-views", default=",".join(defaults.label_views),
+                        help="input views whose embeddings are averaged when labelling (plain,thin-outlines)")
     parser.add_argument("--cache-dir", default=defaults.cache_dir)
     parser.add_argument("--no-centre", dest="centre_features", action="store_false",
                         help="train on uncentred trunk features (the first committed heads did)")
     args = vars(parser.parse_args(argv))
-    args["vendors"] = tuple(v.strip() for v in args["vendors"].split(",") if v.strip())
+    for key in ("vendors", "label_views"):
+        args[key] = tuple(v.strip() for v in args[key].split(",") if v.strip())
     return AlignConfig(**args)
 
 
