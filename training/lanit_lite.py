@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from training.vl import IMAGE_VIEWS
+from training.vl import check_views
 
 LANIT_LITE = "lanit-lite"
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
@@ -108,9 +108,7 @@ class LanitLiteArch:
             raise LanitLiteError("centre_features needs image_proj='linear' and unlocked_blocks=0")
         if not 0.0 <= self.set_centre_weight <= 1.0:
             raise LanitLiteError(f"set_centre_weight must be in [0, 1], got {self.set_centre_weight}")
-        views = self.label_views
-        if not views or len(set(views)) != len(views) or not set(views) <= set(IMAGE_VIEWS):
-            raise LanitLiteError(f"label_views must be distinct names from {IMAGE_VIEWS}, got {views}")
+        check_views(self.label_views, "label_views", LanitLiteError)
 
     @property
     def image_features(self) -> int:

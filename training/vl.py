@@ -70,10 +70,12 @@ def image_view(x: torch.Tensor, view: str) -> torch.Tensor:
     raise VisionLanguageError(f"unknown image view {view!r}; known: {IMAGE_VIEWS}")
 
 
-def _check_views(views: Sequence[str], name: str) -> tuple[str, ...]:
+def check_views(views: Sequence[str], name: str,
+                error: type[Exception] = VisionLanguageError) -> tuple[str, ...]:
+    """`views` as a tuple of distinct `IMAGE_VIEWS` names; raises `error` otherwise."""
     views = tuple(str(v) for v in views)
     if not views or len(set(views)) != len(views) or not set(views) <= set(IMAGE_VIEWS):
-        raise VisionLanguageError(f"{name}: views must be distinct names from {IMAGE_VIEWS}, got {views}")
+        raise error(f"{name}: views must be distinct names from {IMAGE_VIEWS}, got {views}")
     return views
 
 
@@ -114,7 +116,7 @@ class VisionLanguage(nn.Module):
                  image_shift: torch.Tensor | None = None, set_centre_weight: float = 1.0,
                  label_views: Sequence[str] = ("plain",)) -> None:
         super().__init__()
-        self.label_views = _check_views(label_views, name)
+        self.label_views = check_views(label_views, name)
         self.model = model
         self.tokenizer = tokenizer
         self.name = str(name)
@@ -226,7 +228,7 @@ class VisionLanguage(nn.Module):
         `normalize_features` turns them into what raw=False returns. `size`: encode at this input
         size instead of `image_size` (see `preprocess`). `views`: the mean embedding of these views
         of each image (`IMAGE_VIEWS`; labelling passes `label_views`), encoded in one batch."""
-        views = _check_views(views, self.name)
+        views = check_views(views, self.name)
         x = self._pixels(images.to(self.device), size)
         batch = torch.cat([image_view(x, v) for v in views])
         feats = self.model.encode_image((batch - self.mean) / self.std).float()
