@@ -230,9 +230,11 @@ class VisionLanguage(nn.Module):
         of each image (`IMAGE_VIEWS`; labelling passes `label_views`), encoded in one batch."""
         views = check_views(views, self.name)
         x = self._pixels(images.to(self.device), size)
-        batch = torch.cat([image_view(x, v) for v in views])
+        # One view (the DL loss, every step) goes straight through: no copy, no mean.
+        batch = torch.cat([image_view(x, v) for v in views]) if len(views) > 1 else image_view(x, views[0])
         feats = self.model.encode_image((batch - self.mean) / self.std).float()
-        feats = feats.unflatten(0, (len(views), -1)).mean(0)
+        if len(views) > 1:
+            feats = feats.unflatten(0, (len(views), -1)).mean(0)
         return feats if raw else self.normalize_features(feats)
 
     def normalize_features(self, raw: torch.Tensor) -> torch.Tensor:
