@@ -2,7 +2,7 @@
 
     python benchmarks/labeler_ablation.py [--pool pyramid] [--steps 3000] [--seed 0]
         [--weight-decay 1e-4] [--feature-dropout 0] [--set-centre-weight 0.5]
-        [--image-side learned|locked] [--nap 0] [--nn]
+        [--image-side learned|locked] [--nap 0] [--embed-dim 256] [--nn]
         [--out benchmarks/results/labeler_ablation.json]
 
 Heads are trained with `python -m training.align`'s own loss and loop (`align.train_heads`) on
@@ -208,12 +208,14 @@ def main(argv=None) -> int:
                         help="locked: image projection fixed to the features' principal directions")
     parser.add_argument("--nap", type=int, default=0,
                         help="project out this many leading cross-vendor difference directions first")
+    parser.add_argument("--embed-dim", type=int, default=A.AlignConfig.embed_dim)
     parser.add_argument("--nn", action="store_true", help="also the nearest-training-drawing diagnosis")
     parser.add_argument("--out", default="benchmarks/results/labeler_ablation.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
 
-    cfg = A.AlignConfig(steps=args.steps, seed=0, weight_decay=args.weight_decay, log_every=1000)
+    cfg = A.AlignConfig(steps=args.steps, seed=0, weight_decay=args.weight_decay, log_every=1000,
+                        embed_dim=args.embed_dim)
     arch = cfg.arch()
     model, tokenizer, _ = create_lanit_lite(heads=None, arch=arch, seed=args.seed)
     cache_dir = Path(cfg.cache_dir).expanduser()
@@ -248,7 +250,7 @@ def main(argv=None) -> int:
     test = vendor_parts(vl, cache_dir)
     row: dict = {"pool": args.pool, "steps": args.steps, "seed": args.seed, "weight_decay": args.weight_decay,
                  "feature_dropout": args.feature_dropout, "set_centre_weight": w,
-                 "image_side": args.image_side, "nap": args.nap,
+                 "image_side": args.image_side, "nap": args.nap, "embed_dim": args.embed_dim,
                  "train_seconds": summary["seconds"]}
     persons = test["persons"]
     s = scores(vl, proj, join(persons["parts"]), persons["domains"])
@@ -266,11 +268,11 @@ def main(argv=None) -> int:
     if args.nn:
         row["nearest_drawing"] = nearest_drawing(test, join, feats, centre, glyphs, cfg.views, w)
 
-    print("| pool | steps | seed | wd | dropout | w | image side | nap | persons F1 | AUC | hair | gender | animals "
-          "| food | names |")
-    print("|" + "---|" * 15)
+    print("| pool | steps | seed | wd | dropout | w | image side | nap | dim | persons F1 | AUC | hair | gender "
+          "| animals | food | names |")
+    print("|" + "---|" * 16)
     print(f"| {args.pool} | {args.steps} | {args.seed} | {args.weight_decay:g} | {args.feature_dropout:g} | {w:g} | "
-          f"{args.image_side} | {args.nap} | "
+          f"{args.image_side} | {args.nap} | {args.embed_dim} | "
           + " | ".join(f"{row[k]:.3f}" for k in ("persons_f1", "persons_auc", "hair_top1", "gender_top1",
                                                   "animal_top1", "food_top1", "names_top1")) + " |")
     if args.nn:

