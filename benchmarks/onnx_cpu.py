@@ -114,6 +114,13 @@ def main(argv=None) -> int:
     parser.add_argument("--fp16", action="store_true", help="also time the fp16 graph in onnxruntime")
     parser.add_argument("--json", default=str(Path(__file__).parent / "results" / "onnx_cpu.json"))
     args = parser.parse_args(argv)
+    if min(args.batch, args.iters, args.threads) < 1:
+        parser.error("--batch, --iters and --threads must be at least 1")
+    for size in args.sizes:
+        try:
+            LanitConfig(domains=DOMAINS, img_size=size)
+        except ValueError as err:
+            parser.error(f"--sizes {size}: {err}")
     torch.set_num_threads(args.threads)
     import onnxruntime
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -51,9 +52,15 @@ def lookup(data: dict, path: tuple[str, ...]):
 
 
 def run(cmd: list[str]) -> float:
+    """Run one CLI in the caller's folder (so that relative --out / --gt / --labeler paths mean
+    what they meant to the caller), with this checkout importable."""
     print("$ " + " ".join(cmd), flush=True)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     start = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    done = subprocess.run(cmd, env=env)
+    if done.returncode:
+        raise SystemExit(f"quality: {cmd[2]} exited with {done.returncode}; see its message above")
     return time.perf_counter() - start
 
 
@@ -74,8 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-train", action="store_true", help="evaluate runs already in --out")
     p.add_argument("--json", help="result file (default OUT/quality.json)")
     args = p.parse_args(argv)
+    if args.steps < 1 or args.n < 1:
+        p.error("--steps and --n must be at least 1")
 
     out = Path(args.out)
+    if not args.skip_train:
+        held = [out / f"stage{stage}" for stage in (1, 2) if (out / f"stage{stage}" / "model.safetensors").exists()
+                or (out / f"stage{stage}" / "train_state.pt").exists()]
+        if held:  # the trainer refuses a new run there; say so before the first run starts
+            p.error(f"runs already in {', '.join(map(str, held))}: pass --skip-train to evaluate them, "
+                    "or choose another --out")
     results, timings = {}, {}
     for stage in (1, 2):
         run_dir = out / f"stage{stage}"

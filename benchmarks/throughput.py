@@ -229,6 +229,19 @@ def print_table(rows: list[dict[str, Any]], ratio_rows: list[dict[str, Any]], he
             print(f"| {r['path']} | {r['size']} | {r['batch']} | {r['onnxruntime_over_torch_fp32']:.2f}x |")
 
 
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+
+
+def _positive_ints(parser: argparse.ArgumentParser, flag: str, text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        parser.error(f"{flag}: comma-separated whole numbers, got {text!r}")
+    if not values or min(values) < 1:
+        parser.error(f"{flag}: numbers of at least 1, got {text!r}")
+    return values
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -257,8 +270,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     quick = args.quick
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    args.batch_sizes = [int(b) for b in (args.batch_sizes or ("1,8" if quick else "1,8,32,64")).split(",")]
-    args.sizes = [int(s) for s in (args.sizes or ("64" if quick else "256")).split(",")]
+    unknown = sorted(set(args.backends) - set(BACKENDS))
+    if unknown or not args.backends:
+        parser.error(f"--backends: choose from {','.join(BACKENDS)} (got {unknown or 'none'})")
+    args.batch_sizes = _positive_ints(parser, "--batch-sizes", args.batch_sizes or ("1,8" if quick else "1,8,32,64"))
+    args.sizes = _positive_ints(parser, "--sizes", args.sizes or ("64" if quick else "256"))
     if quick:
         args.base_dim = args.base_dim or 32
         args.max_dim = args.max_dim or 128
