@@ -5,8 +5,10 @@
                  [--max-batch N] [--out OUT.engine]
 
 Every artifact is validated against the PyTorch generator before it is written; the max abs errors
-are printed. Errors (missing/foreign checkpoint, unknown precision, empty batch range, missing
-optional dependency, failed validation) print one line `lanit-export: error: ...` and exit non-zero.
+are printed. Errors (missing/foreign checkpoint, unknown precision, empty batch range, unusable
+--device, an output path that cannot be written, missing optional dependency, failed validation,
+file-system errors) print one line `lanit-export: error: ...` and exit non-zero. Arguments, the
+device and the output paths are checked before the checkpoint is loaded or anything is traced.
 """
 
 from __future__ import annotations
@@ -58,10 +60,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_device(text: str) -> None:
+    """Raise _UsageError unless `text` names a torch device that works on this machine."""
+    import torch  # noqa: PLC0415 (keeps --help fast)
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise _UsageError(f"unknown --device {text!r}; use e.g. cpu, cuda or cuda:1") from None
+    try:
+        torch.empty(0, device=device)
+    except Exception as err:  # torch says "unusable device" as RuntimeError, AssertionError, ...
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise _UsageError(f"--device {text} is not available on this machine: {reason}") from None
+
+
 def _run(args: argparse.Namespace) -> None:
     from lanit_rt import load_checkpoint  # noqa: PLC0415 (keeps --help fast)
 
-    from export.onnx_export import PRECISIONS  # noqa: PLC0415
+    from export.onnx_export import PRECISIONS, check_output_path, style_graph_path  # noqa: PLC0415
 
     trt_only = {"--onnx-path": args.onnx_path, "--min-batch": args.min_batch,
                 "--opt-batch": args.opt_batch, "--max-batch": args.max_batch, "--out": args.out}
@@ -83,6 +100,17 @@ def _run(args: argparse.Namespace) -> None:
         profile = batch_profile(args.min_batch, args.opt_batch, args.max_batch)
         import_tensorrt()  # fail before loading anything when TensorRT is missing
 
+    _check_device(args.device)
+    if args.onnx is not None:
+        outputs = [Path(args.onnx), style_graph_path(args.onnx)]
+    else:
+        ckpt = Path(args.checkpoint)
+        folder = ckpt if ckpt.is_dir() else ckpt.parent
+        engine = Path(args.out) if args.out else folder / f"generator.{args.trt}.engine"
+        outputs = [engine]
+    for output in outputs:
+        check_output_path(output)  # before loading and tracing, which take a while
+
     model = load_checkpoint(args.checkpoint, device=args.device)
 
     if args.onnx is not None:
@@ -96,10 +124,7 @@ def _run(args: argparse.Namespace) -> None:
 
     from export.tensorrt import export_tensorrt  # noqa: PLC0415
 
-    ckpt = Path(args.checkpoint)
-    folder = ckpt if ckpt.is_dir() else ckpt.parent
-    out = Path(args.out) if args.out else folder / f"generator.{args.trt}.engine"
-    artifact = export_tensorrt(model, out, args.trt, profile, onnx_path=args.onnx_path, log=print)
+    artifact = export_tensorrt(model, engine, args.trt, profile, onnx_path=args.onnx_path, log=print)
     print(f"wrote {artifact.path} ({args.trt}, batch {profile.min}..{profile.max}, opt {profile.opt}) "
           f"and {artifact.sidecar}")
 
@@ -119,6 +144,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except (ExportError, CheckpointError, ConfigError) as err:
         print(f"lanit-export: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as err:  # e.g. the disk filled up or permissions changed while writing
+        print(f"lanit-export: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
+              file=sys.stderr)
         return EXIT_FAILED
     return 0
 

@@ -27,7 +27,6 @@ import copy
 import io
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from torch import nn
 
 import lanit_rt
 from lanit_rt import Generator, LanitConfig, LanitModel
+from lanit_rt.checkpoint import publish_file, temp_file_beside
 from export.errors import ExportError, ValidationError, require
 
 MIN_OPSET = 18
@@ -67,6 +67,36 @@ def check_kind(kind: str) -> None:
 def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
+
+
+def check_output_path(path: str | os.PathLike) -> None:
+    """Raise ExportError unless a file can be written at `path`; creates nothing.
+
+    Run before any tracing (which takes tens of seconds) so an unusable output is reported at once:
+    `path` must not be a folder, and its nearest existing ancestor must be a writable folder (the
+    missing ones below it are created on export).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ExportError(f"output {path} is an existing folder; give a file path")
+    ancestor = path.parent
+    while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        blocked = "it is" if ancestor == path.parent else f"{ancestor} is"
+        raise ExportError(f"cannot create the output folder {path.parent}: {blocked} not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write {path}: no write permission in {ancestor}")
+
+
+def make_output_folder(path: str | os.PathLike) -> None:
+    """Check `path` (check_output_path) and create its missing parent folders, as an ExportError."""
+    check_output_path(path)
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ExportError(f"cannot create the output folder {folder}: {err.strerror or err}") from None
 
 
 def style_graph_path(onnx_path: str | os.PathLike) -> Path:
@@ -367,8 +397,10 @@ def export_onnx(model: LanitModel, out_path: str | os.PathLike, precision: str =
     `kinds` selects the graphs (both by default; the TensorRT path needs only "domain_weights").
 
     Both graphs go to temporary names in the destination folder; only when both pass validation
-    (export.validate, tolerance by precision) are they renamed into place. Any failure removes the
-    temporary files and raises (ExportError / ValidationError / MissingDependencyError).
+    (export.validate, tolerance by precision) are they renamed into place, with the permissions a
+    plain open() would give (or those of the files they replace). Output paths are checked before
+    anything is traced. Any failure removes the temporary files and raises (ExportError /
+    ValidationError / MissingDependencyError; OSError for file-system failures during the write).
     """
     onnx = require("onnx", "onnx")
     check_precision(precision)
@@ -378,22 +410,23 @@ def export_onnx(model: LanitModel, out_path: str | os.PathLike, precision: str =
     if validate:
         from export.validate import validate_onnx  # noqa: PLC0415 (export.validate imports this module)
         require("onnxruntime", "onnx")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     for kind in kinds:
         check_kind(kind)
     paths = {"domain_weights": out_path, "style": style_graph_path(out_path)}
     targets = {kind: paths[kind] for kind in KINDS if kind in kinds}
     if not targets:
         raise ExportError("nothing to export: `kinds` is empty")
+    for final in targets.values():
+        check_output_path(final)
+    make_output_folder(out_path)
     temps: dict[str, Path] = {}
     artifacts: list[OnnxArtifact] = []
     try:
         for kind, final in targets.items():
             proto, summary = _build_checked(model, kind, precision, opset)
-            fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp.onnx", dir=final.parent)
-            os.close(fd)
-            temps[kind] = Path(tmp)
-            onnx.save(proto, tmp)
+            tmp = temp_file_beside(final, suffix=".tmp.onnx")
+            temps[kind] = tmp
+            onnx.save(proto, str(tmp))
             artifact = OnnxArtifact(final, kind, precision, summary)
             if validate:
                 artifact.validation = validate_onnx(tmp, model, kind=kind, precision=precision)
@@ -403,7 +436,8 @@ def export_onnx(model: LanitModel, out_path: str | os.PathLike, precision: str =
                     raise ValidationError(artifact.validation.describe(final.name))
             artifacts.append(artifact)
         for kind, final in targets.items():
-            os.replace(temps.pop(kind), final)
+            publish_file(temps[kind], final)
+            del temps[kind]
     finally:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)

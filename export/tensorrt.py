@@ -31,10 +31,12 @@ import numpy as np
 
 import lanit_rt
 from lanit_rt import LanitConfig, LanitModel
+from lanit_rt.checkpoint import atomic_write, publish_file
 from export.errors import ExportError, ValidationError, require
 from export.validate import VALIDATION_BATCHES, validate_artifact
-from export.onnx_export import (OUTPUT_NAME, artifact_metadata, check_precision, config_from_metadata,
-                                export_onnx, fp32_compute_nodes, input_names, read_metadata)
+from export.onnx_export import (OUTPUT_NAME, artifact_metadata, check_output_path, check_precision,
+                                config_from_metadata, export_onnx, fp32_compute_nodes, input_names,
+                                make_output_folder, read_metadata)
 
 ENGINE_KIND = "domain_weights"
 DEFAULT_MIN_BATCH = 1
@@ -141,14 +143,7 @@ def read_sidecar(engine_path: str | os.PathLike) -> tuple[dict, LanitConfig, Bat
 
 
 def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def write_sidecar(engine_path: str | os.PathLike, data: dict) -> Path:
@@ -278,7 +273,9 @@ def export_tensorrt(model: LanitModel, engine_path: str | os.PathLike, precision
     check_precision(precision)
     profile = profile or batch_profile()
     engine_path = Path(engine_path)
-    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    for path in (engine_path, sidecar_path(engine_path), timing_cache_path(engine_path)):
+        check_output_path(path)
+    make_output_folder(engine_path)
     with tempfile.TemporaryDirectory(prefix=".lanit-export-", dir=engine_path.parent) as scratch:
         if onnx_path is None:
             onnx_path = Path(scratch) / "generator.onnx"
@@ -306,7 +303,7 @@ def export_tensorrt(model: LanitModel, engine_path: str | os.PathLike, precision
         tmp_engine.write_bytes(engine)
         write_sidecar(engine_path, sidecar)
         try:
-            os.replace(tmp_engine, engine_path)
+            publish_file(tmp_engine, engine_path)
         except BaseException:
             sidecar_path(engine_path).unlink(missing_ok=True)
             raise

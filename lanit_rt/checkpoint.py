@@ -13,17 +13,18 @@ interrupted save never leaves a truncated checkpoint.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from safetensors import safe_open
 
 from lanit_rt.config import ConfigError, LanitConfig
 from lanit_rt.networks import Generator, MappingNetwork, StyleEncoder
@@ -40,18 +41,95 @@ class CheckpointError(RuntimeError):
     """A file is missing, is not a LANIT checkpoint, or does not match the expected model."""
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)` then rename the temporary file onto `path` (same folder, so atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+def _umask() -> int:
+    """The process umask. Linux reports it in /proc/self/status; elsewhere os.umask is the only
+    way to read it, and it sets a new mask, so a strict one is set for that instant and restored."""
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def output_file_mode(path: str | os.PathLike) -> int:
+    """Permission bits for a file about to be written at `path`: those of the regular file it
+    replaces, otherwise what open() would give a new file (0o666 & ~umask)."""
+    try:
+        existing = os.stat(path)
+    except OSError:
+        existing = None
+    if existing is not None and stat.S_ISREG(existing.st_mode):
+        return stat.S_IMODE(existing.st_mode)
+    return 0o666 & ~_umask()
+
+
+def temp_file_beside(path: str | os.PathLike, suffix: str = ".tmp") -> Path:
+    """Create an empty hidden temporary file in `path`'s folder (which must exist) and return it.
+
+    Being in the same folder (same file system) is what lets publish_file rename it atomically.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def publish_file(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Rename the finished temporary file `tmp` onto `path`, with output_file_mode(path).
+
+    mkstemp creates files 0o600 whatever the umask; without the chmod every published file would
+    be private to its owner.
+    """
+    os.chmod(tmp, output_file_mode(path))
+    os.replace(tmp, path)
+
+
+class OutputPathError(OSError):
+    """An output file cannot be written where it was asked for."""
+
+
+def check_output_file(path: str | os.PathLike) -> Path:
+    """Fail now, not after minutes of work, when `path` could not be written by atomic_write later.
+
+    Makes the parent folder (as atomic_write would), refuses an existing folder at `path`, and
+    probes the parent with a temporary file, created and deleted (write permission bits say
+    nothing for root or on read-only mounts). Returns `path` as a Path; raises OutputPathError
+    naming the folder or file and the reason."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise OutputPathError(f"{path} is an existing folder, not a file name")
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputPathError(f"cannot create folder {folder}: {err.strerror or err}") from None
+    try:
+        temp_file_beside(path, suffix=".probe").unlink()
+    except OSError as err:
+        raise OutputPathError(f"cannot write in folder {folder}: {err.strerror or err}") from None
+    return path
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call `write(tmp_path)` then rename the temporary file onto `path` (same folder, so atomic).
+
+    The file gets the permissions of the file it replaces, or those a plain open() would give.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "cannot write a file over a folder", str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_file_beside(path)
+    try:
+        write(str(tmp))
+        publish_file(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -152,7 +230,13 @@ def read_checkpoint_config(path: str | os.PathLike) -> tuple[LanitConfig, dict[s
         config = LanitConfig.from_json(header["lanit_config"])
     except (ConfigError, TypeError) as err:
         raise CheckpointError(f"{file} holds an invalid config: {err}") from None
-    return config, json.loads(header.get("metadata", "{}"))
+    try:
+        metadata = json.loads(header.get("metadata", "{}"))
+    except ValueError as err:
+        raise CheckpointError(f"{file} holds invalid metadata JSON: {err}") from None
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{file}: metadata must be a JSON object, got {type(metadata).__name__}")
+    return config, metadata
 
 
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> LanitModel:
@@ -169,11 +253,33 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
     if any(k.startswith("style_encoder.") for k in tensors):
         style_encoder = StyleEncoder(config)
         _load_prefixed(style_encoder, tensors, "style_encoder.", file)
+    tables = {name: _checked_style_table(tensors, name, config, file) for name in ("latent", "reference")}
     model = LanitModel(config, generator, mapping, style_encoder,
-                       latent_table=tensors.get("style_table.latent"),
-                       reference_table=tensors.get("style_table.reference"),
+                       latent_table=tables["latent"], reference_table=tables["reference"],
                        metadata=metadata)
     return model.to(device).eval()
+
+
+def _checked_style_table(tensors: dict[str, torch.Tensor], name: str, config: LanitConfig,
+                         file: Path) -> torch.Tensor | None:
+    """The `name` style table [D, S] float32, or None when absent.
+
+    Checked here because a wrong shape would otherwise surface only at the first translation, as a
+    matmul error, and a non-finite table would translate every image to garbage without an error.
+    """
+    table = tensors.get(f"style_table.{name}")
+    if table is None:
+        return None
+    expected = [config.num_domains, config.style_dim]
+    if list(table.shape) != expected:
+        raise CheckpointError(f"{file}: the {name} style table is {list(table.shape)}, but its config "
+                              f"needs [num_domains, style_dim] = {expected}")
+    if not table.is_floating_point():
+        raise CheckpointError(f"{file}: the {name} style table has dtype {table.dtype}, not a float")
+    table = table.float()
+    if not bool(torch.isfinite(table).all()):
+        raise CheckpointError(f"{file}: the {name} style table holds NaN or infinite values")
+    return table
 
 
 def _load_prefixed(net: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str,

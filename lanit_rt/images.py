@@ -76,6 +76,8 @@ def _pil_to_uint8(image: Any, index: int) -> torch.Tensor:
     if image.mode != "RGB":
         raise ValueError(f"image {index}: PIL mode {image.mode!r} is not RGB; convert it first "
                          "with image.convert('RGB')")
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"image {index}: empty PIL image of size {image.width}x{image.height} (W x H)")
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # [H, W, 3]
 
 

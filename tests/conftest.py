@@ -20,6 +20,27 @@ def tiny_config() -> LanitConfig:
                        max_dim=32, style_dim=16, latent_dim=8, mapping_dim=32)
 
 
+@pytest.fixture
+def refuse_new_files(monkeypatch):
+    """`refuse_new_files(folder)`: from then on no new file can be made in `folder`, as if it were
+    read-only. chmod does not stop root (CI runs as root), so tempfile.mkstemp, through which every
+    atomic write and write probe goes, is refused there instead."""
+    import errno
+    import tempfile
+    from pathlib import Path
+
+    mkstemp = tempfile.mkstemp
+    blocked: set[Path] = set()
+
+    def refuse(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir).resolve() in blocked:
+            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+        return mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    return lambda folder: blocked.add(Path(folder).resolve())
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -1,6 +1,7 @@
 """Runtime core: config validation, network shapes, checkpoints and the multi-hot mixing rule."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from lanit_rt import (
     reference_style_table,
     save_checkpoint,
 )
-from lanit_rt.checkpoint import save_train_state, load_train_state
+from lanit_rt.checkpoint import atomic_write_text, load_train_state, save_train_state
 
 
 @pytest.mark.parametrize("size", [32, 64, 128, 256])
@@ -182,3 +183,81 @@ def test_train_state_round_trip_and_safe_loading(tmp_path):
     torch.save({"obj": tmp_path}, tmp_path / "evil" / "train_state.pt")
     with pytest.raises(CheckpointError, match="not a LANIT resume state"):
         load_train_state(tmp_path / "evil")
+
+
+def _rewrite_checkpoint(src, dst, tensors=None, **header_updates):
+    """Copy the checkpoint file `src` to `dst` with some tensors and header entries replaced."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(src), "pt") as f:
+        header = {**f.metadata(), **header_updates}
+    save_file({**load_file(str(src)), **(tensors or {})}, str(dst), metadata=header)
+    return dst
+
+
+def _mode(path) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
+@pytest.mark.parametrize("umask, expected", [(0o022, 0o644), (0o027, 0o640)], ids=["022", "027"])
+def test_atomic_writes_follow_the_umask(tmp_path, tiny_config, umask, expected):
+    previous = os.umask(umask)
+    try:
+        _save_random(tmp_path / "run", tiny_config)
+        atomic_write_text(tmp_path / "notes.txt", "hello\n")
+    finally:
+        os.umask(previous)
+    assert _mode(tmp_path / "run" / "model.safetensors") == expected
+    assert _mode(tmp_path / "run" / "config.json") == expected
+    assert _mode(tmp_path / "notes.txt") == expected
+
+
+def test_atomic_write_keeps_the_mode_of_the_file_it_replaces(tmp_path):
+    target = tmp_path / "eval.json"
+    target.write_text("{}")
+    os.chmod(target, 0o640)  # neither mkstemp's 0o600 nor the 0o644 a new file would get
+    previous = os.umask(0o022)
+    try:
+        atomic_write_text(target, '{"fid": 1}\n')
+    finally:
+        os.umask(previous)
+    assert target.read_text() == '{"fid": 1}\n' and _mode(target) == 0o640
+
+
+def test_atomic_write_refuses_a_folder_and_leaves_no_temp_file(tmp_path):
+    (tmp_path / "eval.json").mkdir()
+    with pytest.raises(IsADirectoryError, match="eval.json"):
+        atomic_write_text(tmp_path / "eval.json", "{}")
+    assert os.listdir(tmp_path) == ["eval.json"]
+
+
+def test_bad_metadata_json_is_a_checkpoint_error(tmp_path, tiny_config):
+    _save_random(tmp_path / "run", tiny_config)
+    src = tmp_path / "run" / "model.safetensors"
+    broken = _rewrite_checkpoint(src, tmp_path / "broken.safetensors", metadata="{not json")
+    with pytest.raises(CheckpointError, match="broken.safetensors.*invalid metadata JSON"):
+        load_checkpoint(broken)
+    listed = _rewrite_checkpoint(src, tmp_path / "listed.safetensors", metadata="[1, 2]")
+    with pytest.raises(CheckpointError, match="metadata must be a JSON object"):
+        read_checkpoint_config(listed)
+
+
+@pytest.mark.parametrize("name", ["latent", "reference"])
+def test_style_table_is_checked_on_load(tmp_path, tiny_config, name):
+    _save_random(tmp_path / "run", tiny_config)
+    src = tmp_path / "run" / "model.safetensors"
+    d, s = tiny_config.num_domains, tiny_config.style_dim
+    for shape in [(d, s + 1), (d + 1, s), (d * s,)]:
+        bad = _rewrite_checkpoint(src, tmp_path / "shape.safetensors",
+                                  {f"style_table.{name}": torch.zeros(shape)})
+        with pytest.raises(CheckpointError, match=rf"{name} style table is \[.*\[num_domains, style_dim\]"):
+            load_checkpoint(bad)
+    for value in (float("nan"), float("inf")):
+        table = torch.zeros(d, s)
+        table[1, 2] = value
+        bad = _rewrite_checkpoint(src, tmp_path / "nonfinite.safetensors", {f"style_table.{name}": table})
+        with pytest.raises(CheckpointError, match=f"{name} style table holds NaN or infinite"):
+            load_checkpoint(bad)
+    good = _rewrite_checkpoint(src, tmp_path / "good.safetensors", {f"style_table.{name}": torch.ones(d, s)})
+    assert torch.equal(getattr(load_checkpoint(good), f"{name}_table"), torch.ones(d, s))

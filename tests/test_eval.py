@@ -273,3 +273,115 @@ def test_helpers_on_hand_made_inputs(tmp_path):
     file.write_text('{"time": 1}\n')
     with pytest.raises(lanit_eval.EvalError, match="no 'step'"):
         lanit_eval.read_curves(file)
+
+
+# ----------------------------------------------------------------------------- where the data and outputs are
+
+def _project(run_dir, tmp_path: Path) -> tuple[Path, Path]:
+    """The run as `cd project && python -m training.run --data data --out runs/base` leaves it:
+    train_config.json and pseudo_labels.csv hold the paths as given (relative to `project`). The
+    images are renamed 0.png ... 7.png in each domain folder, so file names alone are ambiguous."""
+    project = tmp_path / "project"
+    rows = []
+    for name in DOMAINS:
+        (project / "data" / name).mkdir(parents=True)
+        for i, src in enumerate(sorted((run_dir["data"] / name).glob("*.png"))):
+            shutil.copy(src, project / "data" / name / f"{i}.png")
+            rows.append((f"data/{name}/{i}.png", name))
+    run = project / "runs" / "base"
+    shutil.copytree(run_dir["run"], run)
+    for name in lanit_eval.OUTPUT_FILES:
+        (run / name).unlink(missing_ok=True)
+    config = json.loads((run / "train_config.json").read_text())
+    (run / "train_config.json").write_text(json.dumps({**config, "data": "data", "out": "runs/base"}))
+    with open(run / "pseudo_labels.csv", "w", newline="") as f:  # as the fixture's: blue never on
+        csv.writer(f).writerows([["path", *DOMAINS]] + [[p, int(n == "red"), int(n == "green"), 0]
+                                                         for p, n in rows])
+    with open(project / "gt.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["path", *DOMAINS]] + [[p, *[int(d == n) for d in DOMAINS]] for p, n in rows])
+    (tmp_path / "elsewhere").mkdir()
+    return project, run
+
+
+def test_a_relative_data_folder_is_found_from_another_folder(run_dir, tmp_path, monkeypatch, capsys):
+    project, run = _project(run_dir, tmp_path)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    argv = [str(run), "--gt", str(project / "gt.csv"), "--n", "6", "--seed", "3", "--no-progress",
+            "--cache-dir", str(run_dir["root"] / "cache"), "--batch-size", "16"]
+    assert lanit_eval.main(argv) == 0, capsys.readouterr().err
+    result = json.loads((run / "eval.json").read_text())
+    assert result["data_dir"] == str(project / "data")
+    # The same pixels as the fixture's run: the same numbers; the trainer's relative label rows
+    # are read from the run's working folder (their names alone are ambiguous).
+    labels, first = result["pseudo_labels"], run_dir["result"]["pseudo_labels"]
+    assert labels["trainer"]["macro_f1"] == pytest.approx(2 / 3)
+    assert labels["stage1"] == first["stage1"] and labels["learned"] == first["learned"]
+    # With no usable --out, the folders above the run are searched.
+    config = json.loads((run / "train_config.json").read_text())
+    (run / "train_config.json").write_text(json.dumps({**config, "out": str(tmp_path / "gone")}))
+    assert lanit_eval.read_run(run, progress=False).data_dir == project / "data"
+
+
+def test_a_missing_data_folder_names_the_places_tried_and_data_overrides_it(run_dir, tmp_path, monkeypatch,
+                                                                             capsys):
+    project, run = _project(run_dir, tmp_path)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    (project / "data").rename(project / "moved")
+    argv = [str(run), "--gt", str(project / "gt.csv"), "--n", "6", "--no-progress",
+            "--cache-dir", str(run_dir["root"] / "cache"), "--batch-size", "16"]
+    assert lanit_eval.main(argv) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--data" in err
+    for tried in (tmp_path / "elsewhere" / "data", project / "data", project / "runs" / "data"):
+        assert str(tried) in err
+    (project / "gt.csv").write_text((project / "gt.csv").read_text().replace("data/", "moved/"))
+    assert lanit_eval.main(argv + ["--data", str(project / "moved")]) == 0, capsys.readouterr().err
+    result = json.loads((run / "eval.json").read_text())
+    assert result["data_dir"] == str(project / "moved")
+    assert result["pseudo_labels"]["trainer"]["macro_f1"] == pytest.approx(2 / 3)
+
+
+def _no_image_features(monkeypatch) -> None:
+    import training.pseudo_labels as pl
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("image features computed before the settings were checked")
+
+    monkeypatch.setattr(pl, "image_features", refuse)
+
+
+def test_bad_settings_fail_before_any_feature_is_computed(run_dir, monkeypatch, capsys):
+    _no_image_features(monkeypatch)
+    argv = [str(run_dir["run"]), "--no-progress", "--cache-dir", str(run_dir["root"] / "cache")]
+    assert lanit_eval.main(argv + ["--topk", "0"]) == 2
+    assert "--topk" in capsys.readouterr().err
+    assert lanit_eval.main(argv + ["--topk", "4"]) == 1  # the run has 3 domains
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "[1, 3]" in err and "--topk" in err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:1"):
+        assert lanit_eval.main(argv + ["--device", device]) == 1
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and f"--device {device}: no CUDA device" in err
+    assert lanit_eval.main(argv + ["--device", "graphics-card"]) == 1
+    assert capsys.readouterr().err.startswith("error: --device graphics-card")
+
+
+@pytest.mark.parametrize("blocked", ["an output is a folder", "read-only run folder"])
+def test_an_unwritable_run_folder_fails_before_any_feature_is_computed(run_dir, tmp_path, monkeypatch, capsys,
+                                                                        refuse_new_files, blocked):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir["run"], copy)
+    for name in lanit_eval.OUTPUT_FILES:
+        (copy / name).unlink(missing_ok=True)
+    if blocked == "an output is a folder":
+        (copy / "eval.md").mkdir()
+    else:
+        refuse_new_files(copy)
+    _no_image_features(monkeypatch)
+    argv = [str(copy), "--no-progress", "--cache-dir", str(run_dir["root"] / "cache")]
+    assert lanit_eval.main(argv) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "cannot write the evaluation" in err
+    assert ("eval.md is an existing folder" if blocked == "an output is a folder" else "Permission denied") in err
+    assert not (copy / "eval_samples.png").exists()

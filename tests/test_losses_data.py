@@ -11,7 +11,8 @@ from PIL import Image
 from lanit_rt.config import ConfigError
 from training import losses
 from training.config import TrainConfig, parse_override
-from training.data import DataError, ImageSet, augment_batch, check_images, find_images, load_rgb
+from training.data import (DataError, ImageSet, augment_batch, check_images, find_images, load_rgb,
+                           wide_grey_to_l)
 
 
 def test_ablate_targets_removes_one_active_domain():
@@ -112,6 +113,38 @@ def test_folder_scan_skips_corrupt_files_and_converts_modes(tmp_path):
     assert batch.shape == (3, 3, 32, 32) and batch.min() >= -1 and batch.max() <= 1
     lazy = ImageSet(scan.paths, 32, progress=False, max_cache_bytes=0)
     assert lazy.cache is None and torch.equal(lazy.batch(torch.tensor([2, 0])), batch[[2, 0]])
+
+
+def test_sixteen_bit_grey_is_scaled_to_eight_bits(tmp_path):
+    # Pillow's convert("RGB") clips 16-bit samples at 255: this ramp came out with mean 254.5.
+    ramp = np.linspace(0, 65535, 32 * 48).round().astype(np.uint16).reshape(32, 48)
+    path = tmp_path / "grey16.png"
+    Image.fromarray(ramp).save(path)
+    with Image.open(path) as img:
+        assert img.mode in ("I;16", "I")
+    rgb = np.asarray(load_rgb(path)).astype(np.int64)
+    expected = np.rint(ramp / 257.0).astype(np.int64)  # v * 255 / 65535
+    assert rgb.shape == (32, 48, 3)
+    assert all(np.array_equal(rgb[..., c], expected) for c in range(3))
+    assert abs(rgb.mean() - 127.5) < 0.5
+    # The training set decodes through the same path (resampled, so the mean only).
+    batch = ImageSet([path], 32, progress=False).uint8(torch.tensor([0])).double()
+    assert abs(float(batch.mean()) - 127.5) < 3
+    # A PNG transparent grey value becomes white, as transparency does in the other modes.
+    flat = np.full((4, 4), 130 * 257, dtype=np.uint16)
+    flat[0, :] = 1000
+    Image.fromarray(flat).save(tmp_path / "trns16.png", transparency=1000)
+    grey = np.asarray(load_rgb(tmp_path / "trns16.png"))[..., 0]
+    assert (grey[0] == 255).all() and (grey[1:] == 130).all()
+
+
+def test_wide_grey_modes_without_a_png_encoder():
+    samples = np.array([[0, 128, 257, 32768, 65535]], dtype=np.uint16)
+    big_endian = Image.frombytes("I;16B", (5, 1), samples.astype(">u2").tobytes())
+    as_int32 = Image.fromarray(np.array([[-5, 128, 257, 32768, 70000]], dtype=np.int32))  # mode "I"
+    assert as_int32.mode == "I"
+    assert np.asarray(wide_grey_to_l(big_endian)).tolist() == [[0, 0, 1, 128, 255]]
+    assert np.asarray(wide_grey_to_l(as_int32)).tolist() == [[0, 0, 1, 128, 255]]  # clipped to 16 bits
 
 
 def test_data_errors(tmp_path):

@@ -477,6 +477,32 @@ def test_image_features_unreadable_files(clip_vl, tmp_path, monkeypatch):
         image_features(clip_vl, [], cache)
 
 
+def test_load_image_scales_sixteen_bit_grey(tmp_path):
+    path = tmp_path / "grey16.png"
+    Image.fromarray(np.full((20, 30), 130 * 257, dtype=np.uint16)).save(path)  # 8-bit grey 130
+    torch.testing.assert_close(load_image(path, 16), torch.full((3, 16, 16), 130 / 127.5 - 1.0))
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "read-only"])
+def test_an_unwritable_feature_cache_warns_once_and_keeps_the_features(clip_vl, tmp_path, refuse_new_files, where):
+
+    paths = make_images(tmp_path / "imgs", n=3)
+    expected = image_features(clip_vl, paths, None, progress=False)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    cache = {"a file": blocker, "under a file": blocker / "features", "read-only": tmp_path / "ro"}[where]
+    if where == "read-only":
+        cache.mkdir()
+        refuse_new_files(cache)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        feats = image_features(clip_vl, paths, cache, progress=False)
+    about_cache = [str(w.message) for w in caught if "feature cache" in str(w.message)]
+    assert len(about_cache) == 1 and str(cache) in about_cache[0] and "continuing" in about_cache[0]
+    torch.testing.assert_close(feats, expected)
+    assert blocker.read_text() == "a file"
+
+
 # ----------------------------------------------------------------------------- label tables
 
 def test_write_labels_csv_format_and_round_trip(tmp_path):
@@ -611,6 +637,28 @@ def test_label_cli_errors(registered, tmp_path, capsys, argv_tail, message):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
     assert not (tmp_path / "l.csv").exists()
+
+
+@pytest.mark.parametrize("out", ["folder", "under a file", "read-only"])
+def test_label_cli_refuses_an_unwritable_out_before_labelling(tmp_path, capsys, refuse_new_files, out):
+
+    make_images(tmp_path / "imgs", n=2)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    target = {"folder": tmp_path / "existing", "under a file": blocker / "labels.csv",
+              "read-only": tmp_path / "ro" / "labels.csv"}[out]
+    if out == "folder":
+        target.mkdir()
+    if out == "read-only":
+        target.parent.mkdir()
+        refuse_new_files(target.parent)
+    # An unknown labeler would be the error if the images were labelled before --out was checked.
+    argv = [str(tmp_path / "imgs"), "--domains", "a,b", "--labeler", "no-such-labeler", "--out", str(target),
+            "--no-cache", "--quiet"]
+    assert label_cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--out" in err and "no-such-labeler" not in err
+    assert blocker.read_text() == "a file" and not (tmp_path / "existing_scores.json").exists()
 
 
 def test_label_cli_empty_folder(tmp_path, capsys):

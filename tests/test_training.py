@@ -175,3 +175,163 @@ def test_time_budget_stops_cleanly_with_a_checkpoint(tmp_path, tiny_labeler):
     assert model.metadata["step"] == 0 and model.metadata["final"] is True
     assert cfg.replace(max_minutes=None, data=None).time_budget_s == 12 * 60
     assert cfg.replace(max_minutes=None).time_budget_s is None
+
+
+# ----------------------------------------------------------------------------- user-facing failures
+
+TINY_SETS = ("base_dim=8", "max_dim=16", "style_dim=8", "latent_dim=4", "mapping_dim=16",
+             "label_mode=topk", "log_every=1", "sample_every=2", "save_every=2", "num_style_z=16",
+             "template_set=face")
+
+
+def tiny_argv(tmp_path: Path, labeler: str, *extra: str) -> list[str]:
+    """CLI arguments for the tiny run of `tiny_cfg` (1 step); `extra` comes last, so it wins."""
+    argv = ["--data", str(make_data(tmp_path / "data")), "--domains", ",".join(DOMAINS),
+            "--out", str(tmp_path / "run"), "--img-size", "32", "--steps", "1", "--batch-size", "3",
+            "--labeler", labeler, "--no-progress", "--set", f"cache_dir={tmp_path / 'cache'}"]
+    for setting in TINY_SETS:
+        argv += ["--set", setting]
+    return argv + list(extra)
+
+
+def test_cli_reports_labeler_and_file_errors_in_one_line(tmp_path, tiny_labeler, capsys):
+    assert run.main(tiny_argv(tmp_path, "nosuch")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "nosuch" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "templates").mkdir()  # IsADirectoryError: an OSError that is no FileNotFoundError
+    argv = tiny_argv(tmp_path, tiny_labeler, "--out", str(tmp_path / "run2"),
+                     "--set", f"templates_file={tmp_path / 'templates'}")
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "templates" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_rejects_an_unusable_out_folder_before_any_work(tmp_path, refuse_new_files, capsys):
+    # "nosuch" would fail at labelling time: the folder must be refused before that.
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    assert run.main(tiny_argv(tmp_path, "nosuch", "--out", str(afile / "run"))) == 2
+    assert "cannot create folder" in capsys.readouterr().err
+    assert run.main(tiny_argv(tmp_path, "nosuch", "--out", str(afile))) == 2
+    assert "is an existing file" in capsys.readouterr().err
+    assert afile.read_text() == "not a folder"
+
+    (tmp_path / "ro").mkdir()
+    refuse_new_files(tmp_path / "ro")
+    assert run.main(tiny_argv(tmp_path, "nosuch", "--out", str(tmp_path / "ro"))) == 2
+    assert "cannot write in folder" in capsys.readouterr().err
+
+
+def test_ctrl_c_says_whether_anything_was_saved(tmp_path, tiny_labeler, monkeypatch, capsys):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:  # Ctrl-C while the images are checked
+        patch.setattr("training.train.check_images", interrupt)
+        assert run.main(tiny_argv(tmp_path, tiny_labeler)) == 130
+    err = capsys.readouterr().err
+    assert "nothing was saved" in err and "state saved" not in err
+    assert not (tmp_path / "run" / "train_state.pt").exists()
+
+    with monkeypatch.context() as patch:  # Ctrl-C in the loop: the state is saved first
+        patch.setattr(Trainer, "train_step", interrupt)
+        assert run.main(tiny_argv(tmp_path, tiny_labeler)) == 130
+    assert "state saved at step 0; continue with --resume" in capsys.readouterr().err
+    assert run.main(tiny_argv(tmp_path, tiny_labeler, "--resume")) == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1]
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("log_every=-1", "log_every"), ("sample_every=-5", "sample_every"), ("save_every=-1", "save_every"),
+    ("relabel_every=-1", "relabel_every"), ("num_style_z=0", "num_style_z"), ("topk=0", "topk"),
+    ("max_minutes=-1", "max_minutes"), ("device=gpu", "device"),
+])
+def test_cli_dry_run_rejects_bad_settings(setting, message, capsys):
+    assert run.main(["--dry-run", "--set", setting]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_zero_periods_turn_periodic_work_off(tmp_path, tiny_labeler):
+    cfg = tiny_cfg(tmp_path, tiny_labeler, stage=2, prompt_start=0, steps=1, log_every=0,
+                   sample_every=0, save_every=0, relabel_every=0)
+    out = train(cfg, progress=False)
+    assert [r["step"] for r in read_metrics(out)] == [1]  # the last step is always logged
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_000001.png"]
+    assert load_checkpoint(out).metadata["step"] == 1
+
+
+def test_a_new_run_refuses_a_folder_that_holds_a_run(tmp_path, tiny_labeler, capsys):
+    from training.train import RunError
+
+    cfg = tiny_cfg(tmp_path, tiny_labeler, steps=1)
+    out = Path(cfg.out)
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')  # an attempt that died before its first save
+    train(cfg, progress=False)
+    assert [r["step"] for r in read_metrics(out)] == [1]
+    state = (out / "train_state.pt").read_bytes()
+    with pytest.raises(RunError, match="--resume"):
+        train(cfg, progress=False)
+    argv = tiny_argv(tmp_path, tiny_labeler)
+    assert run.main(argv) == 2
+    assert "already holds a training run" in capsys.readouterr().err
+    assert [r["step"] for r in read_metrics(out)] == [1]
+    assert (out / "train_state.pt").read_bytes() == state
+
+
+def test_resume_with_other_data_or_domains_fails_before_writing(tmp_path, tiny_labeler):
+    from lanit_rt.checkpoint import CheckpointError
+
+    cfg = tiny_cfg(tmp_path, tiny_labeler, max_minutes=0.0)  # saves at step 0: no training needed
+    out = train(cfg, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    more = make_data(tmp_path / "more", n=13)
+    with pytest.raises(CheckpointError, match="12 images, but .* has 13"):
+        train(cfg.replace(data=str(more)), resume=True, progress=False)
+    with pytest.raises(CheckpointError, match="domains"):
+        train(cfg.replace(domains=("red", "green", "yellow")), resume=True, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    with pytest.raises(CheckpointError, match="no resume state"):
+        train(cfg.replace(out=str(tmp_path / "new")), resume=True, progress=False)
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_failed_save_names_the_file_and_keeps_the_previous_one(tmp_path, tiny_labeler, monkeypatch,
+                                                                 capsys):
+    from training.train import RunError
+
+    cfg = tiny_cfg(tmp_path, tiny_labeler, max_minutes=0.0)  # saves at step 0: no training needed
+    out = train(cfg, progress=False)
+    saved = (out / "train_state.pt").read_bytes()
+
+    def full_disk(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"PK\x03\x04 truncated")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(RunError, match=r"could not save .*train_state\.pt .*unexpected pos.*intact"):
+        train(cfg, resume=True, progress=False)
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert (out / "train_state.pt").read_bytes() == saved
+    assert run.main(tiny_argv(tmp_path, tiny_labeler, "--resume", "--set", "max_minutes=0")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: could not save") and len(err.strip().splitlines()) == 1
+
+
+def test_cuda_device_without_a_gpu_is_a_clear_error(tmp_path, tiny_labeler, monkeypatch, capsys):
+    from lanit_rt.config import ConfigError
+    from training.train import cuda_index, init_distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        init_distributed("cuda")
+    assert run.main(tiny_argv(tmp_path, tiny_labeler, "--set", "device=cuda:0")) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    # With GPUs, every CUDA device gets an explicit index (set_device rejects a bare "cuda").
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert cuda_index("cuda", None) == 0 and cuda_index("auto", None) == 0
+    assert cuda_index("cuda:1", None) == 1 and cuda_index("cuda", 1) == 1
+    with pytest.raises(ConfigError, match="cuda:2 does not exist"):
+        cuda_index("cuda:2", None)

@@ -308,6 +308,13 @@ def test_bad_images_give_clear_errors(translator):
         translator.translate(torch.full((3, SIZE, SIZE), 255.0), "beard")
     with pytest.raises(TypeError, match="unsupported image type"):
         translator.translate("image.png", "beard")
+    for width, height in [(0, 0), (0, SIZE), (SIZE, 0)]:
+        with pytest.raises(ValueError, match=f"image 0: empty PIL image of size {width}x{height}"):
+            translator.translate(Image.new("RGB", (width, height)), "beard")
+    with pytest.raises(ValueError, match="image 1: empty PIL image"):
+        translator.translate([Image.new("RGB", (SIZE, SIZE)), Image.new("RGB", (0, 0))], "beard")
+    with pytest.raises(ValueError, match="image 0: empty image"):
+        translator.translate(np.zeros((0, SIZE, 3), np.uint8), "beard")
 
 
 def test_missing_networks_and_options(checkpoint, translator):
@@ -323,6 +330,28 @@ def test_missing_networks_and_options(checkpoint, translator):
         Translator.from_checkpoint(checkpoint, backend="tvm")
     with pytest.raises(ValueError, match="unknown dtype"):
         Translator.from_checkpoint(checkpoint, dtype="int8")
+    # Rejected when constructed, not at the first translation.
+    with pytest.raises(ValueError, match="unknown impl 'bogus'.*auto.*ref.*triton"):
+        Translator.from_checkpoint(checkpoint, impl="bogus")
+
+
+def test_broken_style_table_is_refused_when_loading(checkpoint, tmp_path):
+    """A wrong-shaped or non-finite table fails at from_checkpoint, not inside the first translate."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    source = str(checkpoint / "model.safetensors")
+    with safe_open(source, "pt") as f:
+        header = f.metadata()
+    tensors = load_file(source)
+    nan_table = torch.zeros(D, CONFIG.style_dim)
+    nan_table[0, 0] = float("nan")
+    for table, message in [(torch.zeros(D, CONFIG.style_dim + 2), r"latent style table is \[3, 18\]"),
+                           (nan_table, "latent style table holds NaN")]:
+        save_file({**tensors, "style_table.latent": table}, str(tmp_path / "model.safetensors"),
+                  metadata=header)
+        with pytest.raises(CheckpointError, match=message):
+            Translator.from_checkpoint(tmp_path)
 
 
 def test_concurrent_calls_match_serial(translator):

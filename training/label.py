@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from lanit_rt.checkpoint import OutputPathError, check_output_file
 from training.pseudo_labels import (
     LABEL_MODES,
     ImageFeatureError,
@@ -118,6 +119,11 @@ def run(args: argparse.Namespace) -> dict[str, int]:
         raise LabelCLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.prompts and not Path(args.prompts).is_file():
         raise LabelCLIError(f"--prompts {args.prompts}: no such file")
+    try:  # before the model loads and the images are encoded, not at the final write
+        for file in (args.out, scores_json_path(args.out)):
+            check_output_file(file)
+    except OutputPathError as err:
+        raise LabelCLIError(f"--out {args.out}: {err}") from None
     paths = find_images(args.images)
     device = resolve_device(args.device)
     vl = load_vision_language(args.labeler, device=device)

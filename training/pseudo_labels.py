@@ -223,13 +223,20 @@ def _read_cache(path: Path) -> tuple[torch.Tensor, dict[str, str]] | None:
 
 def _write_cache(path: Path, feats: torch.Tensor, failed: dict[str, str], vl,
                  entries: list[tuple[str, int, int]]) -> None:
+    """Store the features; a cache that cannot be written (the folder is a file, read-only, full)
+    costs a recomputation next time, never the features just computed: one warning, no error."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from lanit_rt.checkpoint import atomic_write
 
     meta = {"format": CACHE_FORMAT, "model": vl.name, "identity": vl.identity,
             "paths": json.dumps([e[0] for e in entries]), "failed": json.dumps(failed)}
-    atomic_write(path, lambda tmp: save_file({"features": feats.contiguous()}, tmp, metadata=meta))
+    try:
+        atomic_write(path, lambda tmp: save_file({"features": feats.contiguous()}, tmp, metadata=meta))
+    except (OSError, SafetensorError) as err:
+        warnings.warn(f"cannot write the image-feature cache {path} ({type(err).__name__}: {err}); "
+                      f"continuing without it", stacklevel=3)
 
 
 # ----------------------------------------------------------------------------- label tables

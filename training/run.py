@@ -10,10 +10,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from lanit_rt.checkpoint import CheckpointError
+from lanit_rt.checkpoint import TRAIN_STATE_FILE, CheckpointError
 from lanit_rt.config import ConfigError
 from training.config import TrainConfig, parse_override
 from training.data import DataError
+from training.train import RunError, TrainingInterrupted, train
+from training.vl import VisionLanguageError
+
+# Problems with the user's arguments, data, labeler, files or machine: one line and exit code 2,
+# no traceback. ImportError: a missing optional extra, whose message names what to install.
+USER_ERRORS = (ConfigError, DataError, CheckpointError, RunError, VisionLanguageError, ValueError,
+               KeyError, OSError, ImportError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,26 +72,43 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return config
 
 
+def describe(err: BaseException) -> str:
+    """A one-line message for a USER_ERRORS exception."""
+    if isinstance(err, KeyError) and err.args:
+        return str(err.args[0])
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+    return str(err)
+
+
+def interrupted_message(err: KeyboardInterrupt, out: Path | None) -> str:
+    """Say what Ctrl-C left behind: a state saved in the loop, an earlier one, or nothing."""
+    if isinstance(err, TrainingInterrupted):
+        return f"interrupted: state saved at step {err.step}; continue with --resume"
+    if out is not None and (out / TRAIN_STATE_FILE).is_file():
+        return f"interrupted: the last saved state in {out} is unchanged; continue with --resume"
+    return "interrupted: nothing was saved yet; a rerun starts over"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    out = None
     try:
         cfg = config_from_args(args)
         if args.dry_run:
             print(cfg.replace(label_mode=cfg.label_rule).to_json())
             return 0
+        out = Path(cfg.out)
         if cfg.data is not None:
             from training.data import find_images
 
             find_images(cfg.data)  # fail on a missing or empty folder before loading any model
-        from training.train import train
-
         out = train(cfg, resume=args.resume, progress=not args.no_progress)
-    except KeyboardInterrupt:
-        print("interrupted: state saved; continue with --resume", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(interrupted_message(err, out), file=sys.stderr)
         return 130
-    except (ConfigError, DataError, CheckpointError, ValueError, KeyError, FileNotFoundError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {message}", file=sys.stderr)
+    except USER_ERRORS as err:
+        print(f"error: {describe(err)}", file=sys.stderr)
         return 2
     print(f"done: checkpoint in {out}")
     return 0

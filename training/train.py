@@ -12,7 +12,9 @@ all-reduce per optimiser step (see `average_gradients`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import errno
 import json
 import os
 import time
@@ -22,16 +24,21 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from lanit_rt.checkpoint import (
+    MODEL_FILE,
+    TRAIN_STATE_FILE,
     CheckpointError,
+    OutputPathError,
     atomic_write_text,
+    check_output_file,
     load_train_state,
     save_checkpoint,
     save_train_state,
 )
-from lanit_rt.config import LanitConfig
+from lanit_rt.config import ConfigError, LanitConfig
 from lanit_rt.networks import Discriminator, Generator, MappingNetwork, StyleEncoder
 from lanit_rt.style import latent_style_table, reference_style_table
 from training import losses
@@ -43,6 +50,19 @@ TRAIN_CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 LABELS_FILE = "pseudo_labels.csv"
 PROMPTS_FILE = "prompts.safetensors"
+
+
+class RunError(RuntimeError):
+    """The run folder cannot be used as asked: not creatable or writable, already holding a run, or
+    a save that failed part-way (disk full)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C in the training loop, raised after the state was saved at `step`."""
+
+    def __init__(self, step: int):
+        super().__init__(step)
+        self.step = step
 
 
 # ----------------------------------------------------------------------------- processes
@@ -64,15 +84,29 @@ def init_distributed(device_pref: str) -> tuple[Dist, torch.device]:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref.startswith("cuda")
+    device = torch.device("cpu")
+    if use_cuda:
+        device = torch.device("cuda", cuda_index(device_pref, local_rank if world > 1 else None))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     if use_cuda:
-        device = torch.device("cuda", local_rank) if world > 1 else torch.device(
-            device_pref if device_pref.startswith("cuda") else "cuda")
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     return Dist(rank, world, local_rank), device
+
+
+def cuda_index(device_pref: str, local_rank: int | None) -> int:
+    """The GPU index for `device_pref` ("auto", "cuda" or "cuda:N"); torchrun's LOCAL_RANK wins when
+    given. Raises ConfigError when PyTorch sees no such GPU. Always an explicit index: set_device
+    rejects a bare "cuda"."""
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device={device_pref} needs a CUDA GPU, but PyTorch sees none "
+                          "(torch.cuda.is_available() is False); use --set device=cpu or device=auto")
+    _, _, given = device_pref.partition(":")
+    index = local_rank if local_rank is not None else int(given) if given else torch.cuda.current_device()
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ConfigError(f"device cuda:{index} does not exist: PyTorch sees {count} GPU(s)")
+    return index
 
 
 def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
@@ -256,12 +290,60 @@ def cache_root(cfg: TrainConfig) -> Path:
     return Path(cfg.cache_dir or os.environ.get("LANIT_CACHE", Path.home() / ".cache" / "lanit-rt"))
 
 
+def prepare_out_folder(out: Path, resume: bool) -> None:
+    """Create the run folder and check that it takes files, before any heavy work. A new run refuses
+    a folder that holds a saved run (resume state or checkpoint); `resume` needs the resume state.
+    A folder with only the files of a run that never saved is started over. Raises RunError or
+    CheckpointError."""
+    if out.exists() and not out.is_dir():
+        raise RunError(f"output folder {out} is an existing file; choose another --out")
+    if resume and not (out / TRAIN_STATE_FILE).is_file():
+        raise CheckpointError(f"no resume state in {out} ({TRAIN_STATE_FILE} is missing); "
+                              "run without --resume to start a new run")
+    if not resume and (out / TRAIN_STATE_FILE).exists():
+        raise RunError(f"{out} already holds a training run; pass --resume to continue it, "
+                       "choose another --out, or delete the folder to start over")
+    if not resume and (out / MODEL_FILE).exists():
+        raise RunError(f"{out} already holds a checkpoint ({MODEL_FILE}) and no resume state; "
+                       "choose another --out, or delete the folder to start over")
+    try:
+        check_output_file(out / MODEL_FILE)
+    except OutputPathError as err:
+        raise RunError(f"unusable output folder: {err}") from None
+
+
+@contextlib.contextmanager
+def saving(file: Path):
+    """Turn a failed write of `file` (disk full, folder gone or read-only) into a RunError that names
+    it. atomic_write renames a file into place only once it is complete, so whatever was at `file`
+    before is still there, whole."""
+    existed = file.exists()
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (OSError, RuntimeError, SafetensorError) as err:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            reason = "no space left on device"
+        elif isinstance(err, OSError) and err.strerror:
+            reason = err.strerror
+        else:  # torch.save on a full disk: "[enforce fail at inline_container.cc:...] . unexpected pos"
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        kept = (f"the previous {file.name} there is intact" if existed
+                else f"no {file.name} was written")
+        raise RunError(f"could not save {file} ({reason}); is the disk full or the folder read-only? "
+                       f"{kept}") from err
+
+
 # ----------------------------------------------------------------------------- the run
 
 class Trainer:
     """Owns one run's state; `run()` trains to `cfg.steps`, saving on the way and on interruption."""
 
-    def __init__(self, cfg: TrainConfig, vl=None, progress: bool = True):
+    def __init__(self, cfg: TrainConfig, vl=None, progress: bool = True,
+                 resume_state: dict[str, Any] | None = None):
+        """`resume_state` (from `load_train_state`) is checked against the model, domains and images
+        as soon as each is known, before the expensive steps; `resume()` then loads it."""
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.progress = progress
@@ -269,8 +351,12 @@ class Trainer:
         paths, domains, template_set = resolve_data(cfg)
         self.domains = domains
         self.model_config = cfg.model_config(domains)
+        if resume_state is not None:
+            self.check_resume_state(resume_state)
         self.templates = read_templates(cfg, template_set)
         scan = check_images(paths, progress=progress and self.dist.main)
+        if resume_state is not None:
+            self.check_resume_state(resume_state, num_images=len(scan.paths))
         self.skipped = scan.skipped
         self.images = ImageSet(scan.paths, cfg.img_size, progress=progress and self.dist.main)
 
@@ -336,12 +422,28 @@ class Trainer:
             state["prompt_optim"] = self.prompt_optim.state_dict()
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def check_resume_state(self, state: dict[str, Any], num_images: int | None = None) -> None:
+        """Raise CheckpointError unless `state` was saved by a run with this model and domains and,
+        when `num_images` is given, as many training images."""
         saved = LanitConfig.from_dict(state["model_config"])
-        if saved != self.model_config:
+        if saved.domains != self.model_config.domains:
             raise CheckpointError(
-                f"resume state in {self.out} was trained with a different model "
-                f"({saved.to_dict()} vs {self.model_config.to_dict()})")
+                f"resume state in {self.out} was trained on the domains {list(saved.domains)}, not "
+                f"{list(self.model_config.domains)}; resume with the same domains or choose another --out")
+        if saved != self.model_config:
+            before, now = saved.to_dict(), self.model_config.to_dict()
+            changed = ", ".join(f"{k} {before[k]} -> {now[k]}" for k in now if before.get(k) != now[k])
+            raise CheckpointError(f"resume state in {self.out} was trained with a different model "
+                                  f"({changed}); resume with the same settings or choose another --out")
+        saved_images = int(state["labels"].shape[0])
+        if num_images is not None and saved_images != num_images:
+            data = self.cfg.data or "the embedded data"
+            raise CheckpointError(
+                f"resume state in {self.out} was trained on {saved_images} images, but {data} has "
+                f"{num_images} readable images; resume with the same --data or choose another --out")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_resume_state(state, num_images=len(self.images))
         for name, net in self.nets.modules().items():
             net.load_state_dict(state["nets"][name])
         for name, net in self.ema.modules().items():
@@ -357,8 +459,9 @@ class Trainer:
         self.pool = self._active_pool()
         self.step = int(state["step"])
 
-    def resume(self) -> None:
-        self.load_state_dict(load_train_state(self.out))
+    def resume(self, state: dict[str, Any] | None = None) -> None:
+        """Load `state` (default: the resume state in the run folder) and drop later metrics."""
+        self.load_state_dict(load_train_state(self.out) if state is None else state)
         metrics = self.out / METRICS_FILE
         if metrics.exists():  # drop lines logged after the saved step
             kept = [line for line in metrics.read_text().splitlines()
@@ -381,15 +484,16 @@ class Trainer:
         self.check_replicas()
         if not self.dist.main:
             return
-        self.out.mkdir(parents=True, exist_ok=True)
-        save_train_state(self.out, self.state_dict())
+        with saving(self.out / TRAIN_STATE_FILE):
+            save_train_state(self.out, self.state_dict())
         latent = latent_style_table(self.ema.mapping, num_z=self.cfg.num_style_z, seed=self.cfg.seed)
         reference = self._reference_table()
         meta = {"step": self.step, "labeler": self.cfg.labeler, "stage": self.cfg.stage,
                 "final": final, "num_images": len(self.images)}
-        save_checkpoint(self.out, self.model_config, self.ema.generator, self.ema.mapping,
-                        self.ema.style_encoder, latent_table=latent, reference_table=reference,
-                        metadata=meta)
+        with saving(self.out / MODEL_FILE):
+            save_checkpoint(self.out, self.model_config, self.ema.generator, self.ema.mapping,
+                            self.ema.style_encoder, latent_table=latent, reference_table=reference,
+                            metadata=meta)
         if self.cfg.stage == 2:
             from safetensors.torch import save_file
 
@@ -397,7 +501,8 @@ class Trainer:
 
             tensors = {k: v.detach().cpu().contiguous()
                        for k, v in self.labeler.prompt_bank.state_dict().items()}
-            atomic_write(self.out / PROMPTS_FILE, lambda tmp: save_file(tensors, tmp))
+            with saving(self.out / PROMPTS_FILE):
+                atomic_write(self.out / PROMPTS_FILE, lambda tmp: save_file(tensors, tmp))
 
     @torch.no_grad()
     def _reference_table(self) -> torch.Tensor | None:
@@ -491,7 +596,7 @@ class Trainer:
 
         update_ema(self.ema, nets, losses.ema_beta(self.step, cfg.ema_beta))
         self.step += 1
-        if learn_prompts and self.step % cfg.relabel_every == 0:
+        if learn_prompts and every(self.step, cfg.relabel_every):
             self.labels, self.scores = self.labeler.label()
             self.pool = self._active_pool()
         logs["lambda_ds"] = lambda_ds
@@ -516,6 +621,8 @@ class Trainer:
         cfg = self.cfg
         self.write_run_files()
         metrics_path = self.out / METRICS_FILE
+        if self.dist.main and self.step == 0 and metrics_path.exists():
+            metrics_path.unlink()  # left by an earlier attempt that never saved; this one starts over
         bar = tqdm(total=cfg.steps, initial=self.step, desc="training", unit="step",
                    disable=not (self.progress and self.dist.main), dynamic_ncols=True)
         started, start_step = time.perf_counter(), self.step
@@ -528,7 +635,7 @@ class Trainer:
                     break
                 logs = self.train_step()
                 bar.update(1)
-                if self.dist.main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                if self.dist.main and (every(self.step, cfg.log_every) or self.step == cfg.steps):
                     elapsed = time.perf_counter() - started
                     record = {"step": self.step, "time": round(elapsed, 3),
                               "steps_per_s": round((self.step - start_step) / max(elapsed, 1e-9), 4),
@@ -537,27 +644,37 @@ class Trainer:
                         f.write(json.dumps(record) + "\n")
                     bar.set_postfix(d=f"{logs['d_real_latent'] + logs['d_fake_latent']:.2f}",
                                     g=f"{logs['g_adv_latent']:.2f}", cyc=f"{logs['g_cyc_latent']:.3f}")
-                if self.step % cfg.sample_every == 0:
+                if every(self.step, cfg.sample_every):
                     self.sample()
-                if self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                if every(self.step, cfg.save_every) and self.step < cfg.steps:
                     self.save()
         except KeyboardInterrupt:
             bar.close()
             self.save()
-            raise
+            raise TrainingInterrupted(self.step) from None
         bar.close()
         self.save(final=True)
         self.write_run_files()
-        if self.step % cfg.sample_every != 0:
+        if not every(self.step, cfg.sample_every):
             self.sample()
         return self.out
 
 
+def every(step: int, period: int) -> bool:
+    """Whether a periodic action (log, sample, save, relabel) is due at `step`; period 0: never."""
+    return period > 0 and step % period == 0
+
+
 def train(cfg: TrainConfig, vl=None, resume: bool = False, progress: bool = True) -> Path:
-    """Train a LANIT model per `cfg`; returns the output folder (see the module docstring)."""
-    trainer = Trainer(cfg, vl=vl, progress=progress)
-    if resume:
-        trainer.resume()
+    """Train a LANIT model per `cfg`; returns the output folder (see the module docstring).
+
+    The output folder and any resume state are checked before images are loaded or labelled, and
+    nothing is written there until both the data and the resume state are known to fit."""
+    prepare_out_folder(Path(cfg.out), resume)
+    state = load_train_state(cfg.out) if resume else None
+    trainer = Trainer(cfg, vl=vl, progress=progress, resume_state=state)
+    if state is not None:
+        trainer.resume(state)
     try:
         return trainer.run()
     finally:

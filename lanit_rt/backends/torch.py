@@ -22,6 +22,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
+from kernels.dispatch import IMPLS
 from lanit_rt.backends.base import Backend
 from lanit_rt.checkpoint import CheckpointError, LanitModel
 
@@ -46,6 +47,8 @@ class TorchBackend(Backend):
     def __init__(self, model: LanitModel, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, impl: str = "auto",
                  channels_last: bool | None = None, cuda_graphs: bool = False):
+        if impl not in IMPLS:
+            raise ValueError(f"unknown impl {impl!r}; choose one of {IMPLS}")
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
