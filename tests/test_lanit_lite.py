@@ -205,7 +205,10 @@ def test_align_refuses_bad_settings_before_any_work(flags, message, tmp_path, ca
 
 
 def test_align_defaults_are_valid_and_lanit_lite_errors_are_reported(tmp_path, capsys, monkeypatch):
-    A.AlignConfig()
+    from pathlib import Path
+
+    # A trial `python -m training.align` must not replace the shipped heads.
+    assert Path(A.AlignConfig().out).resolve() != DEFAULT_HEADS.resolve()
     A.parse_args(["--out", str(tmp_path / "heads.safetensors")])
 
     def misfit(cfg):

@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from training import emoji as emoji_data
-from training.lanit_lite import (DEFAULT_HEADS, LanitLiteArch, LanitLiteError, PyramidImageTower, create_lanit_lite,
+from training.lanit_lite import (LanitLiteArch, LanitLiteError, PyramidImageTower, create_lanit_lite,
                                  head_keys, pyramid_pool, write_heads)
 
 TWEMOJI_SIZE = 72
@@ -107,7 +107,9 @@ class AlignConfig:
     # Used when labelling only (training renders its own restyled views): see LanitLiteArch.
     label_views: tuple[str, ...] = ("plain", "thin-outlines")
     cache_dir: str = "~/.cache/lanit-rt/align"
-    out: str = str(DEFAULT_HEADS)
+    # Not the packaged heads (DEFAULT_HEADS): a trial run must not replace the shipped labeler.
+    # `--out training/assets/lanit_lite_heads.safetensors` remakes those.
+    out: str = "runs/align/lanit_lite_heads.safetensors"
     log_every: int = 100
 
     def __post_init__(self) -> None:
@@ -707,7 +709,8 @@ def align(cfg: AlignConfig) -> dict[str, Any]:
     training = train_heads(cfg, data)
     out = write_heads(cfg.out, data.model, cfg.arch(), training, image_centre=data.image_centre)
     t0 = data.t0
-    _log(f"align: wrote {out} ({out.stat().st_size / 1e6:.2f} MB) in {time.time() - t0:.0f}s")
+    _log(f"align: wrote {out} ({out.stat().st_size / 1e6:.2f} MB) in {time.time() - t0:.0f}s; "
+         f"label with --labeler lanit-lite:{out}")
     return training
 
 

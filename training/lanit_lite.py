@@ -14,9 +14,9 @@ Architecture (an open_clip `CustomTextCLIP`, registered under the name ``"lanit-
 
 Both towers stay as pretrained except the *heads*: the projections, the temperature / bias and,
 LiT-style, optionally the last `unlocked_blocks` stages of the image trunk (with its final 1x1
-conv). `python -m training.align` trains the heads on OpenMoji / Noto emoji; the result is committed
+conv). `python -m training.align` trains the heads on OpenMoji / Noto emoji; the committed ones lie
 under training/assets/ (`lanit_lite_heads.safetensors` + `lanit_lite_heads.json`, the architecture
-and the training config that made it), so that the default labeler needs no training step.
+and the training config that made them), so that the default labeler needs no training step.
 """
 
 from __future__ import annotations
@@ -345,7 +345,7 @@ def create_lanit_lite(heads: str | Path | None = "default", device: str | torch.
         heads_path = DEFAULT_HEADS if str(heads) == "default" else Path(heads)
         if str(heads) == "default" and not heads_path.is_file():
             raise LanitLiteError(f"the committed lanit-lite heads are missing ({heads_path}); "
-                                 "run `python -m training.align` to make them")
+                                 f"run `python -m training.align --out {heads_path}` to make them")
         head_tensors, info = read_heads(heads_path)
         centre = head_tensors.pop(IMAGE_CENTRE_KEY, None)
         file_arch = LanitLiteArch.from_dict(info["arch"])
