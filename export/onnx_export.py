@@ -38,7 +38,7 @@ from torch import nn
 
 import lanit_rt
 from lanit_rt import Generator, LanitConfig, LanitModel
-from lanit_rt.checkpoint import publish_file, temp_file_beside
+from lanit_rt.checkpoint import OutputPathError, check_output_file, publish_file, temp_file_beside
 from export.errors import ExportError, ValidationError, require
 
 MIN_OPSET = 18
@@ -70,33 +70,13 @@ def check_precision(precision: str) -> None:
 
 
 def check_output_path(path: str | os.PathLike) -> None:
-    """Raise ExportError unless a file can be written at `path`; creates nothing.
-
-    Run before any tracing (which takes tens of seconds) so an unusable output is reported at once:
-    `path` must not be a folder, and its nearest existing ancestor must be a writable folder (the
-    missing ones below it are created on export).
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise ExportError(f"output {path} is an existing folder; give a file path")
-    ancestor = path.parent
-    while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        blocked = "it is" if ancestor == path.parent else f"{ancestor} is"
-        raise ExportError(f"cannot create the output folder {path.parent}: {blocked} not a folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ExportError(f"cannot write {path}: no write permission in {ancestor}")
-
-
-def make_output_folder(path: str | os.PathLike) -> None:
-    """Check `path` (check_output_path) and create its missing parent folders, as an ExportError."""
-    check_output_path(path)
-    folder = Path(path).parent
+    """Raise ExportError unless a file can be written at `path` (its missing folders are made and
+    probed: lanit_rt.checkpoint.check_output_file). Run before any tracing, which takes tens of
+    seconds, so that an unusable output is reported at once."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ExportError(f"cannot create the output folder {folder}: {err.strerror or err}") from None
+        check_output_file(path)
+    except OutputPathError as err:
+        raise ExportError(f"cannot write the output {path}: {err}") from None
 
 
 def style_graph_path(onnx_path: str | os.PathLike) -> Path:
@@ -418,7 +398,6 @@ def export_onnx(model: LanitModel, out_path: str | os.PathLike, precision: str =
         raise ExportError("nothing to export: `kinds` is empty")
     for final in targets.values():
         check_output_path(final)
-    make_output_folder(out_path)
     temps: dict[str, Path] = {}
     artifacts: list[OnnxArtifact] = []
     try:

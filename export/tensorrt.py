@@ -36,7 +36,7 @@ from export.errors import ExportError, ValidationError, require
 from export.validate import VALIDATION_BATCHES, validate_artifact
 from export.onnx_export import (OUTPUT_NAME, artifact_metadata, check_output_path, check_precision,
                                 config_from_metadata, export_onnx, fp32_compute_nodes, input_names,
-                                make_output_folder, read_metadata)
+                                read_metadata)
 
 ENGINE_KIND = "domain_weights"
 DEFAULT_MIN_BATCH = 1
@@ -275,7 +275,6 @@ def export_tensorrt(model: LanitModel, engine_path: str | os.PathLike, precision
     engine_path = Path(engine_path)
     for path in (engine_path, sidecar_path(engine_path), timing_cache_path(engine_path)):
         check_output_path(path)
-    make_output_folder(engine_path)
     with tempfile.TemporaryDirectory(prefix=".lanit-export-", dir=engine_path.parent) as scratch:
         if onnx_path is None:
             onnx_path = Path(scratch) / "generator.onnx"

@@ -104,6 +104,9 @@ def check_output_file(path: str | os.PathLike) -> Path:
     if path.is_dir():
         raise OutputPathError(f"{path} is an existing folder, not a file name")
     folder = path.parent
+    blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise OutputPathError(f"cannot create folder {folder}: {blocker} is a file, not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
