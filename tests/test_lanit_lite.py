@@ -204,6 +204,15 @@ def test_align_refuses_bad_settings_before_any_work(flags, message, tmp_path, ca
     assert not out.exists()
 
 
+def test_align_refuses_an_unwritable_out_before_any_work(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(A, "prepare", lambda cfg: pytest.fail("rendering started with an unusable --out"))
+    assert A.main(["--out", str(blocker / "heads.safetensors"), "--cache-dir", str(tmp_path / "cache")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("align: error: --out") and "afile is a file" in err and len(err.splitlines()) == 1
+
+
 def test_align_defaults_are_valid_and_lanit_lite_errors_are_reported(tmp_path, capsys, monkeypatch):
     from pathlib import Path
 

@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lanit_rt.checkpoint import OutputPathError, check_output_file
 from training import emoji as emoji_data
 from training.lanit_lite import (LanitLiteArch, LanitLiteError, PyramidImageTower, create_lanit_lite,
                                  head_keys, pyramid_pool, write_heads)
@@ -705,6 +706,11 @@ def _train_heads(cfg: AlignConfig, data: AlignData) -> dict[str, Any]:
 
 def align(cfg: AlignConfig) -> dict[str, Any]:
     """Train the heads described by `cfg`, write them to `cfg.out` and return a summary."""
+    for path in (Path(cfg.out), Path(cfg.out).with_suffix(".json")):  # minutes before they are written
+        try:
+            check_output_file(path)
+        except OutputPathError as err:
+            raise AlignError(f"--out: {err}") from None
     data = prepare(cfg)
     training = train_heads(cfg, data)
     out = write_heads(cfg.out, data.model, cfg.arch(), training, image_centre=data.image_centre)
