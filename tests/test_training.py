@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from lanit_rt import load_checkpoint
+from lanit_rt.config import ConfigError
 from training import run
 from training.config import TrainConfig
 from training.train import Trainer, train
@@ -113,7 +114,9 @@ def test_cli_dry_run_prints_the_resolved_config(capsys):
     assert printed["label_mode"] == "topk" and printed["topk"] == 1
     assert run.main(["--dry-run", "--data", "/photos", "--domains", "a,b"]) == 0
     assert json.loads(capsys.readouterr().out)["label_mode"] == "adaptive"
-    assert TrainConfig(data="/photos", label_mode="threshold").label_rule == "threshold"
+    assert TrainConfig(data="/photos", domains=("a", "b"), label_mode="threshold").label_rule == "threshold"
+    with pytest.raises(ConfigError, match="--domains"):  # own data names its own domains
+        TrainConfig(data="/photos")
 
 
 def test_dl_loss_encode_size_resolution():
@@ -142,7 +145,11 @@ def test_cli_rejects_bad_data_before_any_work(tmp_path, capsys):
     assert run.main(["--data", str(tmp_path / "missing"), "--domains", "a,b"]) == 2
     assert "does not exist" in capsys.readouterr().err
     make_data(tmp_path / "data", n=3)
-    assert run.main(["--data", str(tmp_path / "data")]) == 2
+    # Before the output folder is looked at (a run already in it must not hide this).
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "train_state.pt").write_bytes(b"an earlier run")
+    assert run.main(["--data", str(tmp_path / "data"), "--out", str(out)]) == 2
     assert "--domains" in capsys.readouterr().err
 
 
@@ -319,7 +326,6 @@ def test_a_failed_save_names_the_file_and_keeps_the_previous_one(tmp_path, tiny_
 
 
 def test_cuda_device_without_a_gpu_is_a_clear_error(tmp_path, tiny_labeler, monkeypatch, capsys):
-    from lanit_rt.config import ConfigError
     from training.train import cuda_index, init_distributed
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -260,9 +260,7 @@ def resolve_data(cfg: TrainConfig) -> tuple[list[Path], tuple[str, ...], str]:
         paths, default_domains = default_dataset()
         domains = cfg.domains or tuple(default_domains)
         template_set = cfg.template_set or "emoji"
-    else:
-        if cfg.domains is None:
-            raise ValueError("--domains (or --domains-file) is required with --data")
+    else:  # TrainConfig requires domains with data
         paths = find_images(cfg.data)
         domains = cfg.domains
         template_set = cfg.template_set or "face"
