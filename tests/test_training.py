@@ -297,10 +297,18 @@ def test_resume_with_other_data_or_domains_fails_before_writing(tmp_path, tiny_l
         train(cfg.replace(data=str(more)), resume=True, progress=False)
     with pytest.raises(CheckpointError, match="domains"):
         train(cfg.replace(domains=("red", "green", "yellow")), resume=True, progress=False)
+    other = make_data(tmp_path / "other")  # the same 12 images, one of them replaced
+    (other / "img_05.png").unlink()
+    Image.new("RGB", (40, 40), "white").save(other / "img_05b.png")
+    with pytest.raises(CheckpointError, match="other images"):
+        train(cfg.replace(data=str(other)), resume=True, progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     with pytest.raises(CheckpointError, match="no resume state"):
         train(cfg.replace(out=str(tmp_path / "new")), resume=True, progress=False)
     assert not (tmp_path / "new").exists()
+    moved = make_data(tmp_path / "moved")  # the same files in another folder do resume
+    train(cfg.replace(data=str(moved), steps=1, max_minutes=None), resume=True, progress=False)
+    assert load_checkpoint(out).metadata["step"] == 1
 
 
 def test_a_failed_save_names_the_file_and_keeps_the_previous_one(tmp_path, tiny_labeler, monkeypatch,

@@ -15,12 +15,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
+import hashlib
 import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -354,7 +355,7 @@ class Trainer:
         self.templates = read_templates(cfg, template_set)
         scan = check_images(paths, progress=progress and self.dist.main)
         if resume_state is not None:
-            self.check_resume_state(resume_state, num_images=len(scan.paths))
+            self.check_resume_state(resume_state, scan.paths)
         self.skipped = scan.skipped
         self.images = ImageSet(scan.paths, cfg.img_size, progress=progress and self.dist.main)
 
@@ -414,15 +415,17 @@ class Trainer:
             "sampler_rng": self.gen.get_state(),
             "torch_rng": torch.get_rng_state(),
             "labels": self.labels.cpu(),
+            "images_digest": images_digest(self.images.paths),
             "prompt_bank": self.labeler.prompt_bank.state_dict(),
         }
         if self.prompt_optim is not None:
             state["prompt_optim"] = self.prompt_optim.state_dict()
         return state
 
-    def check_resume_state(self, state: dict[str, Any], num_images: int | None = None) -> None:
+    def check_resume_state(self, state: dict[str, Any], paths: Sequence[Path] | None = None) -> None:
         """Raise CheckpointError unless `state` was saved by a run with this model and domains and,
-        when `num_images` is given, as many training images."""
+        when `paths` are given, on these training images (count, then names and sizes in order: the
+        saved labels have one row per image)."""
         saved = LanitConfig.from_dict(state["model_config"])
         if saved.domains != self.model_config.domains:
             raise CheckpointError(
@@ -433,15 +436,21 @@ class Trainer:
             changed = ", ".join(f"{k} {before[k]} -> {now[k]}" for k in now if before.get(k) != now[k])
             raise CheckpointError(f"resume state in {self.out} was trained with a different model "
                                   f"({changed}); resume with the same settings or choose another --out")
+        if paths is None:
+            return
         saved_images = int(state["labels"].shape[0])
-        if num_images is not None and saved_images != num_images:
-            data = self.cfg.data or "the embedded data"
+        data = self.cfg.data or "the embedded data"
+        if saved_images != len(paths):
             raise CheckpointError(
                 f"resume state in {self.out} was trained on {saved_images} images, but {data} has "
-                f"{num_images} readable images; resume with the same --data or choose another --out")
+                f"{len(paths)} readable images; resume with the same --data or choose another --out")
+        if "images_digest" in state and state["images_digest"] != images_digest(paths):  # older states lack it
+            raise CheckpointError(
+                f"resume state in {self.out} was trained on other images than those in {data} (same "
+                f"count, other names or sizes); resume with the same --data or choose another --out")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.check_resume_state(state, num_images=len(self.images))
+        self.check_resume_state(state, self.images.paths)
         for name, net in self.nets.modules().items():
             net.load_state_dict(state["nets"][name])
         for name, net in self.ema.modules().items():
@@ -656,6 +665,15 @@ class Trainer:
         if not every(self.step, cfg.sample_every):
             self.sample()
         return self.out
+
+
+def images_digest(paths: Sequence[Path]) -> str:
+    """A digest of the training images' file names and sizes, in order: what a resume must find
+    again (contents are not read; a folder of the same files moved elsewhere still matches)."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(f"{Path(path).name}\0{os.stat(path).st_size}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def every(step: int, period: int) -> bool:
