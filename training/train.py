@@ -354,8 +354,9 @@ class Trainer:
             self.check_resume_state(resume_state)
         self.templates = read_templates(cfg, template_set)
         scan = check_images(paths, progress=progress and self.dist.main)
+        self.images_digest = images_digest(scan.paths)  # kept in every resume state
         if resume_state is not None:
-            self.check_resume_state(resume_state, scan.paths)
+            self.check_resume_state(resume_state, len(scan.paths))
         self.skipped = scan.skipped
         self.images = ImageSet(scan.paths, cfg.img_size, progress=progress and self.dist.main)
 
@@ -415,17 +416,18 @@ class Trainer:
             "sampler_rng": self.gen.get_state(),
             "torch_rng": torch.get_rng_state(),
             "labels": self.labels.cpu(),
-            "images_digest": images_digest(self.images.paths),
+            "images_digest": self.images_digest,
             "prompt_bank": self.labeler.prompt_bank.state_dict(),
         }
         if self.prompt_optim is not None:
             state["prompt_optim"] = self.prompt_optim.state_dict()
         return state
 
-    def check_resume_state(self, state: dict[str, Any], paths: Sequence[Path] | None = None) -> None:
+    def check_resume_state(self, state: dict[str, Any], num_images: int | None = None) -> None:
         """Raise CheckpointError unless `state` was saved by a run with this model and domains and,
-        when `paths` are given, on these training images (count, then names and sizes in order: the
-        saved labels have one row per image)."""
+        when `num_images` (the readable images' count) is given, on these training images: as many,
+        then the same names and sizes in order (`images_digest`), as the saved labels have one row
+        per image."""
         saved = LanitConfig.from_dict(state["model_config"])
         if saved.domains != self.model_config.domains:
             raise CheckpointError(
@@ -436,21 +438,21 @@ class Trainer:
             changed = ", ".join(f"{k} {before[k]} -> {now[k]}" for k in now if before.get(k) != now[k])
             raise CheckpointError(f"resume state in {self.out} was trained with a different model "
                                   f"({changed}); resume with the same settings or choose another --out")
-        if paths is None:
+        if num_images is None:
             return
         saved_images = int(state["labels"].shape[0])
         data = self.cfg.data or "the embedded data"
-        if saved_images != len(paths):
+        if saved_images != num_images:
             raise CheckpointError(
                 f"resume state in {self.out} was trained on {saved_images} images, but {data} has "
-                f"{len(paths)} readable images; resume with the same --data or choose another --out")
-        if "images_digest" in state and state["images_digest"] != images_digest(paths):  # older states lack it
+                f"{num_images} readable images; resume with the same --data or choose another --out")
+        if "images_digest" in state and state["images_digest"] != self.images_digest:  # older states lack it
             raise CheckpointError(
                 f"resume state in {self.out} was trained on other images than those in {data} (same "
                 f"count, other names or sizes); resume with the same --data or choose another --out")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.check_resume_state(state, self.images.paths)
+        self.check_resume_state(state, len(self.images))
         for name, net in self.nets.modules().items():
             net.load_state_dict(state["nets"][name])
         for name, net in self.ema.modules().items():
