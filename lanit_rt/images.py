@@ -1,13 +1,15 @@
 """Image conversion for the Translator: user images in, model batches, user images out.
 
 Accepted inputs, single or batched:
-- PIL images in mode "RGB" (a list is a batch);
-- uint8 numpy arrays [H, W, 3] (a list, or one [N, H, W, 3] array, is a batch);
+- PIL images of any mode (a list is a batch), converted to RGB as the trainer converts its images
+  (`to_rgb`: transparency composited onto white, 16-bit grey scaled to 8 bits);
+- uint8 numpy arrays [H, W, 3] (RGB), [H, W, 4] (RGBA, composited onto white) or [H, W] (grey);
+  a list, or one [N, H, W, C] array, is a batch;
 - float torch tensors in [-1, 1], [3, H, W] (a list is a batch) or [N, 3, H, W].
 
 Every image is mapped to a float32 tensor in [-1, 1] (uint8 v -> v / 127.5 - 1) and resized to the
 model size with antialiased bilinear interpolation. Outputs come back in the input's kind and
-container (PIL in -> PIL out, a [N, H, W, 3] array in -> one array out), clamped to [-1, 1] and, for
+container (PIL in -> RGB PIL out, a [N, H, W, C] array in -> one [N, H, W, 3] array out), clamped to [-1, 1] and, for
 uint8 kinds, rounded as round((y + 1) * 127.5). With `resize_back` every output is resized to its
 input's size. uint8 data travels to the device as uint8 (4x fewer bytes than float32) and is
 converted there.
@@ -72,23 +74,67 @@ def _kind_of(image: Any) -> str:
                     "numpy array [H, W, 3] or a float tensor [3, H, W] / [N, 3, H, W] in [-1, 1]")
 
 
+# Integer grey modes whose samples are 16-bit. Pillow's own convert("RGB") clips them at 255, which
+# turns a 16-bit image (mid grey = 32768) almost entirely white.
+WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def wide_grey_to_l(image: Any) -> Any:
+    """16-bit grey PIL image -> 8-bit "L": round(v * 255 / 65535), with v clipped to [0, 65535]; a
+    transparent grey value (PNG tRNS) becomes white, as transparency does elsewhere."""
+    from PIL import Image
+
+    samples = np.asarray(image).astype(np.int64)  # [H, W]; I;16B arrives big-endian, astype fixes it
+    grey = np.rint(np.clip(samples, 0, 65535) / 257.0).astype(np.uint8)
+    transparent = image.info.get("transparency")
+    if isinstance(transparent, int):
+        grey[samples == transparent] = 255
+    return Image.fromarray(grey, "L")
+
+
+def to_rgb(image: Any) -> Any:
+    """A PIL image of any mode as mode "RGB", the way training reads its images: transparent pixels
+    become white (emoji and icons are drawn on a transparent canvas) and 16-bit grey is scaled to 8
+    bits. Pillow's ValueError for a mode it cannot convert passes through."""
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
+    if image.mode in WIDE_GREY_MODES:
+        return wide_grey_to_l(image).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def _pil_to_uint8(image: Any, index: int) -> torch.Tensor:
-    if image.mode != "RGB":
-        raise ValueError(f"image {index}: PIL mode {image.mode!r} is not RGB; convert it first "
-                         "with image.convert('RGB')")
     if image.width == 0 or image.height == 0:
         raise ValueError(f"image {index}: empty PIL image of size {image.width}x{image.height} (W x H)")
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # [H, W, 3]
+    try:  # Image.open decodes lazily: a truncated file fails here, on first access to its pixels
+        rgb = np.asarray(to_rgb(image), dtype=np.uint8)
+    except (ValueError, OSError) as err:
+        raise ValueError(f"image {index}: cannot read this PIL image ({image.mode}): {err}") from None
+    return torch.from_numpy(rgb.copy())  # [H, W, 3]
 
 
 def _numpy_to_uint8(array: np.ndarray, index: int) -> torch.Tensor:
     if array.dtype != np.uint8:
         raise ValueError(f"image {index}: numpy images must be uint8 [H, W, 3], got dtype {array.dtype}")
-    if array.ndim != 3 or array.shape[2] != 3:
-        raise ValueError(f"image {index}: numpy images must be [H, W, 3] (RGB), got shape "
-                         f"{tuple(array.shape)}")
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+        raise ValueError(f"image {index}: numpy images must be [H, W, 3] (RGB), [H, W, 4] (RGBA) or "
+                         f"[H, W] (grey), got shape {tuple(array.shape)}")
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise ValueError(f"image {index}: empty image of shape {tuple(array.shape)}")
+    if array.shape[2] == 1:
+        array = np.repeat(array, 3, axis=2)
+    elif array.shape[2] == 4:  # alpha over white, rounded as Pillow's alpha_composite rounds
+        alpha = array[:, :, 3:].astype(np.uint16)
+        over = array[:, :, :3].astype(np.uint16) * alpha + 255 * (255 - alpha)
+        array = ((over + 127) // 255).astype(np.uint8)
     return torch.from_numpy(np.ascontiguousarray(array))
 
 

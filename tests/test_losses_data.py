@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from lanit_rt.config import ConfigError
+from lanit_rt.images import wide_grey_to_l
 from training import losses
 from training.config import TrainConfig, parse_override
-from training.data import (DataError, ImageSet, augment_batch, check_images, find_images, load_rgb,
-                           wide_grey_to_l)
+from training.data import DataError, ImageSet, augment_batch, check_images, find_images, load_rgb
 
 
 def test_ablate_targets_removes_one_active_domain():

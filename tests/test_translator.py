@@ -283,15 +283,61 @@ def test_unknown_domains_and_bad_specs(translator):
         translator.translate(_images(2), "beard", reference=_images(3))
 
 
-def test_bad_images_give_clear_errors(translator):
+def test_images_of_any_mode_are_read_as_training_reads_them(translator, tmp_path):
+    """A transparent palette PNG (what the default Twemoji data is), RGBA and grey images, as PIL
+    images or numpy arrays, translate exactly as their RGB conversion by the trainer's loader."""
+    from training.data import load_rgb
+
+    rgb = _uint8_images(1, seed=7)[0]
+    alpha = np.random.default_rng(8).integers(0, 256, size=(SIZE, SIZE, 1), dtype=np.uint8)
+    alpha[: SIZE // 2] = 0  # fully transparent rows must come out white, whatever RGB they hold
+    rgba = np.concatenate([rgb, alpha], axis=2)
+    palette = Image.fromarray(rgb).quantize(16)
+    palette.info["transparency"] = 0  # palette entry 0 is transparent
+    palette.save(tmp_path / "palette.png")
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    grey = rgb[:, :, 0]
+
+    def same(image, expected_rgb):
+        ours = translator.translate(image, "beard", seed=0)
+        want = translator.translate(expected_rgb, "beard", seed=0)
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(want))
+
+    loaded = np.asarray(load_rgb(tmp_path / "palette.png"))
+    with Image.open(tmp_path / "palette.png") as opened:
+        assert opened.mode == "P"
+        out = translator.translate(opened, "beard", seed=0)
+    assert out.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(translator.translate(loaded, "beard", seed=0)))
+    assert (loaded[np.asarray(palette) == 0] == 255).all()
+
+    from_file = np.asarray(load_rgb(tmp_path / "rgba.png"))
+    assert (from_file[: SIZE // 2] == 255).all() and not (from_file[SIZE // 2:] == 255).all()
+    same(Image.fromarray(rgba, "RGBA"), from_file)
+    same(rgba, from_file)  # numpy RGBA: composited the same way, to the same uint8 values
+    same(Image.fromarray(grey, "L"), np.repeat(grey[:, :, None], 3, axis=2))
+    same(grey, np.repeat(grey[:, :, None], 3, axis=2))
+
+
+def _no_conversion(*args, **kwargs):
+    raise ValueError("no conversion")
+
+
+def test_bad_images_give_clear_errors(translator, tmp_path):
     with pytest.raises(ValueError, match="3 channels"):
         translator.translate(torch.zeros(2, 4, SIZE, SIZE), "beard")
     with pytest.raises(ValueError, match=r"\[H, W, 3\]"):
-        translator.translate(np.zeros((SIZE, SIZE, 4), np.uint8), "beard")
-    with pytest.raises(ValueError, match=r"\[H, W, 3\]"):
-        translator.translate(np.zeros((SIZE, SIZE), np.uint8), "beard")
-    with pytest.raises(ValueError, match="not RGB"):
-        translator.translate(Image.new("L", (SIZE, SIZE)), "beard")
+        translator.translate(np.zeros((SIZE, SIZE, 5), np.uint8), "beard")
+    unreadable = Image.new("CMYK", (SIZE, SIZE))
+    unreadable.convert = _no_conversion
+    with pytest.raises(ValueError, match=r"image 1: cannot read this PIL image \(CMYK\): no conversion"):
+        translator.translate([Image.new("RGB", (SIZE, SIZE)), unreadable], "beard")
+    Image.fromarray(_uint8_images(1)[0]).save(tmp_path / "whole.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "whole.png").read_bytes()[:-200])
+    with Image.open(tmp_path / "cut.png") as cut, pytest.raises(ValueError, match="image 0: cannot read"):
+        translator.translate(cut, "beard")
+    with pytest.raises(ValueError, match=r"\[H, W, 4\] \(RGBA\)"):
+        translator.translate(np.zeros((SIZE, SIZE, 2), np.uint8), "beard")
     with pytest.raises(ValueError, match="uint8"):
         translator.translate(np.zeros((SIZE, SIZE, 3), np.float32), "beard")
     with pytest.raises(ValueError, match="empty batch"):

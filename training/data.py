@@ -19,6 +19,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from lanit_rt.images import to_rgb
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
@@ -40,34 +42,11 @@ def find_images(root: str | Path) -> list[Path]:
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Decode an image of any mode to RGB; transparent pixels become white.
-
-    16-bit grey (PNG: Pillow mode "I;16", or "I" in older Pillow) is scaled to 8 bits, v / 257."""
+    """Decode an image of any mode to RGB (`lanit_rt.images.to_rgb`, which the Translator shares):
+    transparent pixels become white, 16-bit grey is scaled to 8 bits, v / 257."""
     with Image.open(path) as img:
         img.load()
-        if img.mode in WIDE_GREY_MODES:
-            return wide_grey_to_l(img).convert("RGB")
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")
-            canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(canvas, rgba).convert("RGB")
-        return img.convert("RGB")
-
-
-# Integer grey modes whose samples are 16-bit. Pillow's own convert("RGB") clips them at 255, which
-# turns a 16-bit image (mid grey = 32768) almost entirely white.
-WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-def wide_grey_to_l(img: Image.Image) -> Image.Image:
-    """16-bit grey image -> 8-bit "L": round(v * 255 / 65535), with v clipped to [0, 65535]; a
-    transparent grey value (PNG tRNS) becomes white, as transparency does elsewhere."""
-    samples = np.asarray(img).astype(np.int64)  # [H, W]; I;16B arrives big-endian, astype fixes it
-    grey = np.rint(np.clip(samples, 0, 65535) / 257.0).astype(np.uint8)
-    transparent = img.info.get("transparency")
-    if isinstance(transparent, int):
-        grey[samples == transparent] = 255
-    return Image.fromarray(grey, "L")
+        return to_rgb(img)
 
 
 @dataclass(frozen=True)
