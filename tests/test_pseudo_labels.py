@@ -300,6 +300,23 @@ def test_load_vision_language_errors_and_local_checkpoints(registered, clip_vl, 
     torch.testing.assert_close(from_folder.encode_images(images), expected)
     torch.testing.assert_close(from_folder.encode_texts(["a beard"]), clip_vl.encode_texts(["a beard"]))
     torch.testing.assert_close(load_vision_language(f"local-dir:{folder}").encode_images(images), expected)
+    # A weights file whose sidecar holds the whole architecture: registered with open_clip under a
+    # content-derived name, again in a process whose registry lacks it, whatever files an earlier
+    # process left (the registration once lived in a file named after the process id, skipped when
+    # that file was there: a recycled process id then failed to load the model).
+    sidecar = tmp_path / "tiny.safetensors.json"
+    sidecar.write_text(json.dumps({"model_cfg": registered["lanit-test-clip"]}))
+    torch.testing.assert_close(load_vision_language(str(weights)).encode_images(images), expected)
+    local = [m for m in open_clip.list_models() if m.startswith("lanit-local-")]
+    assert local
+    for arch in local:
+        open_clip.factory._MODEL_CONFIGS.pop(arch)
+    torch.testing.assert_close(load_vision_language(str(weights)).encode_images(images), expected)
+    for bad, message in (({"embed_dim": 8}, "'embed_dim', 'vision_cfg' and 'text_cfg'"),
+                         ([1, 2], "must be a JSON object")):
+        sidecar.write_text(json.dumps({"model_cfg": bad}))
+        with pytest.raises(VisionLanguageError, match=message):
+            load_vision_language(str(weights))
     not_a_model = tmp_path / "not_a_model"
     not_a_model.mkdir()
     with pytest.raises(VisionLanguageError, match="not an open_clip model folder"):

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -537,10 +536,7 @@ def _load_file_with_sidecar(name: str, weights: Path, device) -> VisionLanguage:
     # A full architecture: register it with open_clip under a name derived from its content.
     digest = hashlib.sha256(json.dumps(info["model_cfg"], sort_keys=True).encode()).hexdigest()
     arch = "lanit-local-" + digest[:12]
-    cfg_file = _registry_dir() / f"{arch}.json"
-    if not cfg_file.exists():
-        cfg_file.write_text(json.dumps(info["model_cfg"]), encoding="utf-8")
-        open_clip.add_model_config(cfg_file)
+    register_model_config(arch, info["model_cfg"], str(sidecar))
     model = _load_arch_with_weights(name, arch, weights, device)
     pre = info.get("preprocess_cfg") or {}
     if pre.get("mean") and pre.get("std"):
@@ -549,9 +545,25 @@ def _load_file_with_sidecar(name: str, weights: Path, device) -> VisionLanguage:
     return model
 
 
-def _registry_dir() -> Path:
+def register_model_config(arch: str, model_cfg: Any, source: str) -> None:
+    """Make `model_cfg` known to open_clip as `arch` in this process (a no-op when it is already).
+
+    open_clip only takes configs from JSON files (`add_model_config`), and reads them at once: the
+    file lives in a temporary folder for the call. The registry of this process is what is checked,
+    never files left by another one. VisionLanguageError when open_clip does not take the config."""
     import tempfile
 
-    folder = Path(tempfile.gettempdir()) / f"lanit-rt-open-clip-configs-{os.getpid()}"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    open_clip = import_open_clip()
+    if arch in open_clip.list_models():
+        return
+    if not isinstance(model_cfg, dict):
+        raise VisionLanguageError(f"{source}: model_cfg must be a JSON object (an open_clip model config)")
+    with tempfile.TemporaryDirectory(prefix="lanit-rt-open-clip-") as folder:
+        cfg_file = Path(folder) / f"{arch}.json"
+        cfg_file.write_text(json.dumps(model_cfg), encoding="utf-8")
+        open_clip.add_model_config(cfg_file)
+    if arch not in open_clip.list_models():  # open_clip skips configs without these keys, silently
+        raise VisionLanguageError(f"{source}: model_cfg must be an open_clip model config with "
+                                  "'embed_dim', 'vision_cfg' and 'text_cfg'")
+
+
