@@ -211,6 +211,10 @@ def test_cli_reports_labeler_and_file_errors_in_one_line(tmp_path, tiny_labeler,
     assert run.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "templates" in err and len(err.strip().splitlines()) == 1
+    argv = tiny_argv(tmp_path, tiny_labeler, "--out", str(tmp_path / "run3"), "--set", "templates_file=emoji")
+    assert run.main(argv) == 2  # a built-in set's name given as a file
+    err = capsys.readouterr().err
+    assert "cannot read templates_file emoji" in err and "use --set template_set=emoji" in err
 
 
 def test_cli_rejects_an_unusable_out_folder_before_any_work(tmp_path, refuse_new_files, capsys):

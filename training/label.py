@@ -83,7 +83,10 @@ def read_template_file(path: str | os.PathLike) -> list[str]:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as err:
-        raise LabelCLIError(f"cannot read templates file {path}: {err.strerror or err}") from None
+        from training.prompts import TEMPLATE_SETS
+
+        hint = f"; for the built-in set use --template-set {path}" if str(path) in TEMPLATE_SETS else ""
+        raise LabelCLIError(f"cannot read templates file {path}: {err.strerror or err}{hint}") from None
     templates = [t.strip() for t in lines if t.strip() and not t.strip().startswith("#")]
     bad = [t for t in templates if t.count("{}") != 1]
     if not templates or bad:

@@ -274,7 +274,13 @@ def read_templates(cfg: TrainConfig, template_set: str) -> list[str]:
     from training.prompts import TEMPLATE_SETS
 
     if cfg.templates_file:
-        lines = Path(cfg.templates_file).read_text(encoding="utf-8").splitlines()
+        try:
+            lines = Path(cfg.templates_file).read_text(encoding="utf-8").splitlines()
+        except OSError as err:
+            hint = (f"; for the built-in set use --set template_set={cfg.templates_file}"
+                    if cfg.templates_file in TEMPLATE_SETS else "")
+            raise ValueError(f"cannot read templates_file {cfg.templates_file}: "
+                             f"{err.strerror or err}{hint}") from None
         templates = [t.strip() for t in lines if t.strip() and not t.startswith("#")]
         bad = [t for t in templates if t.count("{}") != 1]
         if bad or not templates:
