@@ -201,6 +201,16 @@ def tiny_argv(tmp_path: Path, labeler: str, *extra: str) -> list[str]:
     return argv + list(extra)
 
 
+def test_cli_prints_warnings_as_single_lines(tmp_path, tiny_labeler, capsys):
+    argv = tiny_argv(tmp_path, tiny_labeler)
+    (tmp_path / "data" / "broken.png").write_bytes(b"not a png")
+    assert run.main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"warning: skipping unreadable image {tmp_path / 'data' / 'broken.png'}" in err
+    assert "UserWarning" not in err and "check_images(" not in err  # no file:line and source line
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["skipped_images"]
+
+
 def test_cli_reports_labeler_and_file_errors_in_one_line(tmp_path, tiny_labeler, capsys):
     assert run.main(tiny_argv(tmp_path, "nosuch")) == 2
     err = capsys.readouterr().err

@@ -44,6 +44,7 @@ from lanit_rt.checkpoint import (CheckpointError, LanitModel, OutputPathError, a
                                  check_output_file, load_checkpoint)
 from lanit_rt.config import ConfigError
 from training import metrics
+from training.cli import one_line_warnings
 from training.data import DataError, ImageSet, check_images, find_images
 
 TRAIN_CONFIG_FILE = "train_config.json"
@@ -821,8 +822,9 @@ def main(argv: list[str] | None = None) -> int:
     from training.vl import VisionLanguageError
 
     try:
-        result = evaluate_run(args.run_dir, gt=args.gt, labeler=args.labeler, settings=settings,
-                              cache_dir=args.cache_dir, device=args.device, data=args.data)
+        with one_line_warnings():
+            result = evaluate_run(args.run_dir, gt=args.gt, labeler=args.labeler, settings=settings,
+                                  cache_dir=args.cache_dir, device=args.device, data=args.data)
     except (EvalError, CheckpointError, ConfigError, DataError, ImageFeatureError, VisionLanguageError,
             OSError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)

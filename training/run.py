@@ -12,6 +12,7 @@ from pathlib import Path
 
 from lanit_rt.checkpoint import TRAIN_STATE_FILE, CheckpointError
 from lanit_rt.config import ConfigError
+from training.cli import one_line_warnings
 from training.config import TrainConfig, parse_override
 from training.data import DataError
 from training.train import RunError, TrainingInterrupted, train
@@ -92,6 +93,11 @@ def interrupted_message(err: KeyboardInterrupt, out: Path | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with one_line_warnings():
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     out = None
     try:
         cfg = config_from_args(args)
