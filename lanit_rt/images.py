@@ -9,10 +9,10 @@ Accepted inputs, single or batched:
 
 Every image is mapped to a float32 tensor in [-1, 1] (uint8 v -> v / 127.5 - 1) and resized to the
 model size with antialiased bilinear interpolation. Outputs come back in the input's kind and
-container (PIL in -> RGB PIL out, a [N, H, W, C] array in -> one [N, H, W, 3] array out), clamped to [-1, 1] and, for
-uint8 kinds, rounded as round((y + 1) * 127.5). With `resize_back` every output is resized to its
-input's size. uint8 data travels to the device as uint8 (4x fewer bytes than float32) and is
-converted there.
+container (PIL in -> RGB PIL out, a [N, H, W, C] array in -> one [N, H, W, 3] array out), clamped
+to [-1, 1] and, for uint8 kinds, rounded as round((y + 1) * 127.5). With `resize_back` every output
+is resized to its input's size. uint8 data travels to the device as uint8 (4x fewer bytes than
+float32) and is converted there.
 """
 
 from __future__ import annotations
@@ -102,7 +102,8 @@ def to_rgb(image: Any) -> Any:
         return image
     if image.mode in WIDE_GREY_MODES:
         return wide_grey_to_l(image).convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+    transparent_palette = image.mode == "P" and "transparency" in image.info
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or transparent_palette:
         rgba = image.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(canvas, rgba).convert("RGB")
