@@ -638,10 +638,12 @@ class Trainer:
         metrics_path = self.out / METRICS_FILE
         if self.dist.main and self.step == 0 and metrics_path.exists():
             metrics_path.unlink()  # left by an earlier attempt that never saved; this one starts over
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="training", unit="step",
+        budget = cfg.time_budget_s
+        # With a time budget the bar's total (the step count) is an upper bound, not the end.
+        desc = "training" if budget is None else f"training (stops after {budget / 60:g} min)"
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=desc, unit="step",
                    disable=not (self.progress and self.dist.main), dynamic_ncols=True)
         started, start_step = time.perf_counter(), self.step
-        budget = cfg.time_budget_s
         try:
             while self.step < cfg.steps:
                 if budget is not None and self._out_of_time(started, budget):
