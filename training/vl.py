@@ -517,7 +517,6 @@ def _load_open_clip_folder(name: str, folder: Path, device) -> VisionLanguage:
 
 
 def _load_file_with_sidecar(name: str, weights: Path, device) -> VisionLanguage:
-    open_clip = import_open_clip()
     sidecars = [weights.with_name(weights.name + ".json"), weights.with_name(OPEN_CLIP_CONFIG)]
     sidecar = next((p for p in sidecars if p.is_file()), None)
     if sidecar is None:
