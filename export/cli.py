@@ -2,7 +2,7 @@
 
     lanit-export CHECKPOINT --onnx OUT.onnx [--fp16]
     lanit-export CHECKPOINT --trt fp16|fp32 [--onnx-path P] [--min-batch N] [--opt-batch N]
-                 [--max-batch N] [--out OUT.engine]
+                 [--max-batch N] [--out OUT.engine]   (default OUT: CHECKPOINT_DIR/model.engine)
 
 Every artifact is validated against the PyTorch generator before it is written; the max abs errors
 are printed. Errors (missing/foreign checkpoint, unknown precision, empty batch range, unusable
@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--opt-batch", type=_int, help="(--trt) batch to tune for (default 8)")
     parser.add_argument("--max-batch", type=_int, help="(--trt) largest batch (default 32)")
     parser.add_argument("--out", metavar="OUT.engine",
-                        help="(--trt) engine path (default: CHECKPOINT_DIR/generator.PRECISION.engine)")
+                        help="(--trt) engine path (default: CHECKPOINT_DIR/model.engine, where "
+                             "Translator.from_checkpoint(..., backend='tensorrt') looks)")
     parser.add_argument("--device", default="cpu", help="device for the PyTorch reference (default cpu)")
     return parser
 
@@ -68,6 +69,8 @@ def _check_device(text: str) -> None:
         device = torch.device(text)
     except RuntimeError:
         raise _UsageError(f"unknown --device {text!r}; use e.g. cpu, cuda or cuda:1") from None
+    if device.type not in ("cpu", "cuda"):
+        raise _UsageError(f"--device {text} cannot run the reference model; use cpu, cuda or cuda:N")
     try:
         torch.empty(0, device=device)
     except Exception as err:  # torch says "unusable device" as RuntimeError, AssertionError, ...
@@ -77,8 +80,14 @@ def _check_device(text: str) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     from lanit_rt import load_checkpoint  # noqa: PLC0415 (keeps --help fast)
+    from lanit_rt.checkpoint import read_checkpoint_config  # noqa: PLC0415
+    from lanit_rt.translator import ENGINE_FILE  # noqa: PLC0415
 
     from export.onnx_export import PRECISIONS, check_output_path, style_graph_path  # noqa: PLC0415
+
+    for name in ("checkpoint", "onnx", "onnx_path", "out"):  # "~/x" from a quoted or --flag=~ path
+        if getattr(args, name) is not None:
+            setattr(args, name, str(Path(getattr(args, name)).expanduser()))
 
     trt_only = {"--onnx-path": args.onnx_path, "--min-batch": args.min_batch,
                 "--opt-batch": args.opt_batch, "--max-batch": args.max_batch, "--out": args.out}
@@ -86,8 +95,8 @@ def _run(args: argparse.Namespace) -> None:
         used = [flag for flag, value in trt_only.items() if value is not None]
         if used:
             raise _UsageError(f"{', '.join(used)} only apply with --trt")
-        if not args.onnx.endswith(".onnx"):
-            raise _UsageError(f"--onnx output must end in .onnx, got {args.onnx!r}")
+        if Path(args.onnx).suffix != ".onnx":  # ".onnx" alone is a hidden file without a suffix
+            raise _UsageError(f"--onnx needs a file name ending in .onnx (e.g. model.onnx), got {args.onnx!r}")
     else:
         if args.trt not in PRECISIONS:
             raise _UsageError(f"unknown precision {args.trt!r} for --trt; choose one of {list(PRECISIONS)}")
@@ -101,12 +110,13 @@ def _run(args: argparse.Namespace) -> None:
         import_tensorrt()  # fail before loading anything when TensorRT is missing
 
     _check_device(args.device)
+    read_checkpoint_config(args.checkpoint)  # a missing or foreign checkpoint, before any folder is made
     if args.onnx is not None:
         outputs = [Path(args.onnx), style_graph_path(args.onnx)]
     else:
         ckpt = Path(args.checkpoint)
         folder = ckpt if ckpt.is_dir() else ckpt.parent
-        engine = Path(args.out) if args.out else folder / f"generator.{args.trt}.engine"
+        engine = Path(args.out) if args.out else folder / ENGINE_FILE
         outputs = [engine]
     for output in outputs:
         check_output_path(output)  # before loading and tracing, which take a while
@@ -139,6 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _run(args)
     except SystemExit as stop:  # --help
         return int(stop.code or 0)
+    except KeyboardInterrupt:  # every output is published whole by a rename, or not at all
+        print("lanit-export: interrupted; no partial file was written", file=sys.stderr)
+        return 130
     except _UsageError as err:
         print(f"lanit-export: error: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -173,11 +173,13 @@ def export_module(model: LanitModel, kind: str, precision: str) -> nn.Module:
     return StyleGenerator(model.generator, precision).eval()
 
 
-def artifact_metadata(config: LanitConfig, precision: str, kind: str) -> dict[str, str]:
-    """The metadata_props of an exported graph (also the keys of a TensorRT sidecar)."""
+def artifact_metadata(config: LanitConfig, precision: str, kind: str,
+                      weights_digest: str | None = None) -> dict[str, str]:
+    """The metadata_props of an exported graph (also the keys of a TensorRT sidecar);
+    `weights_digest` is LanitModel.weights_digest() of the exported model."""
     check_precision(precision)
     check_kind(kind)
-    return {
+    meta = {
         "lanit_config": config.to_json(),
         "domains": json.dumps(list(config.domains)),
         "lanit_rt_version": lanit_rt.__version__,
@@ -185,6 +187,9 @@ def artifact_metadata(config: LanitConfig, precision: str, kind: str) -> dict[st
         "kind": kind,
         "io_dtype": IO_DTYPE,
     }
+    if weights_digest is not None:
+        meta["weights_digest"] = weights_digest
+    return meta
 
 
 def read_metadata(model_or_path: Any) -> dict[str, str]:
@@ -250,7 +255,8 @@ def _trace(model: LanitModel, kind: str, precision: str, opset: int):
             node.name = f"{node.op_type}_{i}"
         seen.add(node.name)
     del proto.metadata_props[:]
-    onnx.helper.set_model_props(proto, artifact_metadata(model.config, precision, kind))
+    onnx.helper.set_model_props(proto, artifact_metadata(model.config, precision, kind,
+                                                         model.weights_digest()))
     proto.producer_name = "lanit-rt"
     proto.producer_version = lanit_rt.__version__
     return proto

@@ -113,9 +113,9 @@ def layers_to_pin(layers: Sequence[tuple[str, str, str]], fp32_nodes: Iterable[s
 
 
 def engine_sidecar(config: LanitConfig, precision: str, profile: BatchProfile,
-                   kind: str = ENGINE_KIND, **extra) -> dict:
+                   kind: str = ENGINE_KIND, weights_digest: str | None = None, **extra) -> dict:
     """The sidecar content: the ONNX metadata keys (same string values) + min/opt/max batch."""
-    data: dict = dict(artifact_metadata(config, precision, kind))
+    data: dict = dict(artifact_metadata(config, precision, kind, weights_digest))
     data.update(min_batch=profile.min, opt_batch=profile.opt, max_batch=profile.max)
     data.update(extra)
     return data
@@ -283,6 +283,9 @@ def export_tensorrt(model: LanitModel, engine_path: str | os.PathLike, precision
             raise ExportError(f"no ONNX graph at {onnx_path}")
         elif config_from_metadata(read_metadata(onnx_path)) != model.config:
             raise ExportError(f"{onnx_path} was exported from a different model than the checkpoint")
+        elif read_metadata(onnx_path).get("weights_digest", model.weights_digest()) != model.weights_digest():
+            raise ExportError(f"{onnx_path} was exported from other weights than the checkpoint "
+                              "(an older export?); export the ONNX graph again or leave out --onnx-path")
         engine, cache = build_engine_bytes(onnx_path, precision, profile, timing_cache_path(engine_path),
                                     workspace_gib, log)
         artifact = EngineArtifact(engine_path, sidecar_path(engine_path), timing_cache_path(engine_path),
@@ -296,8 +299,8 @@ def export_tensorrt(model: LanitModel, engine_path: str | os.PathLike, precision
             if not artifact.validation.passed:
                 raise ValidationError(artifact.validation.describe(engine_path.name))
         trt = import_tensorrt()
-        sidecar = engine_sidecar(model.config, precision, profile, tensorrt_version=trt.__version__,
-                                 lanit_rt_version=lanit_rt.__version__)
+        sidecar = engine_sidecar(model.config, precision, profile, weights_digest=model.weights_digest(),
+                                 tensorrt_version=trt.__version__, lanit_rt_version=lanit_rt.__version__)
         tmp_engine = Path(scratch) / engine_path.name
         tmp_engine.write_bytes(engine)
         write_sidecar(engine_path, sidecar)

@@ -14,6 +14,7 @@ interrupted save never leaves a truncated checkpoint.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import stat
@@ -166,6 +167,22 @@ class LanitModel:
     def domain_style(self, domain_weights: torch.Tensor) -> torch.Tensor:
         """Multi-hot target weights [N, D] -> style [N, S] by the exact mixing rule."""
         return mix_styles(self.style_table.to(domain_weights.device), domain_weights)
+
+    def weights_digest(self) -> str:
+        """A digest of what an exported generator bakes in: the generator's weights and the style
+        tables (16 hex digits). Artifacts carry it, so that one exported from other weights than
+        its checkpoint (an export left from before more training) is refused, not run."""
+        h = hashlib.sha256()
+        tensors = {f"generator.{k}": v for k, v in self.generator.state_dict().items()}
+        tensors.update(latent_table=self.latent_table, reference_table=self.reference_table)
+        for name in sorted(tensors):
+            tensor = tensors[name]
+            if tensor is None:
+                continue
+            tensor = tensor.detach().to("cpu")
+            h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+            h.update(tensor.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def to(self, device: torch.device | str) -> "LanitModel":
         for net in (self.generator, self.mapping, self.style_encoder):

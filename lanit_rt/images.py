@@ -34,15 +34,22 @@ class ImageSpec:
     """How a user's images arrived, so results can be returned the same way.
 
     kind: "pil" | "numpy" | "tensor"; container: "single" (one image), "list", or "stacked" (one
-    [N, H, W, 3] array or [N, 3, H, W] tensor); sizes: each image's (H, W); for tensors, their dtype
-    and device.
+    [N, H, W, 3] array or [N, 3, H, W] tensor); sizes: each image's (H, W); for tensors, their
+    dtypes (one per image) and device.
     """
 
     kind: str
     container: str
     sizes: tuple[tuple[int, int], ...]
-    dtype: torch.dtype | None = None
+    dtypes: tuple[torch.dtype, ...] | None = None
     device: torch.device | None = None
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The tensors' dtype when they share one (float32 for a list of mixed dtypes)."""
+        if not self.dtypes:
+            return None
+        return self.dtypes[0] if len(set(self.dtypes)) == 1 else torch.float32
 
     @property
     def count(self) -> int:
@@ -102,6 +109,8 @@ def to_rgb(image: Any) -> Any:
         return image
     if image.mode in WIDE_GREY_MODES:
         return wide_grey_to_l(image).convert("RGB")
+    if image.mode == "La":  # premultiplied grey + alpha: Pillow converts it to "LA" only
+        image = image.convert("LA")
     transparent_palette = image.mode == "P" and "transparency" in image.info
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or transparent_palette:
         rgba = image.convert("RGBA")
@@ -136,10 +145,14 @@ def _numpy_to_uint8(array: np.ndarray, index: int) -> torch.Tensor:
         alpha = array[:, :, 3:].astype(np.uint16)
         over = array[:, :, :3].astype(np.uint16) * alpha + 255 * (255 - alpha)
         array = ((over + 127) // 255).astype(np.uint8)
+    if not array.flags.writeable:  # np.asarray(pil_image) is read-only; torch.from_numpy warns about it
+        array = array.copy()
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
 def _check_float_tensor(tensor: torch.Tensor, what: str) -> None:
+    if tensor.device.type == "meta":
+        raise ValueError(f"{what}: a tensor on the meta device holds no data")
     if not tensor.is_floating_point():
         raise ValueError(f"{what}: tensors must be floating point in [-1, 1], got {tensor.dtype}")
     if tensor.shape[-3] != 3:
@@ -177,7 +190,8 @@ def load_images(images: Any) -> RawImages:
             if images.shape[0] == 0:
                 raise ValueError("empty batch: the tensor holds 0 images")
             size = (int(images.shape[2]), int(images.shape[3]))
-            spec = ImageSpec("tensor", "stacked", (size,) * images.shape[0], images.dtype, images.device)
+            count = images.shape[0]
+            spec = ImageSpec("tensor", "stacked", (size,) * count, (images.dtype,) * count, images.device)
             return RawImages(spec, images, None)
         else:
             container, items = "single", [images]
@@ -188,14 +202,12 @@ def load_images(images: Any) -> RawImages:
                 raise ValueError(f"image {i}: image tensors must be [3, H, W] (or one [N, 3, H, W] "
                                  f"batch), got shape {tuple(tensor.shape)}")
             _check_float_tensor(tensor, f"image {i}")
-        dtypes = {t.dtype for t in items}
         devices = {t.device for t in items}
         if len(devices) > 1:
             raise ValueError(f"images are on different devices: {sorted(map(str, devices))}")
         tensors = items
         sizes = tuple((int(t.shape[1]), int(t.shape[2])) for t in tensors)
-        dtype = items[0].dtype if len(dtypes) == 1 else torch.float32
-        spec = ImageSpec(kind, container, sizes, dtype, items[0].device)
+        spec = ImageSpec(kind, container, sizes, tuple(t.dtype for t in items), items[0].device)
     else:
         convert = _pil_to_uint8 if kind == "pil" else _numpy_to_uint8
         tensors = [convert(image, i) for i, image in enumerate(items)]
@@ -289,13 +301,10 @@ def from_model_batch(output: torch.Tensor, spec: ImageSpec, resize_back: bool = 
         per_image = [_resize(output[i: i + 1], hw).clamp_(-1.0, 1.0) for i, hw in enumerate(spec.sizes)]
 
     if spec.kind == "tensor":
-        if per_image is not None:
-            items = [t[0].to(device=spec.device, dtype=spec.dtype) for t in per_image]
-        else:
-            batch = output.to(device=spec.device, dtype=spec.dtype)
-            if spec.container == "stacked":
-                return batch
-            items = list(batch.unbind(0))
+        if per_image is None and spec.container == "stacked":
+            return output.to(device=spec.device, dtype=spec.dtype)
+        outputs = per_image if per_image is not None else list(output.split(1))
+        items = [t[0].to(device=spec.device, dtype=dtype) for t, dtype in zip(outputs, spec.dtypes)]
         return items[0] if spec.container == "single" else items
 
     if per_image is not None:

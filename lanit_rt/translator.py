@@ -33,7 +33,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from lanit_rt.backends.base import ArtifactError, Backend, check_expected_domains, check_same_config
+from lanit_rt.backends.base import (ArtifactError, Backend, check_expected_domains, check_same_config,
+                                    check_same_weights)
 from lanit_rt.backends.torch import TorchBackend
 from lanit_rt.checkpoint import CheckpointError, load_checkpoint
 from lanit_rt.config import LanitConfig
@@ -63,6 +64,28 @@ def resolve_dtype(dtype: Any, device: torch.device | str) -> torch.dtype:
     if dtype not in _PRECISION_NAMES:
         raise ValueError(f"unsupported dtype {dtype}; use float32, float16 or bfloat16")
     return dtype
+
+
+def check_device(device: torch.device | str) -> torch.device:
+    """`device` as a torch.device the backends run on ("cpu", "cuda", "cuda:N"); ValueError otherwise."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} cannot run a Translator; use 'cpu', 'cuda' or 'cuda:N'")
+    return resolved
+
+
+def _host_tensor(value: Any, what: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`value` (tensor, array or nested list) as a detached CPU tensor of `dtype`."""
+    if isinstance(value, torch.Tensor) and value.device.type == "meta":
+        raise ValueError(f"{what}: a tensor on the meta device holds no data")
+    try:
+        return torch.as_tensor(value).detach().to("cpu", dtype)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"{what} must be numbers (a tensor or an array), got {type(value).__name__}: "
+                        f"{err}") from None
 
 
 def _checkpoint_folder(path: str | os.PathLike) -> Path:
@@ -98,6 +121,17 @@ class Translator:
         """
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        device = check_device(device)
+        if backend != "torch":
+            torch_only = [name for name, given in (("impl", impl != "auto"), ("cuda_graphs", cuda_graphs),
+                                                   ("channels_last", channels_last is not None)) if given]
+            if torch_only:
+                raise ValueError(f"{', '.join(torch_only)} apply to backend='torch' only, not {backend!r}")
+        elif artifact is not None:
+            raise ValueError("artifact= names an exported file: use it with backend='onnxruntime' or "
+                             "'tensorrt'")
+        if providers is not None and backend != "onnxruntime":
+            raise ValueError(f"providers= applies to backend='onnxruntime' only, not {backend!r}")
         model = load_checkpoint(path, device=device)
         folder = _checkpoint_folder(path)
         if backend == "torch":
@@ -112,12 +146,14 @@ class Translator:
                                     f"`lanit-export {path} --onnx {onnx_path}`")
             runner = OnnxRuntimeBackend(onnx_path, device=device, providers=providers)
             check_same_config(runner.config, model.config, str(onnx_path))
+            check_same_weights(runner.weights_digest, model.weights_digest(), str(onnx_path), str(path))
             _check_precision(runner.precision, dtype, device, str(onnx_path))
         else:
             from lanit_rt.backends.tensorrt import TensorRTBackend
             engine_path = Path(artifact) if artifact is not None else folder / ENGINE_FILE
             runner = TensorRTBackend(engine_path, device=device)
             check_same_config(runner.config, model.config, str(engine_path))
+            check_same_weights(runner.weights_digest, model.weights_digest(), str(engine_path), str(path))
             _check_precision(runner.precision, dtype, device, str(engine_path))
         return cls(runner, mapping=model.mapping, style_encoder=model.style_encoder, style_device=device)
 
@@ -131,7 +167,7 @@ class Translator:
         them (ArtifactError otherwise). Seed/reference targets need from_checkpoint.
         """
         from lanit_rt.backends.onnxruntime import OnnxRuntimeBackend
-        runner = OnnxRuntimeBackend(path, device=device, providers=providers, threads=threads)
+        runner = OnnxRuntimeBackend(path, device=check_device(device), providers=providers, threads=threads)
         check_expected_domains(runner.config.domains, domains, str(path))
         return cls(runner)
 
@@ -140,6 +176,7 @@ class Translator:
                     domains: Sequence[str] | None = None) -> "Translator":
         """Run a TensorRT engine OUT.engine described by OUT.engine.json."""
         from lanit_rt.backends.tensorrt import TensorRTBackend, read_sidecar
+        device = check_device(device)
         check_expected_domains(read_sidecar(path)["domains"], domains, str(path))
         return cls(TensorRTBackend(path, device=device))
 
@@ -156,26 +193,37 @@ class Translator:
         and [1, D] broadcast to every image).
         """
         d = self.config.num_domains
+        if isinstance(domains, np.ndarray) and domains.dtype.kind in "USO":
+            domains = domains.tolist()  # an array of names is a list of names
+        # Weights are gathered and normalised in float64: finite Python floats may overflow float32.
         if isinstance(domains, (str, bool, int, np.integer)):
-            weights = torch.zeros(1, d)
+            weights = torch.zeros(1, d, dtype=torch.float64)
             weights[0, self._index(domains)] = 1.0
         elif isinstance(domains, Mapping):
             if not domains:
                 raise ValueError("empty domain dict: give at least one domain weight")
-            weights = torch.zeros(1, d)
+            weights = torch.zeros(1, d, dtype=torch.float64)
+            seen: set[int] = set()
             for key, value in domains.items():
                 value = float(value)
                 if not np.isfinite(value) or value < 0:
                     raise ValueError(f"domain weight for {key!r} must be finite and >= 0, got {value}")
-                weights[0, self._index(key)] += value
+                index = self._index(key)
+                if index in seen:  # a name and its index, say
+                    raise ValueError(f"domain {self.domains[index]!r} is given twice in {domains!r}")
+                seen.add(index)
+                weights[0, index] = value
         elif isinstance(domains, (list, tuple)):
             if not domains:
                 raise ValueError("empty domain list: give at least one domain")
-            weights = torch.zeros(1, d)
+            weights = torch.zeros(1, d, dtype=torch.float64)
             for item in domains:
-                weights[0, self._index(item)] = 1.0
+                index = self._index(item)
+                if weights[0, index]:
+                    raise ValueError(f"domain {self.domains[index]!r} is given twice in {list(domains)!r}")
+                weights[0, index] = 1.0
         elif isinstance(domains, (torch.Tensor, np.ndarray)):
-            weights = torch.as_tensor(domains).detach().to("cpu", torch.float32)
+            weights = _host_tensor(domains, "domain weights", torch.float64)
             if weights.dim() == 1:
                 weights = weights[None]
             if weights.dim() != 2 or weights.shape[1] != d:
@@ -189,7 +237,11 @@ class Translator:
             weights = weights.expand(n, d)
         elif weights.shape[0] != n:
             raise ValueError(f"domain weights have {weights.shape[0]} rows for {n} images")
-        return normalize_domain_weights(weights).contiguous()
+        # Each row scaled to a largest weight of 1 before float32 (all-zero rows stay zero, and
+        # are refused by normalize_domain_weights like negative weights).
+        largest = weights.abs().amax(dim=1, keepdim=True)
+        weights = weights / torch.where(largest > 0, largest, torch.ones_like(largest))
+        return normalize_domain_weights(weights.float()).contiguous()
 
     def _index(self, key: Any) -> int:
         if isinstance(key, str):
@@ -213,15 +265,22 @@ class Translator:
         if (seed is None) == (z is None):
             raise ValueError("pass exactly one of seed= or z=")
         if z is None:
+            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 63:
+                raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
             generator = torch.Generator(device="cpu").manual_seed(int(seed))
             z = torch.randn(n, latent, generator=generator)
-        z = torch.as_tensor(z).detach().to("cpu", torch.float32)
+        z = _host_tensor(z, "z")
         if z.dim() == 1:
             z = z[None]
         if z.dim() != 2 or z.shape[1] != latent or z.shape[0] not in (1, n):
             raise ValueError(f"z must be [{n}, {latent}] (or [{latent}]), got {tuple(z.shape)}")
+        if not bool(torch.isfinite(z).all()):
+            raise ValueError("z holds NaN or infinite values")
         z = z.expand(n, latent)
-        return self.mapping(z.to(self.style_device), weights.to(self.style_device)).float()
+        style = self.mapping(z.to(self.style_device), weights.to(self.style_device)).float()
+        if not bool(torch.isfinite(style).all()):  # z of 1e30 and more overflows the mapping network
+            raise ValueError("z is too large: the mapping network's styles overflow (draw z ~ N(0, 1))")
+        return style
 
     @torch.inference_mode()
     def reference_style(self, reference: Any, weights: torch.Tensor) -> torch.Tensor:
@@ -263,8 +322,11 @@ class Translator:
                              f"[N, D] weights); known domains: {list(self.domains)}")
         weights = self.domain_weights(domains, n) if domains is not None else None
         if guides and not self.backend.supports_style:
+            remedy = ("export the '.style' graph too" if self.backend.name == "onnxruntime" else
+                      "lanit-export builds TensorRT engines for domain targets only; use the torch or "
+                      "onnxruntime backend for these targets")
             raise ArtifactError(f"{guides[0]}-guided translation needs a style input, which the "
-                                f"{self.backend.name} artifact lacks (export the '.style' graph too)")
+                                f"{self.backend.name} artifact lacks ({remedy})")
 
         if reference is not None:
             style_vectors = self.reference_style(reference, weights)
@@ -289,7 +351,7 @@ class Translator:
 
     def _check_style(self, style: Any, n: int) -> torch.Tensor:
         s = self.config.style_dim
-        style = torch.as_tensor(style).detach().to("cpu", torch.float32)
+        style = _host_tensor(style, "style")
         if style.dim() == 1:
             style = style[None]
         if style.dim() != 2 or style.shape[1] != s or style.shape[0] not in (1, n):

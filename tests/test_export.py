@@ -308,9 +308,31 @@ def _cli_error(capsys, argv) -> tuple[int, str]:
 
 
 def test_cli_missing_checkpoint(capsys, tmp_path):
-    code, line = _cli_error(capsys, [tmp_path / "nope", "--onnx", tmp_path / "o.onnx"])
+    code, line = _cli_error(capsys, [tmp_path / "nope", "--onnx", tmp_path / "new" / "sub" / "o.onnx"])
     assert code != 0 and "no LANIT checkpoint" in line
-    assert not (tmp_path / "o.onnx").exists()
+    assert list(tmp_path.iterdir()) == []  # the output's folders are made only for a real checkpoint
+
+
+def test_cli_expands_a_tilde_in_every_path(capsys, checkpoint, tmp_path, monkeypatch):
+    """A quoted "~/x" (or --onnx=~/x) reaches the program unexpanded: both the early output check
+    and the writer must read it as the home folder (the writer once took it literally)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    written = []
+    monkeypatch.setattr("export.onnx_export.export_onnx",
+                        lambda model, out_path, *args, **kwargs: written.append(out_path) or [])
+    monkeypatch.chdir(tmp_path)
+    assert main([str(checkpoint), "--onnx", "~/exports/g.onnx"]) == 0
+    assert written == [str(tmp_path / "home" / "exports" / "g.onnx")]
+    assert not (tmp_path / "~").exists()
+
+
+def test_cli_ctrl_c_is_one_line(capsys, checkpoint, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("export.onnx_export.export_onnx", interrupted)
+    assert main([str(checkpoint), "--onnx", str(tmp_path / "g.onnx")]) == 130
+    assert capsys.readouterr().err.strip() == "lanit-export: interrupted; no partial file was written"
 
 
 def test_cli_foreign_checkpoints(capsys, tmp_path):
@@ -335,7 +357,8 @@ def test_cli_foreign_checkpoints(capsys, tmp_path):
     (["--trt", "fp32", "--max-batch", "0"], "positive integer"),
     (["--trt", "fp16", "--fp16"], "--fp16 applies to --onnx"),
     (["--onnx", "out.onnx", "--max-batch", "4"], "only apply with --trt"),
-    (["--onnx", "out.txt"], "must end in .onnx"),
+    (["--onnx", "out.txt"], "needs a file name ending in .onnx"),
+    (["--onnx", ".onnx"], "needs a file name ending in .onnx (e.g. model.onnx), got '.onnx'"),
     ([], "one of the arguments --onnx --trt is required"),
 ])
 def test_cli_bad_arguments(capsys, checkpoint, argv, message):
@@ -360,6 +383,7 @@ def test_cli_unwritable_output_is_one_line_before_tracing(capsys, checkpoint, tm
 
 @pytest.mark.parametrize("device, message", [
     ("banana", "unknown --device 'banana'"),
+    ("meta", "--device meta cannot run the reference model"),
     ("cuda:99", "--device cuda:99 is not available"),  # no machine has 100 GPUs
 ])
 def test_cli_bad_device_is_a_usage_error(capsys, checkpoint, tmp_path, monkeypatch, device, message):

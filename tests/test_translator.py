@@ -319,6 +319,60 @@ def test_images_of_any_mode_are_read_as_training_reads_them(translator, tmp_path
     same(grey, np.repeat(grey[:, :, None], 3, axis=2))
 
 
+def test_targets_and_latents_that_would_give_silent_garbage_are_refused(translator, monkeypatch):
+    image = _images(1)
+    beard = translator.translate(image, "beard")
+    # Finite Python weights that overflow float32, normalised in float64 instead of becoming NaN / 0.
+    torch.testing.assert_close(translator.translate(image, {"beard": 1e39}), beard)
+    torch.testing.assert_close(translator.translate(image, {"beard": 3e38, "black hair": 3e38}),
+                               translator.translate(image, ["beard", "black hair"]))
+    torch.testing.assert_close(translator.translate(image, np.array(["beard", "black hair"])),
+                               translator.translate(image, ["beard", "black hair"]))
+    for spec in (["beard", "beard"], {"beard": 1, CONFIG.domain_index("beard"): 1}):
+        with pytest.raises(ValueError, match="'beard' is given twice"):
+            translator.translate(image, spec)
+    for seed in (3.7, "3", True, 2 ** 64, -1):
+        with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*63\)"):
+            translator.translate(image, "beard", seed=seed)
+    torch.testing.assert_close(translator.translate(image, "beard", seed=np.int64(3)),
+                               translator.translate(image, "beard", seed=3))
+    with pytest.raises(ValueError, match="z holds NaN"):
+        translator.translate(image, "beard", z=torch.full((CONFIG.latent_dim,), float("nan")))
+    # The trained default model turns z = 3e38 into NaN styles; this tiny one stays finite.
+    monkeypatch.setattr(translator, "mapping", lambda z, w: torch.full((len(z), CONFIG.style_dim), float("inf")))
+    with pytest.raises(ValueError, match="z is too large"):
+        translator.translate(image, "beard", z=torch.full((CONFIG.latent_dim,), 3e38))
+    monkeypatch.undo()
+    meta = torch.empty(1, 3, SIZE, SIZE, device="meta")
+    with pytest.raises(ValueError, match="meta device holds no data"):
+        translator.translate(meta, "beard")
+    with pytest.raises(ValueError, match="z: a tensor on the meta device"):
+        translator.translate(image, "beard", z=torch.empty(CONFIG.latent_dim, device="meta"))
+    with pytest.raises(TypeError, match="style must be numbers"):
+        translator.translate(image, style=["a", "b"])
+
+
+def test_a_list_of_tensors_comes_back_in_each_tensors_dtype(translator):
+    images = [_images(1)[0].half(), _images(1, seed=1)[0], _images(1, seed=2)[0].bfloat16()]
+    outputs = translator.translate(images, "beard")
+    assert [o.dtype for o in outputs] == [torch.float16, torch.float32, torch.bfloat16]
+    stacked = translator.translate(torch.stack([i.float() for i in images]), "beard")
+    for output, expected in zip(outputs, stacked):
+        torch.testing.assert_close(output.float(), expected, atol=1e-2, rtol=0)
+
+
+def test_loading_refuses_arguments_it_would_ignore_or_misread(checkpoint):
+    for device, message in (("gpu", "unknown device 'gpu'"), ("meta", "device 'meta' cannot run")):
+        with pytest.raises(ValueError, match=message):
+            Translator.from_checkpoint(checkpoint, device=device)
+    with pytest.raises(ValueError, match="impl, cuda_graphs apply to backend='torch' only"):
+        Translator.from_checkpoint(checkpoint, backend="onnxruntime", impl="ref", cuda_graphs=True)
+    with pytest.raises(ValueError, match="artifact= names an exported file"):
+        Translator.from_checkpoint(checkpoint, artifact=checkpoint / "model.onnx")
+    with pytest.raises(ValueError, match="providers= applies to backend='onnxruntime' only"):
+        Translator.from_checkpoint(checkpoint, providers=["CPUExecutionProvider"])
+
+
 def _no_conversion(*args, **kwargs):
     raise ValueError("no conversion")
 
@@ -497,6 +551,43 @@ def test_onnxruntime_matches_torch_backend(checkpoint, onnx_path, translator):
                         translator.translate(arrays, "beard", resize_back=True))
     with pytest.raises(CheckpointError, match="mapping network"):
         standalone.translate(arrays, "beard", seed=1)
+
+
+@pytest.mark.slow
+def test_an_export_of_other_weights_is_refused(checkpoint, onnx_path, model, tmp_path):
+    """An ONNX file left from before more training has the checkpoint's config but not its weights:
+    the weights digest in its metadata tells them apart, for the checkpoint and for the style graph."""
+    import shutil
+
+    from export.onnx_export import export_onnx
+
+    retrained = tmp_path / "retrained"
+    retrained.mkdir()
+    for name in ("model.onnx", "model.style.onnx"):
+        shutil.copy(checkpoint / name, retrained / name)
+    generator = load_checkpoint(checkpoint).generator
+    with torch.no_grad():
+        generator.to_rgb[-1].weight.mul_(0.5)
+    save_checkpoint(retrained, CONFIG, generator, model.mapping, model.style_encoder,
+                    latent_table=model.latent_table)
+    with pytest.raises(ArtifactError, match="exported from other weights than"):
+        Translator.from_checkpoint(retrained, backend="onnxruntime")
+    assert Translator.from_checkpoint(checkpoint, backend="onnxruntime").backend.supports_style
+
+    export_onnx(load_checkpoint(retrained), retrained / "model.onnx", precision="fp32", validate=False)
+    (retrained / "model.style.onnx").unlink()
+    shutil.copy(checkpoint / "model.style.onnx", retrained / "model.style.onnx")  # the old style graph
+    with pytest.raises(ArtifactError, match="exported from different models"):
+        Translator.from_onnx(retrained / "model.onnx")
+
+
+def test_onnx_providers_and_domains_are_checked(onnx_path):
+    one = Translator.from_onnx(onnx_path, providers="CPUExecutionProvider")  # one name, not its letters
+    assert one.backend.providers == ["CPUExecutionProvider"]
+    with pytest.raises(ValueError, match="onnxruntime here has no NoSuchExecutionProvider"):
+        Translator.from_onnx(onnx_path, providers=["NoSuchExecutionProvider"])
+    with pytest.raises(TypeError, match="not one string"):
+        Translator.from_onnx(onnx_path, domains="beard")
 
 
 @pytest.mark.slow

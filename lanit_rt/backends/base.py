@@ -55,8 +55,8 @@ def parse_artifact_metadata(meta: Mapping[str, str], source: str) -> dict[str, A
     """Read the LANIT keys of an ONNX metadata_props map or an engine sidecar.
 
     Returns {"config": LanitConfig, "domains": tuple, "precision": str, "kind": str,
-    "io_dtype": str, "version": str | None}; raises ArtifactError for anything foreign or
-    inconsistent.
+    "io_dtype": str, "version": str | None, "weights_digest": str | None (None in artifacts
+    exported before it was recorded)}; raises ArtifactError for anything foreign or inconsistent.
     """
     if "lanit_config" not in meta:
         raise ArtifactError(f"{source} is not a LANIT artifact (no 'lanit_config' metadata)")
@@ -87,14 +87,27 @@ def parse_artifact_metadata(meta: Mapping[str, str], source: str) -> dict[str, A
     io_dtype = _DTYPE_ALIASES.get(io_dtype, io_dtype)
     if io_dtype not in PRECISIONS:
         raise ArtifactError(f"{source}: unknown io_dtype {io_dtype!r}; expected one of {PRECISIONS}")
+    digest = meta.get("weights_digest")
     return {"config": config, "domains": config.domains, "precision": precision, "kind": kind,
-            "io_dtype": io_dtype, "version": meta.get("lanit_rt_version")}
+            "io_dtype": io_dtype, "version": meta.get("lanit_rt_version"),
+            "weights_digest": str(digest) if digest is not None else None}
+
+
+def check_same_weights(found: str | None, expected: str, source: str, checkpoint: str) -> None:
+    """Raise ArtifactError when an artifact's weights digest (LanitModel.weights_digest() at export)
+    is not the checkpoint's: it was exported from other weights, e.g. before more training.
+    Artifacts without a digest (older exports) pass."""
+    if found is not None and found != expected:
+        raise ArtifactError(f"{source} was exported from other weights than {checkpoint} (an export "
+                            f"from before more training?); export it again with lanit-export")
 
 
 def check_expected_domains(found: tuple[str, ...], expected: Any, source: str) -> None:
     """Raise ArtifactError when the caller expects other domain texts than the artifact holds."""
     if expected is None:
         return
+    if isinstance(expected, str):
+        raise TypeError(f"domains= is a list of domain texts, not one string ({expected!r})")
     expected = tuple(str(d) for d in expected)
     if expected != tuple(found):
         raise ArtifactError(f"{source} was exported for domains {list(found)}, not the expected "

@@ -50,6 +50,23 @@ def default_providers(device: torch.device | str) -> list[str]:
     return wanted
 
 
+def check_providers(providers: Any) -> list[Any]:
+    """Execution providers as onnxruntime takes them (one name is a list of one); ValueError for a
+    provider this onnxruntime does not have (it would fall back to the CPU without a word)."""
+    ort = import_onnxruntime()
+    if isinstance(providers, (str, tuple)):  # "CPUExecutionProvider" or ("CUDAExecutionProvider", {...})
+        providers = [providers]
+    providers = list(providers)
+    if not providers:
+        raise ValueError("providers= is empty; leave it out for the default")
+    available = ort.get_available_providers()
+    names = [p[0] if isinstance(p, tuple) else p for p in providers]
+    missing = [name for name in names if name not in available]
+    if missing:
+        raise ValueError(f"onnxruntime here has no {', '.join(map(str, missing))}; available: {available}")
+    return providers
+
+
 class _Graph:
     """One InferenceSession with its validated LANIT metadata."""
 
@@ -70,6 +87,7 @@ class _Graph:
         self.config = info["config"]
         self.kind = info["kind"]
         self.precision = info["precision"]
+        self.weights_digest = info["weights_digest"]
         self.io_numpy = _IO_NUMPY.get(info["io_dtype"])
         if self.io_numpy is None:
             raise ArtifactError(f"{path}: io_dtype {info['io_dtype']!r} is not supported by numpy I/O")
@@ -94,7 +112,7 @@ class OnnxRuntimeBackend(Backend):
                  providers: Sequence[Any] | None = None, threads: int | None = None):
         path = str(path)
         self.device = torch.device("cpu")  # host arrays in and out, whatever the provider
-        providers = list(providers) if providers is not None else default_providers(device)
+        providers = check_providers(providers) if providers is not None else default_providers(device)
         first = _Graph(path, providers, threads)
         graphs = {first.kind: first}
         other = artifact_style_path(path) if first.kind == "domain_weights" else None
@@ -102,7 +120,9 @@ class OnnxRuntimeBackend(Backend):
             second = _Graph(other, providers, threads)
             if second.kind != "style":
                 raise ArtifactError(f"{other} should be a 'style' graph, its metadata says {second.kind!r}")
-            if second.config != first.config:
+            if second.config != first.config or (
+                    None not in (first.weights_digest, second.weights_digest)
+                    and first.weights_digest != second.weights_digest):
                 raise ArtifactError(f"{other} and {path} were exported from different models")
             graphs["style"] = second
         self.graphs = graphs
@@ -110,6 +130,7 @@ class OnnxRuntimeBackend(Backend):
         self.path = Path(path)
         self.providers = providers
         self.precision = first.precision
+        self.weights_digest = first.weights_digest
         self.supports_weights = "domain_weights" in graphs
         self.supports_style = "style" in graphs
 

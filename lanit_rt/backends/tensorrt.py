@@ -72,6 +72,7 @@ class TensorRTBackend(Backend):
         self.config = info["config"]
         self.kind = info["kind"]
         self.precision = info["precision"]
+        self.weights_digest = info["weights_digest"]
         self.path = Path(path)
         self.supports_weights = self.kind == "domain_weights"
         self.supports_style = self.kind == "style"
