@@ -15,7 +15,7 @@ from lanit_rt import load_checkpoint
 from lanit_rt.config import ConfigError
 from training import run
 from training.config import TrainConfig
-from training.train import Trainer, train
+from training.train import Trainer, TrainingInterrupted, train
 
 DOMAINS = ("red", "green", "blue")
 REPO = Path(__file__).resolve().parents[1]
@@ -257,12 +257,61 @@ def test_ctrl_c_says_whether_anything_was_saved(tmp_path, tiny_labeler, monkeypa
     assert "nothing was saved" in err and "state saved" not in err
     assert not (tmp_path / "run" / "train_state.pt").exists()
 
-    with monkeypatch.context() as patch:  # Ctrl-C in the loop: the state is saved first
-        patch.setattr(Trainer, "train_step", interrupt)
-        assert run.main(tiny_argv(tmp_path, tiny_labeler)) == 130
-    assert "state saved at step 0; continue with --resume" in capsys.readouterr().err
-    assert run.main(tiny_argv(tmp_path, tiny_labeler, "--resume")) == 0
-    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1]
+    with monkeypatch.context() as patch:  # Ctrl-C twice inside the first step: nothing to save yet
+        patch.setattr(Trainer, "train_step", _sigint_during(Trainer.train_step, at_step=0, times=2))
+        assert run.main(tiny_argv(tmp_path, tiny_labeler, "--steps", "3")) == 130
+    assert "nothing was saved yet" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "train_state.pt").exists()
+
+    with monkeypatch.context() as patch:  # Ctrl-C in the loop: the step finishes and is saved
+        patch.setattr(Trainer, "train_step", _sigint_during(Trainer.train_step, at_step=0))
+        assert run.main(tiny_argv(tmp_path, tiny_labeler, "--steps", "3")) == 130
+    assert "state saved at step 1; continue with --resume" in capsys.readouterr().err
+    assert run.main(tiny_argv(tmp_path, tiny_labeler, "--steps", "3", "--resume")) == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
+
+
+def _sigint_during(train_step, at_step: int, times: int = 1):
+    """Trainer.train_step that sends this process SIGINT `times` times in the middle of the step
+    that starts at `at_step` (after its discriminator update, when the sampler has moved on)."""
+    import signal
+
+    def step(self):
+        if self.step != at_step:
+            return train_step(self)
+        original = self.optims["discriminator"].step
+        calls = []
+
+        def d_step(*args, **kwargs):  # called twice a step (latent and reference targets)
+            result = original(*args, **kwargs)
+            if not calls:
+                for _ in range(times):
+                    signal.raise_signal(signal.SIGINT)
+            calls.append(1)
+            return result
+
+        self.optims["discriminator"].step = d_step
+        try:
+            return train_step(self)
+        finally:
+            del self.optims["discriminator"].step
+    return step
+
+
+def test_ctrl_c_then_resume_continues_exactly(tmp_path, tiny_labeler, monkeypatch):
+    """Ctrl-C lands in the middle of a step; the run finishes that step, saves it, and the resumed
+    run ends with the weights of a run that was never interrupted."""
+    straight = train(tiny_cfg(tmp_path / "a", tiny_labeler, steps=4), progress=False)
+    cfg = tiny_cfg(tmp_path / "b", tiny_labeler, steps=4)
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "train_step", _sigint_during(Trainer.train_step, at_step=1))
+        with pytest.raises(TrainingInterrupted) as stopped:
+            train(cfg, progress=False)
+    assert stopped.value.step == 2
+    resumed = train(cfg, resume=True, progress=False)
+    wa = load_checkpoint(straight).generator.state_dict()
+    wb = load_checkpoint(resumed).generator.state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 @pytest.mark.parametrize("setting, message", [
@@ -314,6 +363,9 @@ def test_resume_with_other_data_or_domains_fails_before_writing(tmp_path, tiny_l
         train(cfg.replace(data=str(more)), resume=True, progress=False)
     with pytest.raises(CheckpointError, match="domains"):
         train(cfg.replace(domains=("red", "green", "yellow")), resume=True, progress=False)
+    with pytest.raises(CheckpointError, match=r"other settings \(lr 0.0002 -> 5.0; label_mode 'topk' -> "
+                                              r"'adaptive'\); a resumed run keeps its settings except steps"):
+        train(cfg.replace(lr=5.0, label_mode="adaptive"), resume=True, progress=False)
     other = make_data(tmp_path / "other")  # the same 12 images, one of them replaced
     (other / "img_05.png").unlink()
     Image.new("RGB", (40, 40), "white").save(other / "img_05b.png")

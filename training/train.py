@@ -18,10 +18,12 @@ import errno
 import hashlib
 import json
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -48,6 +50,11 @@ from training.data import ImageSet, check_images, find_images
 from training.grid import save_sample_grid
 
 TRAIN_CONFIG_FILE = "train_config.json"
+# Settings a resumed run may change: when and where it stops, logs and saves, and where the same
+# data lives (the images themselves are checked by count and digest). Any other change would make
+# train_config.json and the saved labels describe another run than the one resumed.
+RESUMABLE_CHANGES = ("steps", "max_minutes", "log_every", "sample_every", "save_every", "device",
+                     "cache_dir", "out", "data")
 METRICS_FILE = "metrics.jsonl"
 LABELS_FILE = "pseudo_labels.csv"
 PROMPTS_FILE = "prompts.safetensors"
@@ -64,6 +71,31 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, step: int):
         super().__init__(step)
         self.step = step
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[threading.Event]:
+    """While the loop runs, the first Ctrl-C (SIGINT) only sets the yielded event: the step under
+    way finishes, so the state saved for --resume is that of a step boundary (an update half done
+    and the batch sampler already advanced would make the resumed run differ). A second Ctrl-C
+    raises KeyboardInterrupt at once. Off the main thread (no signal handlers there) the event is
+    never set and Ctrl-C behaves as usual."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def handler(signum, frame):
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+        tqdm.write("stopping after this step to save it (Ctrl-C again to stop at once, unsaved)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # ----------------------------------------------------------------------------- processes
@@ -444,6 +476,15 @@ class Trainer:
             changed = ", ".join(f"{k} {before[k]} -> {now[k]}" for k in now if before.get(k) != now[k])
             raise CheckpointError(f"resume state in {self.out} was trained with a different model "
                                   f"({changed}); resume with the same settings or choose another --out")
+        saved_cfg = json.loads(json.dumps(state.get("train_config", {})))  # tuples as lists, like now
+        now_cfg = json.loads(json.dumps(self.cfg.to_dict()))
+        changed = [f"{key} {saved_cfg[key]!r} -> {now_cfg[key]!r}" for key in now_cfg
+                   if key in saved_cfg and key not in RESUMABLE_CHANGES and saved_cfg[key] != now_cfg[key]]
+        if changed:
+            raise CheckpointError(
+                f"resume state in {self.out} was trained with other settings ({'; '.join(changed)}); "
+                f"a resumed run keeps its settings except {', '.join(RESUMABLE_CHANGES)}: resume "
+                "with the same ones or choose another --out")
         if num_images is None:
             return
         saved_images = int(state["labels"].shape[0])
@@ -617,12 +658,15 @@ class Trainer:
         logs["lambda_ds"] = lambda_ds
         return logs
 
-    def _out_of_time(self, started: float, budget: float) -> bool:
-        """Whether the wall-clock budget is spent; all processes agree (rank 0 decides)."""
-        flag = torch.tensor([float(time.perf_counter() - started >= budget)], device=self.device)
+    def _stop_reason(self, started: float, budget: float | None, stop: threading.Event) -> str | None:
+        """"interrupt" (Ctrl-C), "time" (the wall-clock budget is spent) or None; all processes
+        agree (rank 0 decides), without a device sync when there is only one."""
+        flags = [stop.is_set(), budget is not None and time.perf_counter() - started >= budget]
         if self.dist.world > 1:
-            dist.broadcast(flag, src=0)
-        return bool(flag.item())
+            shared = torch.tensor([float(f) for f in flags], device=self.device)
+            dist.broadcast(shared, src=0)
+            flags = [bool(f) for f in shared.tolist()]
+        return "interrupt" if flags[0] else "time" if flags[1] else None
 
     def sample(self) -> Path | None:
         if not self.dist.main:
@@ -644,29 +688,38 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, desc=desc, unit="step",
                    disable=not (self.progress and self.dist.main), dynamic_ncols=True)
         started, start_step = time.perf_counter(), self.step
+        mid_step = False
         try:
-            while self.step < cfg.steps:
-                if budget is not None and self._out_of_time(started, budget):
-                    if self.dist.main:
-                        tqdm.write(f"time budget of {budget / 60:.1f} min reached at step {self.step}")
-                    break
-                logs = self.train_step()
-                bar.update(1)
-                if self.dist.main and (every(self.step, cfg.log_every) or self.step == cfg.steps):
-                    elapsed = time.perf_counter() - started
-                    record = {"step": self.step, "time": round(elapsed, 3),
-                              "steps_per_s": round((self.step - start_step) / max(elapsed, 1e-9), 4),
-                              **{k: round(v, 6) for k, v in logs.items()}}
-                    with open(metrics_path, "a", encoding="utf-8") as f:
-                        f.write(json.dumps(record) + "\n")
-                    bar.set_postfix(d=f"{logs['d_real_latent'] + logs['d_fake_latent']:.2f}",
-                                    g=f"{logs['g_adv_latent']:.2f}", cyc=f"{logs['g_cyc_latent']:.3f}")
-                if every(self.step, cfg.sample_every):
-                    self.sample()
-                if every(self.step, cfg.save_every) and self.step < cfg.steps:
-                    self.save()
+            with stop_requests() as stop:
+                while self.step < cfg.steps:
+                    reason = self._stop_reason(started, budget, stop)
+                    if reason == "interrupt":
+                        raise KeyboardInterrupt
+                    if reason == "time":
+                        if self.dist.main:
+                            tqdm.write(f"time budget of {budget / 60:.1f} min reached at step {self.step}")
+                        break
+                    mid_step = True
+                    logs = self.train_step()
+                    mid_step = False
+                    bar.update(1)
+                    if self.dist.main and (every(self.step, cfg.log_every) or self.step == cfg.steps):
+                        elapsed = time.perf_counter() - started
+                        record = {"step": self.step, "time": round(elapsed, 3),
+                                  "steps_per_s": round((self.step - start_step) / max(elapsed, 1e-9), 4),
+                                  **{k: round(v, 6) for k, v in logs.items()}}
+                        with open(metrics_path, "a", encoding="utf-8") as f:
+                            f.write(json.dumps(record) + "\n")
+                        bar.set_postfix(d=f"{logs['d_real_latent'] + logs['d_fake_latent']:.2f}",
+                                        g=f"{logs['g_adv_latent']:.2f}", cyc=f"{logs['g_cyc_latent']:.3f}")
+                    if every(self.step, cfg.sample_every):
+                        self.sample()
+                    if every(self.step, cfg.save_every) and self.step < cfg.steps:
+                        self.save()
         except KeyboardInterrupt:
             bar.close()
+            if mid_step:  # a second Ctrl-C inside a step: its half-done update must not be saved
+                raise
             self.save()
             raise TrainingInterrupted(self.step) from None
         bar.close()
