@@ -96,6 +96,32 @@ def _write_images(folder):
     (folder / "notes.txt").write_text("not an image")
 
 
+def test_folder_scan_follows_linked_folders_once_and_leaves_out_hidden_files(tmp_path):
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    for folder in (data, elsewhere, data / ".thumbnails"):
+        folder.mkdir()
+    Image.new("RGB", (8, 8)).save(data / "a.png")
+    Image.new("RGB", (8, 8)).save(elsewhere / "b.png")
+    Image.new("RGB", (8, 8)).save(data / ".thumbnails" / "a.png")
+    (data / "._a.png").write_bytes(b"macOS resource fork")
+    (data / ".DS_Store").write_bytes(b"\0")
+    (data / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "loop").symlink_to(data, target_is_directory=True)  # must not recurse for ever
+    (data / "dangling.png").symlink_to(tmp_path / "gone.png")
+    assert find_images(data) == [data / "a.png", data / "linked" / "b.png"]
+
+
+def test_load_rgb_applies_the_exif_orientation(tmp_path):
+    pixels = np.zeros((40, 80, 3), np.uint8)  # stored 80 wide, 40 high, left half red
+    pixels[:, :40] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated 90 degrees clockwise: 40 wide, 80 high, red on top
+    Image.fromarray(pixels).save(tmp_path / "phone.jpg", exif=exif.tobytes(), quality=95)
+    shown = np.asarray(load_rgb(tmp_path / "phone.jpg"))
+    assert shown.shape == (80, 40, 3)
+    assert shown[10, 20, 0] > 200 and shown[70, 20, 0] < 50
+
+
 def test_folder_scan_skips_corrupt_files_and_converts_modes(tmp_path):
     _write_images(tmp_path / "data")
     paths = find_images(tmp_path / "data")

@@ -132,10 +132,22 @@ def test_dl_loss_encode_size_resolution():
     (["--set", "nonsense=1"], "unknown config key"),
     (["--img-size", "48"], "power of two"),
     (["--domains-file", "/does/not/exist"], "cannot read domains file"),
+    (["--domains", "blond hair,path"], "'path' cannot be a domain text"),
 ])
 def test_cli_rejects_bad_arguments(argv, message, capsys):
     assert run.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_domains_file_from_a_windows_editor(tmp_path, capsys):
+    windows = tmp_path / "domains.txt"
+    windows.write_bytes("\ufeffblond hair\r\n  # hair colours above\r\n\r\nbeard\r\n".encode("utf-8"))
+    assert run.main(["--dry-run", "--domains-file", str(windows)]) == 0
+    assert json.loads(capsys.readouterr().out)["domains"] == ["blond hair", "beard"]
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_bytes("blond hair\nbeard\n".encode("utf-16"))
+    assert run.main(["--dry-run", "--domains-file", str(utf16)]) == 2
+    assert f"domains file {utf16} is not UTF-8 text" in capsys.readouterr().err
 
 
 def test_cli_rejects_bad_data_before_any_work(tmp_path, capsys):
@@ -144,6 +156,12 @@ def test_cli_rejects_bad_data_before_any_work(tmp_path, capsys):
     assert "no JPEG/PNG/WebP" in capsys.readouterr().err
     assert run.main(["--data", str(tmp_path / "missing"), "--domains", "a,b"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    make_data(tmp_path / "one", n=1)
+    assert run.main(["--data", str(tmp_path / "one"), "--domains", "a,b", "--out", str(tmp_path / "r1")]) == 2
+    assert "holds one image" in capsys.readouterr().err and not (tmp_path / "r1").exists()
+    (tmp_path / "one" / "broken.png").write_bytes(b"not a png")
+    assert run.main(["--data", str(tmp_path / "one"), "--domains", "a,b", "--out", str(tmp_path / "r1")]) == 2
+    assert "only 1 of the 2 images could be read; LANIT needs at least 2" in capsys.readouterr().err
     make_data(tmp_path / "data", n=3)
     # Before the output folder is looked at (a run already in it must not hide this).
     out = tmp_path / "run"

@@ -93,6 +93,9 @@ class TrainConfig:
             object.__setattr__(self, "domains", tuple(self.domains))
             if len(self.domains) < 2:
                 raise ConfigError(f"LANIT needs at least 2 domain texts, got {list(self.domains)}")
+            if "path" in self.domains:
+                raise ConfigError("'path' cannot be a domain text: it heads the image column of "
+                                  "pseudo_labels.csv")
         elif self.data is not None:  # only the embedded default data comes with its own domains
             raise ConfigError("--domains (or --domains-file) is required with --data")
         if self.steps < 1 or self.batch_size < 1:

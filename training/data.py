@@ -9,6 +9,7 @@ skipped with a warning and counted; an empty result is an error raised before an
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from lanit_rt.images import to_rgb
@@ -29,24 +30,37 @@ class DataError(ValueError):
 
 
 def find_images(root: str | Path) -> list[Path]:
-    """All image files under `root` (recursive), sorted for reproducibility."""
+    """All image files under `root`, sorted for reproducibility. Sub-folders are searched too,
+    symlinked ones included (each real folder once, so link loops end); hidden files and folders
+    (".DS_Store", macOS "._name.png" resource forks, ".git") are not images and are left out."""
     root = Path(root)
     if not root.exists():
         raise DataError(f"data folder {root} does not exist")
     if not root.is_dir():
         raise DataError(f"data path {root} is not a folder")
-    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    paths, seen = [], set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back to a folder already searched
+            subfolders.clear()
+            continue
+        seen.add(real)
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        paths += [Path(folder) / name for name in files
+                  if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
+                  and (Path(folder) / name).is_file()]
     if not paths:
         raise DataError(f"no JPEG/PNG/WebP image found under {root}")
-    return paths
+    return sorted(paths)
 
 
 def load_rgb(path: str | Path) -> Image.Image:
     """Decode an image of any mode to RGB (`lanit_rt.images.to_rgb`, which the Translator shares):
-    transparent pixels become white, 16-bit grey is scaled to 8 bits, v / 257."""
+    transparent pixels become white, 16-bit grey is scaled to 8 bits, v / 257; an EXIF orientation
+    is applied."""
     with Image.open(path) as img:
         img.load()
-        return to_rgb(img)
+        return to_rgb(ImageOps.exif_transpose(img))  # phone photos: as they are displayed
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,8 @@ def parse_domains(text: str) -> list[str]:
         raise LabelCLIError(f"--domains needs at least 2 comma-separated texts, got {domains}")
     if len(set(domains)) != len(domains):
         raise LabelCLIError(f"--domains has duplicates: {domains}")
+    if "path" in domains:
+        raise LabelCLIError("'path' cannot be a domain text: it heads the image column of the CSV")
     return domains
 
 

@@ -36,7 +36,7 @@ from PIL import Image
 from tqdm import tqdm
 
 LABEL_MODES = ("adaptive", "topk", "threshold")
-CACHE_FORMAT = "lanit-rt-image-features/2"  # /2: raw (unnormalised) embeddings
+CACHE_FORMAT = "lanit-rt-image-features/3"  # /2: raw (unnormalised) embeddings; /3: EXIF-rotated
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 # Images per forward pass on CPU. lanit-lite's EfficientNet-Lite0 at 224 px on 2 threads:
 # 12 ms/img at 8, 16 at 16, 23 at 32, 28 at 64 (activations fall out of cache as batches grow).

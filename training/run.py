@@ -46,11 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_domains_file(path: str) -> tuple[str, ...]:
+    """One domain text per line; blank lines and lines starting with '#' are skipped. UTF-8, with or
+    without the byte-order mark that Windows editors write (it would start the first domain text)."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
     except OSError as err:
         raise ConfigError(f"cannot read domains file {path}: {err.strerror}") from None
-    return tuple(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"domains file {path} is not UTF-8 text ({err.reason} at byte {err.start}); "
+                          "save it as UTF-8") from None
+    stripped = (line.strip() for line in lines)
+    return tuple(line for line in stripped if line and not line.startswith("#"))
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -108,7 +114,9 @@ def _main(args: argparse.Namespace) -> int:
         if cfg.data is not None:
             from training.data import find_images
 
-            find_images(cfg.data)  # fail on a missing or empty folder before loading any model
+            if len(find_images(cfg.data)) < 2:  # a missing or empty folder fails in find_images
+                raise DataError(f"{cfg.data} holds one image; LANIT translates between images, it "
+                                "needs at least 2")
         out = train(cfg, resume=args.resume, progress=not args.no_progress)
     except KeyboardInterrupt as err:
         print(interrupted_message(err, out), file=sys.stderr)

@@ -46,7 +46,7 @@ from lanit_rt.networks import Discriminator, Generator, MappingNetwork, StyleEnc
 from lanit_rt.style import latent_style_table, reference_style_table
 from training import losses
 from training.config import TrainConfig
-from training.data import ImageSet, check_images, find_images
+from training.data import DataError, ImageSet, check_images, find_images
 from training.grid import save_sample_grid
 
 TRAIN_CONFIG_FILE = "train_config.json"
@@ -392,6 +392,9 @@ class Trainer:
             self.check_resume_state(resume_state)
         self.templates = read_templates(cfg, template_set)
         scan = check_images(paths, progress=progress and self.dist.main)
+        if len(scan.paths) < 2:
+            raise DataError(f"only {len(scan.paths)} of the {len(paths)} images could be read; LANIT "
+                            "needs at least 2")
         self.images_digest = images_digest(scan.paths)  # kept in every resume state
         if resume_state is not None:
             self.check_resume_state(resume_state, len(scan.paths))
