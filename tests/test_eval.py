@@ -236,6 +236,38 @@ def test_ground_truth_formats_agree(run_dir, tmp_path):
     assert only.labels[:, 0].sum() == PER_DOMAIN and only.labels[:, 2].sum() == 0
 
 
+def test_ground_truth_from_spreadsheets_and_multi_label_folders(run_dir, tmp_path):
+    import shutil
+
+    paths = sorted(run_dir["data"].rglob("*.png"))
+    expected = lanit_eval.read_ground_truth(run_dir["gt"], paths, DOMAINS).labels
+    # "CSV UTF-8" from a spreadsheet: a byte-order mark, and a space after each comma of the header.
+    lines = run_dir["gt"].read_text().splitlines()
+    excel = tmp_path / "excel.csv"
+    excel.write_text("\ufeff" + ", ".join(lines[0].split(",")) + "\n" + "\n".join(lines[1:]) + "\n",
+                     encoding="utf-8")
+    assert torch.equal(lanit_eval.read_ground_truth(excel, paths, DOMAINS).labels, expected)
+    with pytest.raises(lanit_eval.EvalError, match=r"names the domains \['blue', 'green', 'red'\], none "
+                                                  r"of the run's \['teal', 'pink'\]"):
+        lanit_eval.read_ground_truth(excel, paths, ("teal", "pink"))
+
+    # A folder per domain where an image with two domains is copied into both folders; an empty
+    # domain folder means no image has that domain.
+    gt = tmp_path / "folders"
+    for name in DOMAINS:
+        shutil.copytree(run_dir["data"] / name, gt / name)
+    shutil.copy(run_dir["data"] / "red" / "red_0.png", gt / "blue" / "red_0.png")
+    (gt / "purple").mkdir()
+    truth = lanit_eval.read_ground_truth(gt, paths, (*DOMAINS, "purple"))
+    red_0 = paths.index(run_dir["data"] / "red" / "red_0.png")
+    assert truth.labels[red_0].tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert truth.labels.sum(dim=0).tolist() == [PER_DOMAIN, PER_DOMAIN, PER_DOMAIN + 1, 0]
+    # Two different images of one name in two folders stay two images: matched by path only.
+    Image.new("RGB", (8, 8), "white").save(gt / "green" / "red_1.png")
+    with pytest.raises(lanit_eval.EvalError, match="misses 1 of the run's images"):
+        lanit_eval.read_ground_truth(gt, paths, DOMAINS)
+
+
 def test_emoji_ground_truth_from_names():
     from training.emoji import PERSON_DOMAINS, default_dataset, twemoji_entries
 
@@ -272,6 +304,12 @@ def test_helpers_on_hand_made_inputs(tmp_path):
     assert curves == {"loss/g": [(1.0, 2.0), (2.0, 1.5)], "loss/d": [(1.0, 1.0), (2.0, 0.5)]}
     file.write_text('{"time": 1}\n')
     with pytest.raises(lanit_eval.EvalError, match="no 'step'"):
+        lanit_eval.read_curves(file)
+    file.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')  # a run killed while logging
+    with pytest.warns(UserWarning, match="metrics.jsonl:2 is cut short"):
+        assert lanit_eval.read_curves(file) == {"loss": [(1.0, 2.0)]}
+    file.write_text('{"step": 1, "lo\n{"step": 2, "loss": 1.0}\n')
+    with pytest.raises(lanit_eval.EvalError, match="metrics.jsonl:1 is not JSON"):
         lanit_eval.read_curves(file)
 
 
@@ -385,3 +423,12 @@ def test_an_unwritable_run_folder_fails_before_any_feature_is_computed(run_dir, 
     assert len(err.strip().splitlines()) == 1 and "cannot write the evaluation" in err
     assert ("eval.md is an existing folder" if blocked == "an output is a folder" else "Permission denied") in err
     assert not (copy / "eval_samples.png").exists()
+
+
+def test_ctrl_c_is_one_line(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lanit_eval, "evaluate_run", interrupted)
+    assert lanit_eval.main([str(tmp_path)]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted: eval.json and eval.md were not written"

@@ -679,6 +679,16 @@ def test_label_cli_refuses_an_unwritable_out_before_labelling(tmp_path, capsys, 
     assert blocker.read_text() == "a file" and not (tmp_path / "existing_scores.json").exists()
 
 
+def test_label_cli_ctrl_c_is_one_line(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(label_cli, "run", interrupted)
+    assert label_cli.main([str(tmp_path), "--domains", "a,b", "--out", str(tmp_path / "l.csv")]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("interrupted: no labels were written") and len(err.splitlines()) == 1
+
+
 def test_label_cli_empty_folder(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert label_cli.main([str(tmp_path / "empty"), "--domains", "a,b", "--out", str(tmp_path / "l.csv")]) == 2

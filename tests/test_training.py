@@ -326,7 +326,10 @@ def test_ctrl_c_then_resume_continues_exactly(tmp_path, tiny_labeler, monkeypatc
         with pytest.raises(TrainingInterrupted) as stopped:
             train(cfg, progress=False)
     assert stopped.value.step == 2
+    with open(Path(cfg.out) / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "d_re')  # as if killed while logging: the resume drops the cut line
     resumed = train(cfg, resume=True, progress=False)
+    assert [r["step"] for r in read_metrics(resumed)] == [1, 2, 3, 4]
     wa = load_checkpoint(straight).generator.state_dict()
     wb = load_checkpoint(resumed).generator.state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

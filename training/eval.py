@@ -29,8 +29,10 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import hashlib
 import json
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -230,7 +232,8 @@ def _match_rows(paths: Sequence[Path], table: dict[str, set[str]], origin: str) 
     by_name: dict[str, set[str] | None] = {}
     for p, v in table.items():
         name = Path(p).name
-        by_name[name] = None if name in by_name else v  # None marks an ambiguous file name
+        # None marks an ambiguous file name: one name with different labels
+        by_name[name] = v if name not in by_name or by_name[name] == v else None
     rows, missing = [], []
     for path in paths:
         found = by_path.get(str(Path(path).resolve()))
@@ -255,26 +258,53 @@ def read_ground_truth(gt: str | Path, paths: Sequence[Path], domains: Sequence[s
     if gt.is_dir():
         table: dict[str, set[str]] = {}
         vocabulary = set()
-        for sub in sorted(p for p in gt.iterdir() if p.is_dir()):
+        for sub in sorted(p for p in gt.iterdir() if p.is_dir() and not p.name.startswith(".")):
             domain = sub.name.replace("_", " ")
             vocabulary.add(domain)
-            for image in find_images(sub):
+            try:
+                images = find_images(sub)
+            except DataError:  # an empty domain folder: no image has that domain
+                images = []
+            for image in images:
                 table.setdefault(str(image), set()).add(domain)
         if not table:
             raise EvalError(f"ground-truth folder {gt} has no domain sub-folder with images")
+        _merge_copies(table)
     elif gt.is_file():
         table, vocabulary = _read_gt_csv(gt)
     else:
         raise EvalError(f"ground truth {gt} does not exist")
+    if not any(d in vocabulary for d in domains):
+        raise EvalError(f"the ground truth {gt} names the domains {sorted(vocabulary)}, none of the "
+                        f"run's {list(domains)}")
     rows = _match_rows(paths, table, str(gt))
     labels = torch.tensor([[1.0 if d in row else 0.0 for d in domains] for row in rows])
     return GroundTruth(labels, [d in vocabulary for d in domains], str(gt))
 
 
+def _merge_copies(table: dict[str, set[str]]) -> None:
+    """In a folder-per-domain ground truth, an image that has several domains sits, copied, in each
+    of their folders: files of one name and the same bytes get the union of their domains (files
+    of one name and other bytes are different images, told apart by path only)."""
+    by_name: dict[str, list[str]] = {}
+    for path in table:
+        by_name.setdefault(Path(path).name, []).append(path)
+    for copies in (group for group in by_name.values() if len(group) > 1):
+        contents: dict[str, list[str]] = {}
+        for path in copies:
+            contents.setdefault(hashlib.sha256(Path(path).read_bytes()).hexdigest(), []).append(path)
+        for same in contents.values():
+            union = set().union(*(table[path] for path in same))
+            for path in same:
+                table[path] = union
+
+
 def _read_gt_csv(file: Path) -> tuple[dict[str, set[str]], set[str]]:
-    with open(file, newline="", encoding="utf-8") as f:
+    # utf-8-sig: spreadsheet programs start a "CSV UTF-8" file with a byte-order mark
+    with open(file, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        fields = reader.fieldnames or []
+        fields = [name.strip() for name in reader.fieldnames or []]  # "path, blond hair"
+        reader.fieldnames = fields
         if "path" not in fields:
             raise EvalError(f"{file}: a ground-truth CSV needs a 'path' column, got {fields}")
         rows = list(reader)
@@ -561,12 +591,17 @@ def read_curves(file: Path) -> dict[str, list[tuple[float, float]]]:
     curves: dict[str, list[tuple[float, float]]] = {}
     if not file.exists():
         return curves
-    for line_no, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+    lines = file.read_text(encoding="utf-8").splitlines()
+    for line_no, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
+            if line_no == len(lines):  # the half-written last line of a killed run
+                warnings.warn(f"{file}:{line_no} is cut short (a run killed while logging?); "
+                              "the curves end at the line before", stacklevel=2)
+                break
             raise EvalError(f"{file}:{line_no} is not JSON: {err}") from None
         if "step" not in record:
             raise EvalError(f"{file}:{line_no} has no 'step'")
@@ -829,6 +864,9 @@ def main(argv: list[str] | None = None) -> int:
             OSError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: eval.json and eval.md were not written", file=sys.stderr)
+        return 130
     print(markdown_report(result))
     print(f"wrote {Path(args.run_dir) / 'eval.json'}, eval.md, eval_samples.png"
           + (", eval_curves.png" if result["curves"] else ""))

@@ -187,6 +187,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         print(f"error: {type(err).__name__}: {_one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the CSV and JSON are written whole at the end, or not at all
+        print("interrupted: no labels were written (features already computed stay cached)",
+              file=sys.stderr)
+        return 130
     return 0
 
 

@@ -17,6 +17,7 @@ import copy
 import errno
 import hashlib
 import json
+import math
 import os
 import signal
 import threading
@@ -524,7 +525,7 @@ class Trainer:
         metrics = self.out / METRICS_FILE
         if metrics.exists():  # drop lines logged after the saved step
             kept = [line for line in metrics.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= self.step]
+                    if line.strip() and _logged_step(line, metrics) <= self.step]
             atomic_write_text(metrics, "".join(line + "\n" for line in kept))
 
     def check_replicas(self) -> None:
@@ -731,6 +732,15 @@ class Trainer:
         if not every(self.step, cfg.sample_every):
             self.sample()
         return self.out
+
+
+def _logged_step(line: str, file: Path) -> float:
+    """The step of one metrics.jsonl line; a line cut short (the run was killed while writing it)
+    counts as logged after any saved state, so a resume drops it."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def images_digest(paths: Sequence[Path]) -> str:
