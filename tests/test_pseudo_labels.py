@@ -644,6 +644,7 @@ def test_label_cli_with_learned_prompts(registered, tiny_labeler, tmp_path, caps
     (["--domains", "a,b", "--mode", "median"], "invalid choice"),
     (["--domains", "a,b", "--mode", "topk", "--topk", "3"], "--topk"),
     (["--domains", "a,b", "--templates", "emoji"], "for the built-in set use --template-set emoji"),
+    (["--domains", "Blond Hair,blond hair"], "'Blond Hair' and 'blond hair' get the same text features"),
 ])
 def test_label_cli_errors(registered, tmp_path, capsys, argv_tail, message):
     folder = tmp_path / "imgs"

@@ -242,6 +242,9 @@ def test_cli_reports_labeler_and_file_errors_in_one_line(tmp_path, tiny_labeler,
     assert run.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "templates" in err and len(err.strip().splitlines()) == 1
+    assert run.main(tiny_argv(tmp_path, tiny_labeler, "--out", str(tmp_path / "run4"),
+                              "--domains", "Red,red,blue")) == 2
+    assert "'Red' and 'red' get the same text features" in capsys.readouterr().err
     argv = tiny_argv(tmp_path, tiny_labeler, "--out", str(tmp_path / "run3"), "--set", "templates_file=emoji")
     assert run.main(argv) == 2  # a built-in set's name given as a file
     err = capsys.readouterr().err
@@ -287,6 +290,9 @@ def test_ctrl_c_says_whether_anything_was_saved(tmp_path, tiny_labeler, monkeypa
     assert "state saved at step 1; continue with --resume" in capsys.readouterr().err
     assert run.main(tiny_argv(tmp_path, tiny_labeler, "--steps", "3", "--resume")) == 0
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
+    capsys.readouterr()
+    assert run.main(tiny_argv(tmp_path, tiny_labeler, "--steps", "2", "--resume")) == 0
+    assert "already at step 3 of --steps 2: nothing to train" in capsys.readouterr().out
 
 
 def _sigint_during(train_step, at_step: int, times: int = 1):
@@ -338,7 +344,8 @@ def test_ctrl_c_then_resume_continues_exactly(tmp_path, tiny_labeler, monkeypatc
 @pytest.mark.parametrize("setting, message", [
     ("log_every=-1", "log_every"), ("sample_every=-5", "sample_every"), ("save_every=-1", "save_every"),
     ("relabel_every=-1", "relabel_every"), ("num_style_z=0", "num_style_z"), ("topk=0", "topk"),
-    ("max_minutes=-1", "max_minutes"), ("device=gpu", "device"),
+    ("max_minutes=-1", "max_minutes"), ("device=gpu", "device"), ("dl_image_size=0", "dl_image_size"),
+    ("dl_image_size=100000", "between 32 and 1024"),
 ])
 def test_cli_dry_run_rejects_bad_settings(setting, message, capsys):
     assert run.main(["--dry-run", "--set", setting]) == 2

@@ -117,6 +117,9 @@ class TrainConfig:
         if self.label_rule == "topk" and self.domains is not None and self.topk > len(self.domains):
             raise ConfigError(f"topk must be at most the number of domains ({len(self.domains)}), "
                               f"got {self.topk}")
+        if self.dl_image_size is not None and not 32 <= self.dl_image_size <= 1024:
+            raise ConfigError(f"dl_image_size must be between 32 and 1024 pixels (or unset for the "
+                              f"labeler's own size), got {self.dl_image_size}")
         if self.max_minutes is not None and self.max_minutes < 0:
             raise ConfigError(f"max_minutes must be 0 or more, got {self.max_minutes}")
         if not (self.device in ("auto", "cpu", "cuda") or _is_cuda_index(self.device)):

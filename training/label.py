@@ -110,7 +110,7 @@ def resolve_device(name: str) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, int]:
     from training.data import find_images
-    from training.prompts import DEFAULT_TEMPLATE_SET, PromptBank
+    from training.prompts import DEFAULT_TEMPLATE_SET, PromptBank, check_distinct_domains
     from training.vl import load_vision_language
 
     domains = parse_domains(args.domains)
@@ -151,6 +151,10 @@ def run(args: argparse.Namespace) -> dict[str, int]:
                 f"--prompts {args.prompts} does not match these templates/labeler ({err})") from None
     with torch.no_grad():
         domain_feats, base_feat = bank()
+        try:
+            check_distinct_domains(domain_feats, domains)
+        except ValueError as err:
+            raise LabelCLIError(str(err)) from None
         labels, scores = pseudo_labels(feats, domain_feats.cpu(), base_feat.cpu(), mode=args.mode,
                                        topk=args.topk, threshold=args.threshold)
     keep = torch.nonzero(readable).flatten().tolist()

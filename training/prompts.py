@@ -104,6 +104,19 @@ def resolve_templates(templates: str | Sequence[str] | None) -> list[str]:
     return templates
 
 
+def check_distinct_domains(domain_feats: torch.Tensor, domains: Sequence[str]) -> None:
+    """ValueError when two domain texts get the same text features [D, E]: the labeler cannot tell
+    them apart (text towers lower-case their input and cut it at their token limit), so they would
+    be one domain trained twice under two names."""
+    feats = F.normalize(domain_feats.detach().float(), dim=-1)
+    same = (feats @ feats.t()).triu(diagonal=1) > 1 - 1e-6
+    if bool(same.any()):
+        i, j = (int(k) for k in torch.nonzero(same)[0])
+        raise ValueError(f"the domain texts {domains[i]!r} and {domains[j]!r} get the same text features "
+                         "from this labeler (text towers lower-case text and cut it at their token "
+                         "limit); name them so that they differ")
+
+
 def _normalized_mean(feats: torch.Tensor) -> torch.Tensor:
     """[..., T, E] normalised per template -> [..., E] normalised mean."""
     return F.normalize(F.normalize(feats, dim=-1).mean(dim=-2), dim=-1)

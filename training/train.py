@@ -418,13 +418,16 @@ class Trainer:
         self.pool = self._active_pool()
 
     def _build_labeler(self, vl, paths: list[Path]) -> Labeler:
-        from training.prompts import PromptBank
+        from training.prompts import PromptBank, check_distinct_domains
         from training.pseudo_labels import image_features
 
         if vl is None:
             from training.vl import load_vision_language
 
             vl = load_vision_language(self.cfg.labeler, device=self.device)
+        with torch.no_grad():  # before the images are encoded: text features alone tell
+            check_distinct_domains(PromptBank(vl, list(self.domains), templates=self.templates)()[0],
+                                   self.domains)
         cache = cache_root(self.cfg) / "features"
         # One process fills the feature cache; the others read it.
         if self.dist.main:
@@ -692,6 +695,9 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, desc=desc, unit="step",
                    disable=not (self.progress and self.dist.main), dynamic_ncols=True)
         started, start_step = time.perf_counter(), self.step
+        if self.step >= cfg.steps and self.dist.main:
+            tqdm.write(f"the run is already at step {self.step} of --steps {cfg.steps}: nothing to "
+                       "train; pass a larger --steps to continue it")
         mid_step = False
         try:
             with stop_requests() as stop:
