@@ -3,6 +3,7 @@ labeler on disk (loaded through training.vl like any local checkpoint)."""
 
 import csv
 import json
+import warnings
 import shutil
 from pathlib import Path
 
@@ -377,6 +378,23 @@ def test_a_missing_data_folder_names_the_places_tried_and_data_overrides_it(run_
     result = json.loads((run / "eval.json").read_text())
     assert result["data_dir"] == str(project / "moved")
     assert result["pseudo_labels"]["trainer"]["macro_f1"] == pytest.approx(2 / 3)
+
+
+def test_data_with_other_images_than_the_run_trained_on_is_flagged(run_dir, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir["run"], run)
+    config = json.loads((run / "train_config.json").read_text())
+    (run / "train_config.json").write_text(json.dumps({**config, "num_images": 3 * PER_DOMAIN}))
+    other = tmp_path / "other"
+    shutil.copytree(run_dir["data"] / "red", other)
+    with pytest.warns(UserWarning, match=f"holds {PER_DOMAIN} readable images, the run trained on "
+                                         f"{3 * PER_DOMAIN}"):
+        lanit_eval.read_run(run, progress=False, data=other)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lanit_eval.read_run(run, progress=False, data=run_dir["data"])
 
 
 def _no_image_features(monkeypatch) -> None:

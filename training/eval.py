@@ -182,6 +182,10 @@ def read_run(run_dir: str | Path, device: str | torch.device = "cpu", progress: 
     else:
         paths = find_images(data_dir)
     paths = check_images(paths, progress=progress).paths
+    trained_on = train_config.get("num_images")
+    if data is not None and isinstance(trained_on, int) and trained_on != len(paths):
+        warnings.warn(f"--data {data} holds {len(paths)} readable images, the run trained on "
+                      f"{trained_on}: its pseudo-labels and figures describe other images", stacklevel=2)
     templates = train_config.get("templates")
     return RunInfo(run_dir, train_config, model, list(paths), templates, data_dir is None,
                    data_dir=data_dir, origin=origin)
