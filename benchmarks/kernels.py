@@ -78,6 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="CPU threads for torch (1 keeps shared, loaded machines from stalling)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "kernels.json")
     args = p.parse_args(argv)
+    if args.threads < 1 or min(args.batches) < 1:
+        p.error("--threads and --batches must be at least 1")
     if args.quick:
         args.sizes, args.batches, args.dtypes = [32], [1], ["fp32"]
     return args
@@ -246,6 +248,14 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
 
+    from lanit_rt.config import ConfigError, LanitConfig
+
+    for size in args.sizes:  # before any row is timed (imported only now: TRITON_INTERPRET is set)
+        try:
+            LanitConfig(domains=("a", "b"), img_size=size)
+        except ConfigError as err:
+            print(f"kernels.py: error: --sizes {size}: {err}", file=sys.stderr)
+            return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)

@@ -212,6 +212,10 @@ def main(argv=None) -> int:
     parser.add_argument("--nn", action="store_true", help="also the nearest-training-drawing diagnosis")
     parser.add_argument("--out", default="benchmarks/results/labeler_ablation.json")
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.embed_dim < 1 or args.nap < 0:
+        parser.error("--steps and --embed-dim must be at least 1, --nap at least 0")
+    if not 0 <= args.set_centre_weight <= 1 or not 0 <= args.feature_dropout < 1:
+        parser.error("--set-centre-weight must be in [0, 1] and --feature-dropout in [0, 1)")
     torch.set_num_threads(2)
 
     cfg = A.AlignConfig(steps=args.steps, seed=0, weight_decay=args.weight_decay, log_every=1000,

@@ -51,7 +51,7 @@ import labeler_ablation as ablation  # noqa: E402
 from training import align as A  # noqa: E402
 from training import emoji as emoji_data  # noqa: E402
 from training.eval_labeler import f1_scores, top1_accuracy  # noqa: E402
-from training.lanit_lite import DEFAULT_HEADS, IMAGE_CENTRE_KEY, read_heads  # noqa: E402
+from training.lanit_lite import DEFAULT_HEADS, IMAGE_CENTRE_KEY, heads_vendors, read_heads  # noqa: E402
 from training.prompts import PromptBank  # noqa: E402
 from training.pseudo_labels import pseudo_labels  # noqa: E402
 from training.vl import load_vision_language  # noqa: E402
@@ -188,6 +188,21 @@ def report(splits: dict[str, list[dict]], top: int = 12) -> str:
     return "\n".join(lines)
 
 
+def check_split(parser: argparse.ArgumentParser, heads: str, memory_vendors: list[str], vendor: str) -> None:
+    """A split scores a vendor that neither the heads nor the memory saw; anything else would rank
+    configurations by their fit to training drawings (and be kept as a validation split)."""
+    if heads != "default" and not Path(heads).expanduser().is_file():
+        parser.error(f"--heads {heads}: no such heads file")
+    unknown = sorted(set(memory_vendors) - {"openmoji", "noto"})
+    if unknown or not memory_vendors:
+        parser.error(f"--memory-vendors: openmoji and/or noto (align's vendors), got "
+                     f"{','.join(memory_vendors) or 'nothing'}")
+    trained = heads_vendors("lanit-lite" if heads == "default" else f"lanit-lite:{heads}")
+    if vendor in trained or vendor in memory_vendors:
+        parser.error(f"--vendor {vendor}: the heads ({', '.join(trained) or '?'}) or the memory "
+                     f"({', '.join(memory_vendors)}) were made from its drawings; score another vendor")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--heads", default="default", help="'default' (the committed heads) or a heads file")
@@ -197,8 +212,9 @@ def main(argv=None) -> int:
                         help="the vendor scored (one that the heads did not see)")
     parser.add_argument("--out", default="benchmarks/results/labeler_memory.json")
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
     memory_vendors = [v for v in args.memory_vendors.split(",") if v]
+    check_split(parser, args.heads, memory_vendors, args.vendor)
+    torch.set_num_threads(2)
     name = f"{args.heads} + {'/'.join(memory_vendors)} memory -> {args.vendor}"
     rows = grid(Split(args.heads, memory_vendors, args.vendor))
     out = Path(args.out)

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lanit_rt  # noqa: E402
 from lanit_rt import Generator, LanitConfig, LanitModel  # noqa: E402
+from lanit_rt.checkpoint import OutputPathError, check_output_file  # noqa: E402
 from export.onnx_export import export_onnx  # noqa: E402
 from export.validate import onnx_runner  # noqa: E402
 
@@ -121,8 +122,15 @@ def main(argv=None) -> int:
             LanitConfig(domains=DOMAINS, img_size=size)
         except ValueError as err:
             parser.error(f"--sizes {size}: {err}")
+    try:
+        check_output_file(args.json)
+    except OutputPathError as err:
+        parser.error(f"--json: {err}")
+    try:
+        import onnxruntime
+    except ImportError:
+        parser.error("onnxruntime is not installed: pip install 'lanit-rt[onnx]'")
     torch.set_num_threads(args.threads)
-    import onnxruntime
 
     rows = []
     precisions = ["fp32", "fp16"] if args.fp16 else ["fp32"]

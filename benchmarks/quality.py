@@ -81,8 +81,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-train", action="store_true", help="evaluate runs already in --out")
     p.add_argument("--json", help="result file (default OUT/quality.json)")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.n < 1:
-        p.error("--steps and --n must be at least 1")
+    if args.steps < 1 or args.n < 2:
+        p.error("--steps must be at least 1 and --n at least 2 (training.eval's minimum)")
+    if args.gt is not None and not Path(args.gt).exists():
+        p.error(f"--gt {args.gt} does not exist")
+    if args.json is not None:
+        sys.path.insert(0, str(ROOT))
+        from lanit_rt.checkpoint import OutputPathError, check_output_file
+
+        try:  # the result is written after two trainings: an unusable path must fail now
+            check_output_file(args.json)
+        except OutputPathError as err:
+            p.error(f"--json: {err}")
 
     out = Path(args.out)
     if not args.skip_train:

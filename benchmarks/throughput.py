@@ -106,12 +106,15 @@ def make_checkpoint(folder: Path, config: LanitConfig) -> Path:
 
 def export_onnx_artifact(checkpoint: Path, out: Path) -> Path | None:
     """OUT.onnx via the project's exporter (export/), or None when it (or its deps) is missing."""
+    from export.errors import MissingDependencyError
+
     try:
         from export.onnx_export import export_onnx
-    except ImportError as err:
+
+        export_onnx(load_checkpoint(checkpoint), out, precision="fp32", validate=True)
+    except (ImportError, MissingDependencyError) as err:  # the `onnx` extra is not installed
         print(f"  onnx export unavailable ({err}); skipping onnxruntime rows", file=sys.stderr)
         return None
-    export_onnx(load_checkpoint(checkpoint), out, precision="fp32", validate=True)
     return out
 
 
@@ -242,6 +245,36 @@ def _positive_ints(parser: argparse.ArgumentParser, flag: str, text: str) -> lis
     return values
 
 
+def check_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every setting that would fail later (after checkpoints are built and timed) fails here."""
+    from kernels.dispatch import IMPLS
+    from lanit_rt.checkpoint import OutputPathError, check_output_file
+    from lanit_rt.config import ConfigError
+    from lanit_rt.translator import check_device, resolve_dtype
+
+    try:
+        device = check_device(args.device)
+        resolve_dtype(args.dtype, device)
+    except ValueError as err:
+        parser.error(str(err))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device here; use --device cpu")
+    if args.impl not in IMPLS:
+        parser.error(f"--impl must be one of {IMPLS}, got {args.impl!r}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    for size in args.sizes:
+        try:
+            LanitConfig(domains=DOMAINS, img_size=size, base_dim=args.base_dim, max_dim=args.max_dim)
+        except ConfigError as err:
+            parser.error(f"--sizes {size}: {err}")
+    if args.out is not None:
+        try:
+            check_output_file(args.out)
+        except OutputPathError as err:
+            parser.error(f"--out: {err}")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -279,6 +312,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.base_dim = args.base_dim or 32
         args.max_dim = args.max_dim or 128
     args.max_dim = args.max_dim or 512
+    check_settings(parser, args)
     args.iters = args.iters or (5 if quick else 50)
     args.warmup = args.warmup if args.warmup is not None else (2 if quick else 10)
     args.min_seconds = args.min_seconds if args.min_seconds is not None else (1.0 if quick else 2.0)

@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                         default=["fp16", "bf16", "fp32"])
     parser.add_argument("--quick", action="store_true", help="two conv and two AdaIN variants")
     args = parser.parse_args(argv)
+    if not 70 <= args.arch <= 130:  # Triton's CUDA backend: Volta (70) and newer
+        parser.error(f"--arch is a CUDA compute capability such as 80 or 90, got {args.arch}")
     by_name = {v: k for k, v in DTYPE_NAMES.items()}
     try:
         records = compile_all(args.arch, tuple(by_name[d] for d in args.dtypes), args.quick)

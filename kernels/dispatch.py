@@ -76,6 +76,8 @@ def _blocker(x: torch.Tensor, tensors: tuple[torch.Tensor | None, ...], out_nume
         return f"tensors are on {x.device.type}, not CUDA (CPU needs TRITON_INTERPRET=1)"
     if torch.is_grad_enabled() and any(t.requires_grad for t in present):
         return "autograd needs gradients and the Triton kernels have no backward"
+    if x.dim() == 4 and 0 in x.shape[2:]:
+        return f"the images are empty ({x.shape[2]}x{x.shape[3]})"
     if x.shape[0] > _MAX_BATCH:
         return f"batch {x.shape[0]} exceeds {_MAX_BATCH} (CUDA grid z-dimension)"
     if max([out_numel] + [t.numel() for t in present]) >= _INT32_LIMIT:
@@ -168,7 +170,9 @@ def modconv2d(x: torch.Tensor, weight: torch.Tensor, style: torch.Tensor, demodu
     y[n] = conv2d(x[n] * style[n], weight, padding=k//2) * dcoef[n] with
     dcoef[n, o] = rsqrt(sum_i style[n, i]^2 * sum_kk weight[o, i]^2 + 1e-8) (when demodulating).
     The Triton path scales activations in the conv prologue (shared weights, no per-sample weight
-    tensor) and multiplies by dcoef in the epilogue.
+    tensor) and multiplies by dcoef in the epilogue. In fp16 the scaled activations x * style are
+    fp16 operands of the tensor-core dot, so they must stay within fp16's range (|x * style| <
+    65504; the reference computes them in fp32): scale huge styles into the weight, or use bf16.
     """
     _check_x("modconv2d", x)
     n, c_in = x.shape[:2]

@@ -123,7 +123,7 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, out_scale_ptr, y_
 # Packed weights in the activation dtype, keyed by the weight tensor's identity, in-place version,
 # dtype and form. Parameters live as long as their modules, so re-packing on every call would be
 # pure waste at batch 1. A weak reference tells when an id has been recycled.
-_PACKED: dict[tuple[int, torch.dtype, bool], tuple[weakref.ref, int, torch.Tensor]] = {}
+_PACKED: dict[tuple[int, torch.dtype, bool], tuple[weakref.ref, tuple, torch.Tensor]] = {}
 _PACKED_MAX = 256
 
 # _PHASE_TAPS[parity, tap, k]: which rows of a 3-tap kernel land on low-res row i - 1 + parity + tap
@@ -145,24 +145,30 @@ def _pack(weight: torch.Tensor, dtype: torch.dtype, phases: bool) -> torch.Tenso
 
 
 def pack_weight(weight: torch.Tensor, dtype: torch.dtype, phases: bool = False) -> torch.Tensor:
-    """[C_out, C_in, k, k] -> contiguous [k*k, C_in, C_out] in `dtype`, cached per (tensor, version).
+    """[C_out, C_in, k, k] -> contiguous [k*k, C_in, C_out] in `dtype`, cached per tensor.
 
     With `phases` (3x3 only): the four 2x2 phase kernels of nearest-x2-then-3x3, [16, C_in, C_out]
     ordered (row parity, col parity, row tap, col tap).
+
+    A cached packing is reused while the tensor's version counter (bumped by every in-place op:
+    optimiser steps, EMA lerp_, load_state_dict) and its storage (replaced by `.data = ...`,
+    `module.to(...)`) are unchanged. Writes through `.data`'s alias (`w.data.mul_(2)`) bypass the
+    version counter, as they bypass autograd: update weights in place under torch.no_grad().
     """
     try:
         version = weight._version
     except RuntimeError:  # inference tensors carry no version counter: never cache them
         return _pack(weight, dtype, phases)
     key = (id(weight), dtype, phases)
+    state = (version, weight.data_ptr(), weight.device, tuple(weight.shape))
     cached = _PACKED.get(key)
-    if cached is not None and cached[0]() is weight and cached[1] == version:
+    if cached is not None and cached[0]() is weight and cached[1] == state:
         return cached[2]
     packed = _pack(weight, dtype, phases)
     if len(_PACKED) >= _PACKED_MAX:
         for stale in [k for k, entry in _PACKED.items() if entry[0]() is None] or list(_PACKED):
             del _PACKED[stale]
-    _PACKED[key] = (weakref.ref(weight), version, packed)
+    _PACKED[key] = (weakref.ref(weight), state, packed)
     return packed
 
 

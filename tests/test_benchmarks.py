@@ -7,9 +7,26 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import labeler_ablation  # noqa: E402
+import labeler_memory  # noqa: E402
 import onnx_cpu  # noqa: E402
 import quality  # noqa: E402
 import throughput  # noqa: E402
+
+
+def _load_script(name: str):
+    """A benchmarks/ script whose name is taken by a package (kernels/), loaded from its file."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+kernels_bench = _load_script("kernels")
 
 
 @pytest.mark.parametrize("argv", [["--backends", "bogus"], ["--backends", ","], ["--batch-sizes", "0"],
@@ -36,3 +53,43 @@ def test_quality_rejects_zero_steps(capsys):
     with pytest.raises(SystemExit) as exc:
         quality.main(["--steps", "0"])
     assert exc.value.code == 2 and "--steps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dtype", "fp64"], "unknown dtype 'fp64'"), (["--impl", "bogus"], "--impl must be one of"),
+    (["--sizes", "63"], "--sizes 63: img_size must be a power of two"), (["--threads", "-2"], "--threads"),
+    (["--device", "gpu"], "unknown device 'gpu'"), (["--out", "/proc/x/t.json"], "--out"),
+])
+def test_throughput_rejects_settings_that_would_fail_after_timing(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        throughput.parse_args(["--quick", "--device", "cpu", *argv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_throughput_skips_onnx_rows_without_the_onnx_extra(tmp_path, monkeypatch, capsys):
+    import export.onnx_export as onnx_export
+    from export.errors import MissingDependencyError
+
+    def missing(*args, **kwargs):
+        raise MissingDependencyError("onnx is not installed: pip install 'lanit-rt[onnx]'")
+
+    monkeypatch.setattr(onnx_export, "export_onnx", missing)
+    monkeypatch.setattr(throughput, "load_checkpoint", lambda path: None)
+    assert throughput.export_onnx_artifact(tmp_path / "ckpt", tmp_path / "m.onnx") is None
+    assert "skipping onnxruntime rows" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    (kernels_bench, ["--threads", "0"], "--threads and --batches must be at least 1"),
+    (labeler_ablation, ["--nap", "-1"], "--nap at least 0"),
+    (labeler_ablation, ["--set-centre-weight", "1.5"], "--set-centre-weight must be in [0, 1]"),
+    (labeler_memory, ["--vendor", "noto"], "were made from its drawings"),
+    (labeler_memory, ["--heads", "/missing.safetensors"], "no such heads file"),
+    (quality, ["--n", "1"], "--n at least 2"),
+    (quality, ["--gt", "/missing.csv"], "--gt /missing.csv does not exist"),
+    (quality, ["--json", "/proc/x/q.json"], "--json"),
+])
+def test_benchmarks_refuse_bad_arguments_before_any_work(module, argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        module.main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err

@@ -8,6 +8,7 @@ from PIL import Image
 
 from training import emoji as E
 from training.eval_labeler import eval_sets, evaluate_labeler, f1_scores, main, top1_accuracy
+from training.lanit_lite import heads_vendors
 
 
 def test_f1_scores_by_hand():
@@ -27,6 +28,15 @@ def test_twemoji_sets_follow_the_names():
     for name in ("animal faces", "food"):
         paths, domains, truth = sets[name]
         assert (truth.sum(1) == 1).all() and len(paths) >= len(domains)
+
+
+def test_a_vendor_the_heads_were_trained_on_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("training.eval_labeler.eval_sets", lambda *a: pytest.fail("sets rendered"))
+    assert main(["--vendor", "noto", "--out", str(tmp_path / "e.json")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "the heads of lanit-lite were trained on noto's drawings" in err and len(err.splitlines()) == 1
+    assert heads_vendors("lanit-lite") == ["openmoji", "noto"]
+    assert heads_vendors("lanit-lite:none") == [] and heads_vendors("ViT-B-32") == []
 
 
 def test_an_unwritable_out_fails_before_any_labelling(tmp_path, capsys):

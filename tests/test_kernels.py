@@ -232,6 +232,20 @@ def test_packed_weight_cache_follows_in_place_updates():
     weight.mul_(2.0)  # an optimiser step: the cached packed copy must not be reused
     second = kernels.adain_conv2d(x, gamma, beta, weight, impl="triton")
     _assert_close(second, 2.0 * first, CONV_TOL[torch.float32])
+    # New storage without a version bump: `.data = ...` (and module.to(...), which does the same).
+    parameter = nn.Parameter(weight.clone(), requires_grad=False)
+    kernels.adain_conv2d(x, gamma, beta, parameter, impl="triton")
+    parameter.data = -parameter.data
+    third = kernels.adain_conv2d(x, gamma, beta, parameter, impl="triton")
+    _assert_close(third, reference.adain_conv2d_ref(x, gamma, beta, parameter), CONV_TOL[torch.float32])
+
+
+def test_empty_images_fall_back_or_raise():
+    x = torch.randn(1, 3, 0, 5)
+    gamma, beta = torch.randn(1, 3), torch.randn(1, 3)
+    with pytest.raises(dispatch.KernelUnsupportedError, match=r"images are empty \(0x5\)"):
+        kernels.adain(x, gamma, beta, impl="triton")
+    assert kernels.adain(x, gamma, beta, impl="auto").shape == (1, 3, 0, 5)
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,6 +2,9 @@
 
 import json
 
+import os
+import stat
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -184,6 +187,7 @@ def test_align_refuses_twemoji():
     (["--embed-dim", "0"], "embed-dim must be >= 1, got 0"),
     (["--views", "0"], "views must be >= 1"),
     (["--image-size", "8"], "image-size must be >= 32"),
+    (["--image-size", "100000"], "image-size must be <= 1024"),
     (["--lr", "nan"], "lr must be a finite number"),
     (["--base-target", "1.5"], "base-target must be in [0, 1]"),
     (["--label-views", "bogus"], "label_views: views must be distinct names"),
@@ -235,7 +239,13 @@ def test_align_end_to_end_on_a_tiny_subset(tmp_path):
             "--embed-dim", "32", "--image-size", "64", "--unlocked-blocks", "1", "--no-centre", "--image-pool", "avg",
             "--log-every", "1",
             "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
-    assert A.main(argv) == 0
+    previous = os.umask(0o027)
+    try:
+        assert A.main(argv) == 0
+    finally:
+        os.umask(previous)
+    # Both files get the mode a plain open() gives under the umask (not mkstemp's 0600).
+    assert {stat.S_IMODE(f.stat().st_mode) for f in (out, out.with_suffix(".json"))} == {0o640}
     tensors, info = read_heads(out)
     assert info["arch"]["embed_dim"] == 32 and info["training"]["glyphs"] == 12
     assert info["training"]["final"]["step"] == 2

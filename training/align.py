@@ -48,6 +48,7 @@ from training.lanit_lite import (LanitLiteArch, LanitLiteError, PyramidImageTowe
 TWEMOJI_SIZE = 72
 ALIGN_VENDORS = ("openmoji", "noto")
 MIN_IMAGE_SIZE = 32  # EfficientNet-Lite0 downsamples by 32
+MAX_IMAGE_SIZE = 1024  # 4.7x the tower's own 224; more only allocates
 RENDER_SIZE = 109  # Noto Color Emoji is a bitmap font with this one strike
 NOTO_PATHS = ("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf",
               "/usr/share/fonts/noto/NotoColorEmoji.ttf")
@@ -121,6 +122,8 @@ class AlignConfig:
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise AlignError(f"{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
+        if self.image_size > MAX_IMAGE_SIZE:  # renders and activations grow with its square
+            raise AlignError(f"image-size must be <= {MAX_IMAGE_SIZE}, got {self.image_size}")
         for name in ("lr", "trunk_lr", "weight_decay", "infonce_weight", "base_weight"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):

