@@ -425,9 +425,10 @@ class Trainer:
             from training.vl import load_vision_language
 
             vl = load_vision_language(self.cfg.labeler, device=self.device)
-        with torch.no_grad():  # before the images are encoded: text features alone tell
-            check_distinct_domains(PromptBank(vl, list(self.domains), templates=self.templates)()[0],
-                                   self.domains)
+        bank = PromptBank(vl, list(self.domains), templates=self.templates,
+                          base_prompt=self.cfg.base_prompt, learnable=self.cfg.stage == 2).to(self.device)
+        with torch.no_grad():  # before the images are encoded: the text features alone tell
+            check_distinct_domains(bank()[0], self.domains)
         cache = cache_root(self.cfg) / "features"
         # One process fills the feature cache; the others read it.
         if self.dist.main:
@@ -436,8 +437,6 @@ class Trainer:
             dist.barrier()
         if not self.dist.main:
             feats = image_features(vl, paths, cache, progress=False)
-        bank = PromptBank(vl, list(self.domains), templates=self.templates,
-                          base_prompt=self.cfg.base_prompt, learnable=self.cfg.stage == 2).to(self.device)
         return Labeler(vl, bank, feats.to(self.device), self.cfg)
 
     def _active_pool(self) -> torch.Tensor:
