@@ -106,6 +106,10 @@ def test_stage_two_learns_prompts(tmp_path, tiny_labeler):
 
 
 def test_cli_dry_run_prints_the_resolved_config(capsys):
+    assert run.main(["--dry-run"]) == 0  # the embedded default: its data-dependent defaults spelled out
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["max_minutes"], printed["template_set"], printed["label_mode"],
+            printed["prompt_start"]) == (12.0, "emoji", "topk", 500)
     assert run.main(["--dry-run", "--steps", "7", "--set", "lr=2e-4", "--domains", "a, b"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["steps"] == 7 and printed["lr"] == 2e-4 and printed["domains"] == ["a", "b"]
@@ -193,7 +197,16 @@ def test_torchrun_two_processes_gloo(tmp_path, tiny_labeler):
     assert model.metadata["step"] == 2
 
 
-def test_time_budget_stops_cleanly_with_a_checkpoint(tmp_path, tiny_labeler, capsys):
+def test_time_budget_stops_cleanly_with_a_checkpoint(tmp_path, tiny_labeler, capsys, monkeypatch):
+    # A budget that runs out after the third step, between logs (log_every=2): the last step is
+    # logged all the same.
+    monkeypatch.setattr(Trainer, "_stop_reason", lambda self, *args: "time" if self.step >= 3 else None)
+    cfg = tiny_cfg(tmp_path / "between", tiny_labeler, steps=50, max_minutes=1.0, log_every=2)
+    out = train(cfg, progress=False)
+    assert [r["step"] for r in read_metrics(out)] == [2, 3]
+    assert load_checkpoint(out).metadata["step"] == 3
+    monkeypatch.undo()
+
     cfg = tiny_cfg(tmp_path, tiny_labeler, steps=50, max_minutes=0.0)
     out = train(cfg, progress=True)
     printed = capsys.readouterr()  # the bar says that the run may end before its 50 steps

@@ -198,7 +198,7 @@ def resolve_templates(run: RunInfo) -> list[str]:
     from training.train import read_templates
 
     cfg = _train_config_object(run.train_config)
-    return read_templates(cfg, cfg.template_set or ("emoji" if run.default_data else "face"))
+    return read_templates(cfg, cfg.template_rule)
 
 
 def _train_config_object(data: dict[str, Any]):

@@ -108,7 +108,7 @@ def _main(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
         if args.dry_run:
-            print(cfg.replace(label_mode=cfg.label_rule).to_json())
+            print(cfg.resolved().to_json())
             return 0
         out = Path(cfg.out)
         if cfg.data is not None:

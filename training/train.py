@@ -293,14 +293,12 @@ def resolve_data(cfg: TrainConfig) -> tuple[list[Path], tuple[str, ...], str]:
 
         paths, default_domains = default_dataset()
         domains = cfg.domains or tuple(default_domains)
-        template_set = cfg.template_set or "emoji"
     else:  # TrainConfig requires domains with data
         paths = find_images(cfg.data)
         domains = cfg.domains
-        template_set = cfg.template_set or "face"
     if len(domains) < 2:
         raise ValueError(f"LANIT needs at least 2 domain texts, got {list(domains)}")
-    return list(paths), tuple(domains), template_set
+    return list(paths), tuple(domains), cfg.template_rule
 
 
 def read_templates(cfg: TrainConfig, template_set: str) -> list[str]:
@@ -674,6 +672,17 @@ class Trainer:
             flags = [bool(f) for f in shared.tolist()]
         return "interrupt" if flags[0] else "time" if flags[1] else None
 
+    def _log(self, logs: dict[str, float], started: float, start_step: int) -> int:
+        """Append the step's losses to metrics.jsonl (main process); returns the step logged."""
+        if self.dist.main:
+            elapsed = time.perf_counter() - started
+            record = {"step": self.step, "time": round(elapsed, 3),
+                      "steps_per_s": round((self.step - start_step) / max(elapsed, 1e-9), 4),
+                      **{k: round(v, 6) for k, v in logs.items()}}
+            with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        return self.step
+
     def sample(self) -> Path | None:
         if not self.dist.main:
             return None
@@ -694,6 +703,7 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, desc=desc, unit="step",
                    disable=not (self.progress and self.dist.main), dynamic_ncols=True)
         started, start_step = time.perf_counter(), self.step
+        logs, logged = None, self.step
         if self.step >= cfg.steps and self.dist.main:
             tqdm.write(f"the run is already at step {self.step} of --steps {cfg.steps}: nothing to "
                        "train; pass a larger --steps to continue it")
@@ -712,13 +722,8 @@ class Trainer:
                     logs = self.train_step()
                     mid_step = False
                     bar.update(1)
-                    if self.dist.main and (every(self.step, cfg.log_every) or self.step == cfg.steps):
-                        elapsed = time.perf_counter() - started
-                        record = {"step": self.step, "time": round(elapsed, 3),
-                                  "steps_per_s": round((self.step - start_step) / max(elapsed, 1e-9), 4),
-                                  **{k: round(v, 6) for k, v in logs.items()}}
-                        with open(metrics_path, "a", encoding="utf-8") as f:
-                            f.write(json.dumps(record) + "\n")
+                    if every(self.step, cfg.log_every) or self.step == cfg.steps:
+                        logged = self._log(logs, started, start_step)
                         bar.set_postfix(d=f"{logs['d_real_latent'] + logs['d_fake_latent']:.2f}",
                                         g=f"{logs['g_adv_latent']:.2f}", cyc=f"{logs['g_cyc_latent']:.3f}")
                     if every(self.step, cfg.sample_every):
@@ -732,6 +737,8 @@ class Trainer:
             self.save()
             raise TrainingInterrupted(self.step) from None
         bar.close()
+        if logs is not None and logged != self.step:  # the time budget ended the run between logs
+            self._log(logs, started, start_step)
         self.save(final=True)
         self.write_run_files()
         if not every(self.step, cfg.sample_every):
