@@ -275,17 +275,20 @@ def export_tensorrt(model: LanitModel, engine_path: str | os.PathLike, precision
     engine_path = Path(engine_path)
     for path in (engine_path, sidecar_path(engine_path), timing_cache_path(engine_path)):
         check_output_path(path)
+    digest = model.weights_digest()
     with tempfile.TemporaryDirectory(prefix=".lanit-export-", dir=engine_path.parent) as scratch:
         if onnx_path is None:
             onnx_path = Path(scratch) / "generator.onnx"
             export_onnx(model, onnx_path, precision, validate=True, log=log, kinds=(ENGINE_KIND,))
         elif not Path(onnx_path).is_file():
             raise ExportError(f"no ONNX graph at {onnx_path}")
-        elif config_from_metadata(read_metadata(onnx_path)) != model.config:
-            raise ExportError(f"{onnx_path} was exported from a different model than the checkpoint")
-        elif read_metadata(onnx_path).get("weights_digest", model.weights_digest()) != model.weights_digest():
-            raise ExportError(f"{onnx_path} was exported from other weights than the checkpoint "
-                              "(an older export?); export the ONNX graph again or leave out --onnx-path")
+        else:
+            onnx_meta = read_metadata(onnx_path)
+            if config_from_metadata(onnx_meta) != model.config:
+                raise ExportError(f"{onnx_path} was exported from a different model than the checkpoint")
+            if onnx_meta.get("weights_digest", digest) != digest:  # graphs before digests: unchecked
+                raise ExportError(f"{onnx_path} was exported from other weights than the checkpoint "
+                                  "(an older export?); export the ONNX graph again or leave out --onnx-path")
         engine, cache = build_engine_bytes(onnx_path, precision, profile, timing_cache_path(engine_path),
                                     workspace_gib, log)
         artifact = EngineArtifact(engine_path, sidecar_path(engine_path), timing_cache_path(engine_path),
@@ -299,7 +302,7 @@ def export_tensorrt(model: LanitModel, engine_path: str | os.PathLike, precision
             if not artifact.validation.passed:
                 raise ValidationError(artifact.validation.describe(engine_path.name))
         trt = import_tensorrt()
-        sidecar = engine_sidecar(model.config, precision, profile, weights_digest=model.weights_digest(),
+        sidecar = engine_sidecar(model.config, precision, profile, weights_digest=digest,
                                  tensorrt_version=trt.__version__, lanit_rt_version=lanit_rt.__version__)
         tmp_engine = Path(scratch) / engine_path.name
         tmp_engine.write_bytes(engine)

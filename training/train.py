@@ -525,7 +525,7 @@ class Trainer:
         metrics = self.out / METRICS_FILE
         if metrics.exists():  # drop lines logged after the saved step
             kept = [line for line in metrics.read_text().splitlines()
-                    if line.strip() and _logged_step(line, metrics) <= self.step]
+                    if line.strip() and _logged_step(line) <= self.step]
             atomic_write_text(metrics, "".join(line + "\n" for line in kept))
 
     def check_replicas(self) -> None:
@@ -672,8 +672,12 @@ class Trainer:
             flags = [bool(f) for f in shared.tolist()]
         return "interrupt" if flags[0] else "time" if flags[1] else None
 
-    def _log(self, logs: dict[str, float], started: float, start_step: int) -> int:
-        """Append the step's losses to metrics.jsonl (main process); returns the step logged."""
+    def _log_due(self, step: int) -> bool:
+        """Whether `step` is logged in the loop: every `log_every` steps, and the last of `steps`."""
+        return every(step, self.cfg.log_every) or step == self.cfg.steps
+
+    def _log(self, logs: dict[str, float], started: float, start_step: int) -> None:
+        """Append the step's losses to metrics.jsonl (main process)."""
         if self.dist.main:
             elapsed = time.perf_counter() - started
             record = {"step": self.step, "time": round(elapsed, 3),
@@ -681,7 +685,6 @@ class Trainer:
                       **{k: round(v, 6) for k, v in logs.items()}}
             with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
-        return self.step
 
     def sample(self) -> Path | None:
         if not self.dist.main:
@@ -703,7 +706,7 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, desc=desc, unit="step",
                    disable=not (self.progress and self.dist.main), dynamic_ncols=True)
         started, start_step = time.perf_counter(), self.step
-        logs, logged = None, self.step
+        logs = None
         if self.step >= cfg.steps and self.dist.main:
             tqdm.write(f"the run is already at step {self.step} of --steps {cfg.steps}: nothing to "
                        "train; pass a larger --steps to continue it")
@@ -722,8 +725,8 @@ class Trainer:
                     logs = self.train_step()
                     mid_step = False
                     bar.update(1)
-                    if every(self.step, cfg.log_every) or self.step == cfg.steps:
-                        logged = self._log(logs, started, start_step)
+                    if self._log_due(self.step):
+                        self._log(logs, started, start_step)
                         bar.set_postfix(d=f"{logs['d_real_latent'] + logs['d_fake_latent']:.2f}",
                                         g=f"{logs['g_adv_latent']:.2f}", cyc=f"{logs['g_cyc_latent']:.3f}")
                     if every(self.step, cfg.sample_every):
@@ -737,7 +740,7 @@ class Trainer:
             self.save()
             raise TrainingInterrupted(self.step) from None
         bar.close()
-        if logs is not None and logged != self.step:  # the time budget ended the run between logs
+        if logs is not None and not self._log_due(self.step):  # the time budget ended it between logs
             self._log(logs, started, start_step)
         self.save(final=True)
         self.write_run_files()
@@ -746,7 +749,7 @@ class Trainer:
         return self.out
 
 
-def _logged_step(line: str, file: Path) -> float:
+def _logged_step(line: str) -> float:
     """The step of one metrics.jsonl line; a line cut short (the run was killed while writing it)
     counts as logged after any saved state, so a resume drops it."""
     try:
