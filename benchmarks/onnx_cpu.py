@@ -2,7 +2,7 @@
 
 For each image size (default 64/128/256, StarGAN v2 default widths: base_dim = 2**14 // size,
 max_dim 512) a randomly initialised generator with a random per-domain style table is exported with
-export.onnx_export (the `domain_weights` graph), checked once against PyTorch (max abs error), then
+lanit_export.onnx_export (the `domain_weights` graph), checked once against PyTorch (max abs error), then
 timed. PyTorch eager runs `G(x, style=model.domain_style(w))` under inference_mode; onnxruntime runs
 the graph with the same thread count. The two are timed alternately (warm-up first), so both see the
 same machine load; the table reports medians and the ratio eager / onnxruntime (> 1: ORT faster).
@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lanit_rt  # noqa: E402
 from lanit_rt import Generator, LanitConfig, LanitModel  # noqa: E402
 from lanit_rt.checkpoint import OutputPathError, check_output_file  # noqa: E402
-from export.onnx_export import export_onnx  # noqa: E402
-from export.validate import onnx_runner  # noqa: E402
+from lanit_export.onnx_export import export_onnx  # noqa: E402
+from lanit_export.validate import onnx_runner  # noqa: E402
 
 DOMAINS = ("blond hair", "black hair", "beard")
 

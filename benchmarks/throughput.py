@@ -105,11 +105,11 @@ def make_checkpoint(folder: Path, config: LanitConfig) -> Path:
 
 
 def export_onnx_artifact(checkpoint: Path, out: Path) -> Path | None:
-    """OUT.onnx via the project's exporter (export/), or None when it (or its deps) is missing."""
-    from export.errors import MissingDependencyError
+    """OUT.onnx via the project's exporter (lanit_export/), or None when it (or its deps) is missing."""
+    from lanit_export.errors import MissingDependencyError
 
     try:
-        from export.onnx_export import export_onnx
+        from lanit_export.onnx_export import export_onnx
 
         export_onnx(load_checkpoint(checkpoint), out, precision="fp32", validate=True)
     except (ImportError, MissingDependencyError) as err:  # the `onnx` extra is not installed
@@ -247,7 +247,7 @@ def _positive_ints(parser: argparse.ArgumentParser, flag: str, text: str) -> lis
 
 def check_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every setting that would fail later (after checkpoints are built and timed) fails here."""
-    from kernels.dispatch import IMPLS
+    from lanit_kernels.dispatch import IMPLS
     from lanit_rt.checkpoint import OutputPathError, check_output_file
     from lanit_rt.config import ConfigError
     from lanit_rt.translator import check_device, resolve_dtype

@@ -1,6 +1,6 @@
 """lanit-rt runtime: config, networks, checkpoints, style tables and the Translator API.
 
-This package imports nothing from training/ or export/.
+This package imports nothing from training/ or lanit_export/.
 """
 
 from lanit_rt.checkpoint import (

@@ -5,7 +5,7 @@ Domains are multi-hot. Wherever StarGAN v2 picks one head by a domain index, the
 `s = sum_k w_k s_k / sum_k w_k` (lanit_rt.style.mix_styles). The per-domain heads are one wide
 Linear, so no Python loop runs over samples or domains.
 
-The generator's AdaIN blocks run through kernels.adain_conv2d, so `impl="triton"` swaps in the
+The generator's AdaIN blocks run through lanit_kernels.adain_conv2d, so `impl="triton"` swaps in the
 fused kernels without touching the weights. With any impl other than "ref" the encoder's
 IN(affine) + LReLU + conv and the to_rgb IN + LReLU + 1x1 conv go through the same fused op
 (gamma = weight - 1, beta = bias); `impl="ref"` runs those nn modules unchanged.
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
+import lanit_kernels
 from lanit_rt.config import LanitConfig
 from lanit_rt.style import mix_styles
 
@@ -72,7 +72,7 @@ class ResBlk(nn.Module):
 
 def _norm_leaky_conv(x: torch.Tensor, norm: nn.InstanceNorm2d, conv: nn.Conv2d, impl: str,
                      negative_slope: float = LEAKY_SLOPE) -> torch.Tensor:
-    """conv(LReLU(norm(x))) through kernels.adain_conv2d; x [N, C, H, W], norm affine over C.
+    """conv(LReLU(norm(x))) through lanit_kernels.adain_conv2d; x [N, C, H, W], norm affine over C.
 
     InstanceNorm's affine `weight * x_hat + bias` is AdaIN's `(1 + gamma) * x_hat + beta` with
     gamma = weight - 1 and beta = bias, the same for every sample (expanded to [N, C]).
@@ -80,7 +80,7 @@ def _norm_leaky_conv(x: torch.Tensor, norm: nn.InstanceNorm2d, conv: nn.Conv2d, 
     n, c = x.shape[:2]
     gamma = (norm.weight - 1.0).unsqueeze(0).expand(n, c)
     beta = norm.bias.unsqueeze(0).expand(n, c)
-    return kernels.adain_conv2d(x, gamma, beta, conv.weight, conv.bias, eps=norm.eps,
+    return lanit_kernels.adain_conv2d(x, gamma, beta, conv.weight, conv.bias, eps=norm.eps,
                                 negative_slope=negative_slope, impl=impl)
 
 
@@ -106,10 +106,10 @@ class AdainResBlk(nn.Module):
 
     def forward(self, x: torch.Tensor, gammas_betas: tuple[torch.Tensor, ...], impl: str = "ref"):
         gamma1, beta1, gamma2, beta2 = gammas_betas
-        h = kernels.adain_conv2d(x, gamma1, beta1, self.conv1.weight, self.conv1.bias,
+        h = lanit_kernels.adain_conv2d(x, gamma1, beta1, self.conv1.weight, self.conv1.bias,
                                  upsample=self.upsample, eps=IN_EPS, negative_slope=LEAKY_SLOPE,
                                  impl=impl)
-        h = kernels.adain_conv2d(h, gamma2, beta2, self.conv2.weight, self.conv2.bias,
+        h = lanit_kernels.adain_conv2d(h, gamma2, beta2, self.conv2.weight, self.conv2.bias,
                                  eps=IN_EPS, negative_slope=LEAKY_SLOPE, impl=impl)
         shortcut = x if self.conv1x1 is None else self.conv1x1(x)
         if self.upsample:

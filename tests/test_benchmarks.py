@@ -7,26 +7,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import fused_ops  # noqa: E402
 import labeler_ablation  # noqa: E402
 import labeler_memory  # noqa: E402
 import onnx_cpu  # noqa: E402
 import quality  # noqa: E402
 import throughput  # noqa: E402
-
-
-def _load_script(name: str):
-    """A benchmarks/ script whose name is taken by a package (kernels/), loaded from its file."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-kernels_bench = _load_script("kernels")
 
 
 @pytest.mark.parametrize("argv", [["--backends", "bogus"], ["--backends", ","], ["--batch-sizes", "0"],
@@ -67,8 +53,8 @@ def test_throughput_rejects_settings_that_would_fail_after_timing(argv, message,
 
 
 def test_throughput_skips_onnx_rows_without_the_onnx_extra(tmp_path, monkeypatch, capsys):
-    import export.onnx_export as onnx_export
-    from export.errors import MissingDependencyError
+    import lanit_export.onnx_export as onnx_export
+    from lanit_export.errors import MissingDependencyError
 
     def missing(*args, **kwargs):
         raise MissingDependencyError("onnx is not installed: pip install 'lanit-rt[onnx]'")
@@ -80,7 +66,7 @@ def test_throughput_skips_onnx_rows_without_the_onnx_extra(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("module, argv, message", [
-    (kernels_bench, ["--threads", "0"], "--threads and --batches must be at least 1"),
+    (fused_ops, ["--threads", "0"], "--threads and --batches must be at least 1"),
     (labeler_ablation, ["--nap", "-1"], "--nap at least 0"),
     (labeler_ablation, ["--set-centre-weight", "1.5"], "--set-centre-weight must be in [0, 1]"),
     (labeler_memory, ["--vendor", "noto"], "were made from its drawings"),

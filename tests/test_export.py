@@ -1,4 +1,4 @@
-"""export/: ONNX artifacts vs the PyTorch generator, metadata, the CLI and TensorRT's pure pieces.
+"""lanit_export/: ONNX artifacts vs the PyTorch generator, metadata, the CLI and TensorRT's pure pieces.
 
 Two exports (fp32 and fp16, both graphs each) are made once per module through the CLI; each takes
 ~20 s on 2 CPU cores (the dynamo exporter dominates), hence the `slow` marks on the tests using them.
@@ -20,12 +20,12 @@ ort = pytest.importorskip("onnxruntime")
 
 from lanit_rt import (Generator, LanitConfig, MappingNetwork, StyleEncoder,  # noqa: E402
                       latent_style_table, load_checkpoint, save_checkpoint)
-from export import ExportError, MissingDependencyError, ValidationError  # noqa: E402
-from export import tensorrt as trt_export  # noqa: E402
-from export.cli import main  # noqa: E402
-from export.onnx_export import (METADATA_KEYS, build_onnx_model, check_graph,  # noqa: E402
+from lanit_export import ExportError, MissingDependencyError, ValidationError  # noqa: E402
+from lanit_export import tensorrt as trt_export  # noqa: E402
+from lanit_export.cli import main  # noqa: E402
+from lanit_export.onnx_export import (METADATA_KEYS, build_onnx_model, check_graph,  # noqa: E402
                                 export_onnx, fp32_compute_nodes, read_metadata, style_graph_path)
-from export.validate import (TOLERANCES, reference_output, validate_artifact,  # noqa: E402
+from lanit_export.validate import (TOLERANCES, reference_output, validate_artifact,  # noqa: E402
                              validate_onnx, validation_targets)
 
 CONFIG = LanitConfig(domains=("a", "b", "c"), img_size=32, base_dim=8, max_dim=32, style_dim=16,
@@ -206,7 +206,7 @@ def test_opset_below_18_is_refused(model):
 
 @pytest.mark.slow
 def test_failed_validation_leaves_no_artifact(model, fp32_onnx, tmp_path, monkeypatch):
-    import export.onnx_export as onnx_export
+    import lanit_export.onnx_export as onnx_export
 
     # Re-use the traced graphs (tracing is what makes exports slow); the write/validate/rename
     # path under test is the real one. A zero tolerance makes the second graph fail validation
@@ -227,7 +227,7 @@ def test_failed_validation_leaves_no_artifact(model, fp32_onnx, tmp_path, monkey
             report.tolerance = 0.0
         return report
 
-    monkeypatch.setattr("export.validate.validate_onnx", validate_then_fail)
+    monkeypatch.setattr("lanit_export.validate.validate_onnx", validate_then_fail)
     with pytest.raises(ValidationError, match="FAILED"):
         export_onnx(model, tmp_path / "bad.onnx", "fp32")
     assert calls == ["domain_weights", "style"]
@@ -242,7 +242,7 @@ def test_exported_graphs_get_the_permissions_open_would_give(fp32_onnx):
 
 
 def _no_tracing(monkeypatch):
-    import export.onnx_export as onnx_export
+    import lanit_export.onnx_export as onnx_export
 
     def fail(*args, **kwargs):
         raise AssertionError("output paths must be checked before tracing")
@@ -318,7 +318,7 @@ def test_cli_expands_a_tilde_in_every_path(capsys, checkpoint, tmp_path, monkeyp
     and the writer must read it as the home folder (the writer once took it literally)."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     written = []
-    monkeypatch.setattr("export.onnx_export.export_onnx",
+    monkeypatch.setattr("lanit_export.onnx_export.export_onnx",
                         lambda model, out_path, *args, **kwargs: written.append(out_path) or [])
     monkeypatch.chdir(tmp_path)
     assert main([str(checkpoint), "--onnx", "~/exports/g.onnx"]) == 0
@@ -330,7 +330,7 @@ def test_cli_ctrl_c_is_one_line(capsys, checkpoint, tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("export.onnx_export.export_onnx", interrupted)
+    monkeypatch.setattr("lanit_export.onnx_export.export_onnx", interrupted)
     assert main([str(checkpoint), "--onnx", str(tmp_path / "g.onnx")]) == 130
     assert capsys.readouterr().err.strip() == "lanit-export: interrupted; no partial file was written"
 
@@ -397,7 +397,7 @@ def test_cli_reports_os_errors_in_one_line(capsys, checkpoint, tmp_path, monkeyp
     def read_only(model, out_path, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(out_path))
 
-    monkeypatch.setattr("export.onnx_export.export_onnx", read_only)
+    monkeypatch.setattr("lanit_export.onnx_export.export_onnx", read_only)
     code, line = _cli_error(capsys, [checkpoint, "--onnx", tmp_path / "g.onnx"])
     assert code == 1 and "Permission denied" in line and "g.onnx" in line
 

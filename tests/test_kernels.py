@@ -1,4 +1,4 @@
-"""kernels/: references vs plain PyTorch, Triton (interpreter, TRITON_INTERPRET=1) vs references,
+"""lanit_kernels/: references vs plain PyTorch, Triton (interpreter, TRITON_INTERPRET=1) vs references,
 dispatcher fallback rules, and the generator with impl="triton" vs impl="ref".
 
 Shapes are deliberately awkward (batch 1, odd H*W, C not a power of two) and tiny: the interpreter
@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
-from kernels import dispatch, reference
+import lanit_kernels
+from lanit_kernels import dispatch, reference
 
 pytest.importorskip("triton")
 
-from kernels import triton_adain, triton_conv  # noqa: E402
+from lanit_kernels import triton_adain, triton_conv  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -133,7 +133,7 @@ def test_references_are_differentiable_like_the_modules():
 def test_adain_triton_matches_ref(dtype, channels_last, shape):
     x = _input(shape, dtype, channels_last)
     gamma, beta = torch.randn(shape[:2]), torch.randn(shape[:2])
-    out = kernels.adain(x, gamma, beta, impl="triton")
+    out = lanit_kernels.adain(x, gamma, beta, impl="triton")
     _assert_close(out, reference.adain_ref(x, gamma, beta), TOL[dtype])
     assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
 
@@ -141,7 +141,7 @@ def test_adain_triton_matches_ref(dtype, channels_last, shape):
 def test_adain_triton_without_activation_and_custom_eps():
     x = _input((2, 5, 3, 3), torch.float32, std=0.01)  # tiny variance: eps matters
     gamma, beta = torch.randn(2, 5), torch.randn(2, 5)
-    out = kernels.adain(x, gamma, beta, eps=1e-3, negative_slope=None, impl="triton")
+    out = lanit_kernels.adain(x, gamma, beta, eps=1e-3, negative_slope=None, impl="triton")
     expected = reference.adain_ref(x, gamma, beta, 1e-3, None)
     _assert_close(out, expected, TOL[torch.float32])
     assert (out < 0).any()
@@ -164,7 +164,7 @@ def test_adain_triton_on_a_strided_view():
     base = _input((2, 8, 9, 9), torch.float32)
     x = base[:, 1:6, ::2, :]  # non-contiguous channels and rows
     gamma, beta = torch.randn(2, 5), torch.randn(2, 5)
-    _assert_close(kernels.adain(x, gamma, beta, impl="triton"), reference.adain_ref(x, gamma, beta),
+    _assert_close(lanit_kernels.adain(x, gamma, beta, impl="triton"), reference.adain_ref(x, gamma, beta),
                   TOL[torch.float32])
 
 
@@ -175,7 +175,7 @@ def test_adain_conv2d_triton_matches_ref(dtype, channels_last, upsample):
     x = _input((1, 5, 7, 5), dtype, channels_last)
     gamma, beta = torch.randn(1, 5), torch.randn(1, 5) + 1.0
     weight, bias = (torch.randn(12, 5, 3, 3) * 0.3).to(dtype), torch.randn(12).to(dtype)
-    out = kernels.adain_conv2d(x, gamma, beta, weight, bias, upsample=upsample, impl="triton")
+    out = lanit_kernels.adain_conv2d(x, gamma, beta, weight, bias, upsample=upsample, impl="triton")
     expected = reference.adain_conv2d_ref(x, gamma, beta, weight, bias, upsample)
     assert out.shape == expected.shape
     _assert_close(out, expected, CONV_TOL[dtype])
@@ -188,7 +188,7 @@ def test_adain_conv2d_triton_kernel_sizes_without_bias(ksize, upsample):
     x = _input((2, 3, 9, 9), torch.float32)
     gamma, beta = torch.randn(2, 3), torch.randn(2, 3) - 2.0
     weight = torch.randn(5, 3, ksize, ksize)
-    out = kernels.adain_conv2d(x, gamma, beta, weight, None, upsample=upsample, eps=1e-4,
+    out = lanit_kernels.adain_conv2d(x, gamma, beta, weight, None, upsample=upsample, eps=1e-4,
                                negative_slope=0.1, impl="triton")
     expected = reference.adain_conv2d_ref(x, gamma, beta, weight, None, upsample, 1e-4, 0.1)
     _assert_close(out, expected, CONV_TOL[torch.float32])
@@ -214,13 +214,13 @@ def test_conv_kernel_partial_tiles_on_every_axis(upsample, channels_last):
 def test_modconv2d_triton_matches_ref(dtype, channels_last, demodulate):
     x = _input((2, 5, 7, 5), dtype, channels_last, mean=0.0, std=1.0)
     weight, style = (torch.randn(12, 5, 3, 3) * 0.3).to(dtype), torch.randn(2, 5).to(dtype)
-    out = kernels.modconv2d(x, weight, style, demodulate=demodulate, impl="triton")
+    out = lanit_kernels.modconv2d(x, weight, style, demodulate=demodulate, impl="triton")
     _assert_close(out, reference.modconv2d_ref(x, weight, style, demodulate), CONV_TOL[dtype])
 
 
 def test_modconv2d_triton_1x1():
     x, weight, style = torch.randn(1, 3, 9, 9), torch.randn(5, 3, 1, 1), torch.randn(1, 3)
-    _assert_close(kernels.modconv2d(x, weight, style, impl="triton"),
+    _assert_close(lanit_kernels.modconv2d(x, weight, style, impl="triton"),
                   reference.modconv2d_ref(x, weight, style), CONV_TOL[torch.float32])
 
 
@@ -228,15 +228,15 @@ def test_packed_weight_cache_follows_in_place_updates():
     x = _input((1, 3, 5, 5), torch.float32)
     gamma, beta = torch.zeros(1, 3), torch.zeros(1, 3)
     weight = torch.randn(4, 3, 3, 3)
-    first = kernels.adain_conv2d(x, gamma, beta, weight, impl="triton")
+    first = lanit_kernels.adain_conv2d(x, gamma, beta, weight, impl="triton")
     weight.mul_(2.0)  # an optimiser step: the cached packed copy must not be reused
-    second = kernels.adain_conv2d(x, gamma, beta, weight, impl="triton")
+    second = lanit_kernels.adain_conv2d(x, gamma, beta, weight, impl="triton")
     _assert_close(second, 2.0 * first, CONV_TOL[torch.float32])
     # New storage without a version bump: `.data = ...` (and module.to(...), which does the same).
     parameter = nn.Parameter(weight.clone(), requires_grad=False)
-    kernels.adain_conv2d(x, gamma, beta, parameter, impl="triton")
+    lanit_kernels.adain_conv2d(x, gamma, beta, parameter, impl="triton")
     parameter.data = -parameter.data
-    third = kernels.adain_conv2d(x, gamma, beta, parameter, impl="triton")
+    third = lanit_kernels.adain_conv2d(x, gamma, beta, parameter, impl="triton")
     _assert_close(third, reference.adain_conv2d_ref(x, gamma, beta, parameter), CONV_TOL[torch.float32])
 
 
@@ -245,8 +245,8 @@ def test_empty_images_fall_back_or_raise():
     x = torch.randn(1, 3, 0, 5)
     gamma, beta = torch.randn(1, 3), torch.randn(1, 3)
     with pytest.raises(dispatch.KernelUnsupportedError, match=r"images are empty \(0x5\)"):
-        kernels.adain(x, gamma, beta, impl="triton")
-    assert kernels.adain(x, gamma, beta, impl="auto").shape == (1, 3, 0, 5)
+        lanit_kernels.adain(x, gamma, beta, impl="triton")
+    assert lanit_kernels.adain(x, gamma, beta, impl="auto").shape == (1, 3, 0, 5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,31 +279,31 @@ def _adain_args(requires_grad=False):
 
 def test_auto_uses_the_reference_on_cpu_even_when_interpreting(launch_counter):
     x, gamma, beta = _adain_args()
-    out = kernels.adain(x, gamma, beta, impl="auto")
+    out = lanit_kernels.adain(x, gamma, beta, impl="auto")
     assert torch.equal(out, reference.adain_ref(x, gamma, beta))
     weight = torch.randn(4, 3, 3, 3)
-    conv_out = kernels.adain_conv2d(x, gamma, beta, weight, impl="auto")
+    conv_out = lanit_kernels.adain_conv2d(x, gamma, beta, weight, impl="auto")
     assert torch.equal(conv_out, reference.adain_conv2d_ref(x, gamma, beta, weight))
     assert launch_counter == {"adain": 0, "conv": 0}
 
 
 def test_triton_impl_launches_the_kernels(launch_counter):
     x, gamma, beta = _adain_args()
-    kernels.adain(x, gamma, beta, impl="triton")
-    kernels.adain_conv2d(x, gamma, beta, torch.randn(4, 3, 3, 3), impl="triton")
-    kernels.modconv2d(x, torch.randn(4, 3, 3, 3), torch.randn(1, 3), impl="triton")
+    lanit_kernels.adain(x, gamma, beta, impl="triton")
+    lanit_kernels.adain_conv2d(x, gamma, beta, torch.randn(4, 3, 3, 3), impl="triton")
+    lanit_kernels.modconv2d(x, torch.randn(4, 3, 3, 3), torch.randn(1, 3), impl="triton")
     assert launch_counter == {"adain": 1, "conv": 2}
 
 
 def test_autograd_falls_back_under_auto_and_is_refused_under_triton(launch_counter):
     x, gamma, beta = _adain_args(requires_grad=True)
-    out = kernels.adain(x, gamma, beta, impl="auto")
+    out = lanit_kernels.adain(x, gamma, beta, impl="auto")
     (grad,) = torch.autograd.grad(out.sum(), x)
     assert grad.shape == x.shape and torch.isfinite(grad).all()
     with pytest.raises(dispatch.KernelUnsupportedError, match="autograd"):
-        kernels.adain(x, gamma, beta, impl="triton")
+        lanit_kernels.adain(x, gamma, beta, impl="triton")
     with torch.no_grad():  # no graph is recorded, so the kernel may run
-        kernels.adain(x, gamma, beta, impl="triton")
+        lanit_kernels.adain(x, gamma, beta, impl="triton")
     assert launch_counter["adain"] == 1
 
 
@@ -311,10 +311,10 @@ def test_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     x, gamma, beta = _adain_args()
     with pytest.raises(dispatch.KernelUnsupportedError, match="CUDA"):
-        kernels.adain(x, gamma, beta, impl="triton")
+        lanit_kernels.adain(x, gamma, beta, impl="triton")
     with pytest.raises(dispatch.KernelUnsupportedError, match="CUDA"):
-        kernels.modconv2d(x, torch.randn(2, 3, 3, 3), torch.randn(1, 3), impl="triton")
-    assert torch.equal(kernels.adain(x, gamma, beta), reference.adain_ref(x, gamma, beta))
+        lanit_kernels.modconv2d(x, torch.randn(2, 3, 3, 3), torch.randn(1, 3), impl="triton")
+    assert torch.equal(lanit_kernels.adain(x, gamma, beta), reference.adain_ref(x, gamma, beta))
 
 
 def test_unsupported_dtype_falls_back_or_raises():
@@ -322,8 +322,8 @@ def test_unsupported_dtype_falls_back_or_raises():
     gamma, beta = torch.randn(1, 3, dtype=torch.float64), torch.randn(1, 3, dtype=torch.float64)
     weight = torch.randn(2, 3, 3, 3, dtype=torch.float64)
     with pytest.raises(dispatch.KernelUnsupportedError, match="dtype"):
-        kernels.adain_conv2d(x, gamma, beta, weight, impl="triton")
-    out = kernels.adain_conv2d(x, gamma, beta, weight, impl="auto")
+        lanit_kernels.adain_conv2d(x, gamma, beta, weight, impl="triton")
+    out = lanit_kernels.adain_conv2d(x, gamma, beta, weight, impl="auto")
     assert torch.equal(out, reference.adain_conv2d_ref(x, gamma, beta, weight))
 
 
@@ -331,23 +331,23 @@ def test_unsupported_dtype_falls_back_or_raises():
 def test_bad_shapes_raise_value_errors_for_every_impl(impl):
     x, gamma, beta = _adain_args()
     with pytest.raises(ValueError, match="gamma"):
-        kernels.adain(x, gamma[:, :2], beta, impl=impl)
+        lanit_kernels.adain(x, gamma[:, :2], beta, impl=impl)
     with pytest.raises(ValueError, match=r"\[N, C, H, W\]"):
-        kernels.adain(x[0], gamma, beta, impl=impl)
+        lanit_kernels.adain(x[0], gamma, beta, impl=impl)
     with pytest.raises(ValueError, match="weight"):
-        kernels.adain_conv2d(x, gamma, beta, torch.randn(4, 2, 3, 3), impl=impl)
+        lanit_kernels.adain_conv2d(x, gamma, beta, torch.randn(4, 2, 3, 3), impl=impl)
     with pytest.raises(ValueError, match="odd"):
-        kernels.adain_conv2d(x, gamma, beta, torch.randn(4, 3, 2, 2), impl=impl)
+        lanit_kernels.adain_conv2d(x, gamma, beta, torch.randn(4, 3, 2, 2), impl=impl)
     with pytest.raises(ValueError, match="bias"):
-        kernels.adain_conv2d(x, gamma, beta, torch.randn(4, 3, 3, 3), torch.randn(3), impl=impl)
+        lanit_kernels.adain_conv2d(x, gamma, beta, torch.randn(4, 3, 3, 3), torch.randn(3), impl=impl)
     with pytest.raises(ValueError, match="style"):
-        kernels.modconv2d(x, torch.randn(4, 3, 3, 3), torch.randn(1, 4), impl=impl)
+        lanit_kernels.modconv2d(x, torch.randn(4, 3, 3, 3), torch.randn(1, 4), impl=impl)
 
 
 def test_unknown_impl_is_rejected():
     x, gamma, beta = _adain_args()
     with pytest.raises(ValueError, match="impl"):
-        kernels.adain(x, gamma, beta, impl="cuda")
+        lanit_kernels.adain(x, gamma, beta, impl="cuda")
 
 
 def test_missing_triton_names_the_extra(monkeypatch):
@@ -356,9 +356,9 @@ def test_missing_triton_names_the_extra(monkeypatch):
     try:
         x, gamma, beta = _adain_args()
         with pytest.raises(ImportError, match=r"lanit-rt\[triton\]"):
-            kernels.adain(x, gamma, beta, impl="triton")
+            lanit_kernels.adain(x, gamma, beta, impl="triton")
         assert not dispatch.triton_available()
-        assert torch.equal(kernels.adain(x, gamma, beta, impl="auto"), reference.adain_ref(x, gamma, beta))
+        assert torch.equal(lanit_kernels.adain(x, gamma, beta, impl="auto"), reference.adain_ref(x, gamma, beta))
     finally:
         monkeypatch.undo()
         dispatch._triton_modules.cache_clear()
@@ -438,7 +438,7 @@ def test_kernels_compile_for_hopper_with_the_launch_heuristics():
     shared memory): compile the bf16 variants for sm_90 ahead of time, in a fresh process because
     under TRITON_INTERPRET=1 @triton.jit yields interpreter-only functions."""
     env = dict(os.environ, TRITON_INTERPRET="0")
-    proc = subprocess.run([sys.executable, "-m", "kernels.aot", "--arch", "90", "--dtypes", "bf16",
+    proc = subprocess.run([sys.executable, "-m", "lanit_kernels.aot", "--arch", "90", "--dtypes", "bf16",
                            "--quick"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     variants = json.loads(proc.stdout)["variants"]
@@ -455,7 +455,7 @@ def test_gpu_kernels_match_ref():
     """Compiled kernels on the GPU vs the references, every op / dtype / layout and the generator.
     A fresh process: under TRITON_INTERPRET=1 the kernels would be interpreted on the host."""
     env = dict(os.environ, TRITON_INTERPRET="0")
-    proc = subprocess.run([sys.executable, "-m", "kernels.selfcheck"], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "lanit_kernels.selfcheck"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)

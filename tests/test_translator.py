@@ -524,7 +524,7 @@ def test_engine_sidecar_is_validated_before_tensorrt(tmp_path):
 def onnx_path(checkpoint, model):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    from export.onnx_export import export_onnx
+    from lanit_export.onnx_export import export_onnx
     path = checkpoint / "model.onnx"
     export_onnx(model, path, precision="fp32", validate=False)
     return path
@@ -559,7 +559,7 @@ def test_an_export_of_other_weights_is_refused(checkpoint, onnx_path, model, tmp
     the weights digest in its metadata tells them apart, for the checkpoint and for the style graph."""
     import shutil
 
-    from export.onnx_export import export_onnx
+    from lanit_export.onnx_export import export_onnx
 
     retrained = tmp_path / "retrained"
     retrained.mkdir()

@@ -22,7 +22,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import IMPLS
+from lanit_kernels.dispatch import IMPLS
 from lanit_rt.backends.base import Backend
 from lanit_rt.checkpoint import CheckpointError, LanitModel
 

@@ -21,7 +21,7 @@ from types import ModuleType
 
 import torch
 
-from kernels import reference
+from lanit_kernels import reference
 
 IMPLS = ("auto", "ref", "triton")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -51,7 +51,7 @@ def _triton_modules() -> tuple[ModuleType, ModuleType]:
         raise ImportError(
             "the Triton kernels need the `triton` package: pip install 'lanit-rt[triton]'"
         ) from err
-    from kernels import triton_adain, triton_conv
+    from lanit_kernels import triton_adain, triton_conv
 
     return triton_adain, triton_conv
 

@@ -4,7 +4,7 @@ Prints one JSON object: for every op, dtype and layout the max |triton - ref| an
 whether impl="auto" picked the kernel. Needs a CUDA GPU and TRITON_INTERPRET unset or 0 (under the
 interpreter the kernels would run on the host). tests/test_kernels.py runs it in a subprocess.
 
-    python -m kernels.selfcheck
+    python -m lanit_kernels.selfcheck
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ def _record(name: str, out: torch.Tensor, ref: torch.Tensor) -> dict:
 
 def run_checks(seed: int = 0) -> dict:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise RuntimeError("kernels.selfcheck needs TRITON_INTERPRET unset or 0")
+        raise RuntimeError("lanit_kernels.selfcheck needs TRITON_INTERPRET unset or 0")
     if not torch.cuda.is_available():
-        raise RuntimeError("kernels.selfcheck needs a CUDA GPU")
-    import kernels
-    from kernels import dispatch, reference
+        raise RuntimeError("lanit_kernels.selfcheck needs a CUDA GPU")
+    import lanit_kernels
+    from lanit_kernels import dispatch, reference
     from lanit_rt.config import LanitConfig
     from lanit_rt.networks import Generator
 
@@ -61,21 +61,21 @@ def run_checks(seed: int = 0) -> dict:
                         memory_format=fmt)
                     gamma, beta = torch.randn(3, 40, device=cuda), torch.randn(3, 40, device=cuda)
                     tag = f"{dtype_name}/{layout}"
-                    records.append(_record(f"adain/{tag}", kernels.adain(x, gamma, beta),
+                    records.append(_record(f"adain/{tag}", lanit_kernels.adain(x, gamma, beta),
                                            reference.adain_ref(x, gamma, beta)))
                     auto_calls["adain"] += 1
                     for ksize in (1, 3):
                         weight = (torch.randn(24, 40, ksize, ksize, device=cuda) * 0.1).to(dtype)
                         bias = torch.randn(24, device=cuda).to(dtype)
                         for upsample in (False, True):
-                            out = kernels.adain_conv2d(x, gamma, beta, weight, bias, upsample=upsample)
+                            out = lanit_kernels.adain_conv2d(x, gamma, beta, weight, bias, upsample=upsample)
                             ref = reference.adain_conv2d_ref(x, gamma, beta, weight, bias, upsample)
                             records.append(_record(f"adain_conv2d/k{ksize}/up{int(upsample)}/{tag}",
                                                    out, ref))
                             auto_calls["conv"] += 1
                     weight = (torch.randn(24, 40, 3, 3, device=cuda) * 0.1).to(dtype)
                     style = torch.randn(3, 40, device=cuda).to(dtype)
-                    records.append(_record(f"modconv2d/{tag}", kernels.modconv2d(x, weight, style),
+                    records.append(_record(f"modconv2d/{tag}", lanit_kernels.modconv2d(x, weight, style),
                                            reference.modconv2d_ref(x, weight, style)))
                     auto_calls["conv"] += 1
                 config = LanitConfig(domains=("a", "b", "c"), img_size=64, base_dim=16, max_dim=64,
@@ -100,7 +100,7 @@ def main() -> int:
     try:
         result = run_checks()
     except Exception as err:
-        print(f"kernels.selfcheck: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"lanit_kernels.selfcheck: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
     print(json.dumps(result))
     return 0

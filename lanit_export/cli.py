@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from export.errors import ExportError
+from lanit_export.errors import ExportError
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -83,7 +83,7 @@ def _run(args: argparse.Namespace) -> None:
     from lanit_rt.checkpoint import read_checkpoint_config  # noqa: PLC0415
     from lanit_rt.translator import ENGINE_FILE  # noqa: PLC0415
 
-    from export.onnx_export import PRECISIONS, check_output_path, style_graph_path  # noqa: PLC0415
+    from lanit_export.onnx_export import PRECISIONS, check_output_path, style_graph_path  # noqa: PLC0415
 
     for name in ("checkpoint", "onnx", "onnx_path", "out"):  # "~/x" from a quoted or --flag=~ path
         if getattr(args, name) is not None:
@@ -104,7 +104,7 @@ def _run(args: argparse.Namespace) -> None:
             raise _UsageError("--fp16 applies to --onnx; use --trt fp16 for an fp16 engine")
 
     if args.trt is not None:
-        from export.tensorrt import batch_profile, import_tensorrt  # noqa: PLC0415
+        from lanit_export.tensorrt import batch_profile, import_tensorrt  # noqa: PLC0415
 
         profile = batch_profile(args.min_batch, args.opt_batch, args.max_batch)
         import_tensorrt()  # fail before loading anything when TensorRT is missing
@@ -124,7 +124,7 @@ def _run(args: argparse.Namespace) -> None:
     model = load_checkpoint(args.checkpoint, device=args.device)
 
     if args.onnx is not None:
-        from export.onnx_export import export_onnx  # noqa: PLC0415
+        from lanit_export.onnx_export import export_onnx  # noqa: PLC0415
 
         precision = "fp16" if args.fp16 else "fp32"
         artifacts = export_onnx(model, args.onnx, precision, log=print)
@@ -132,7 +132,7 @@ def _run(args: argparse.Namespace) -> None:
             print(f"wrote {artifact.path} ({artifact.kind}, {precision}, opset {artifact.summary.opset})")
         return
 
-    from export.tensorrt import export_tensorrt  # noqa: PLC0415
+    from lanit_export.tensorrt import export_tensorrt  # noqa: PLC0415
 
     artifact = export_tensorrt(model, engine, args.trt, profile, onnx_path=args.onnx_path, log=print)
     print(f"wrote {artifact.path} ({args.trt}, batch {profile.min}..{profile.max}, opt {profile.opt}) "

@@ -11,7 +11,7 @@ Two graphs per export, both with a dynamic batch axis named "batch" and fixed H 
 Precision "fp16": convolution weights and activations are fp16; the graph's inputs and outputs stay
 fp32 (cast inside, `io_dtype` metadata says "float32"). Every normalisation statistic is computed in
 fp32: the encoder's InstanceNormalization runs on an fp32 cast of its input (fp16 variance of large
-activations overflows), and the AdaIN statistics (ReduceMean chains from kernels.adain_ref) already
+activations overflows), and the AdaIN statistics (ReduceMean chains from lanit_kernels.adain_ref) already
 cast to fp32. The domain-weight normalisation and the AdaIN table product are tiny and stay fp32.
 `check_graph` verifies all of this on the written graph.
 
@@ -39,7 +39,7 @@ from torch import nn
 import lanit_rt
 from lanit_rt import Generator, LanitConfig, LanitModel
 from lanit_rt.checkpoint import OutputPathError, check_output_file, publish_file, temp_file_beside
-from export.errors import ExportError, ValidationError, require
+from lanit_export.errors import ExportError, ValidationError, require
 
 MIN_OPSET = 18
 DEFAULT_OPSET = 18
@@ -371,7 +371,7 @@ class OnnxArtifact:
     kind: str
     precision: str
     summary: GraphSummary
-    validation: Any = None  # export.validate.ValidationReport when validated
+    validation: Any = None  # lanit_export.validate.ValidationReport when validated
 
 
 def export_onnx(model: LanitModel, out_path: str | os.PathLike, precision: str = "fp32",
@@ -383,7 +383,7 @@ def export_onnx(model: LanitModel, out_path: str | os.PathLike, precision: str =
     `kinds` selects the graphs (both by default; the TensorRT path needs only "domain_weights").
 
     Both graphs go to temporary names in the destination folder; only when both pass validation
-    (export.validate, tolerance by precision) are they renamed into place, with the permissions a
+    (lanit_export.validate, tolerance by precision) are they renamed into place, with the permissions a
     plain open() would give (or those of the files they replace). Output paths are checked before
     anything is traced. Any failure removes the temporary files and raises (ExportError /
     ValidationError / MissingDependencyError; OSError for file-system failures during the write).
@@ -394,7 +394,7 @@ def export_onnx(model: LanitModel, out_path: str | os.PathLike, precision: str =
     if out_path.suffix != ".onnx":
         raise ExportError(f"the ONNX output must end in .onnx, got {out_path}")
     if validate:
-        from export.validate import validate_onnx  # noqa: PLC0415 (export.validate imports this module)
+        from lanit_export.validate import validate_onnx  # noqa: PLC0415 (lanit_export.validate imports this module)
         require("onnxruntime", "onnx")
     for kind in kinds:
         check_kind(kind)

@@ -5,14 +5,14 @@ parameter table `[D, P]` (exact, because the AdaIN Linear is affine and domain w
 to sum 1), so the mapping network, style encoder and vision-language model never run at inference.
 
 Modules:
-- export.onnx_export: the export-only wrappers, `export_onnx`, graph checks and metadata.
-- export.validate: every artifact against the PyTorch generator (fp32 1e-4, fp16 2e-2 max abs).
-- export.tensorrt: the only module that imports tensorrt (engine build, profile, sidecar).
-- export.cli: `lanit-export`.
+- lanit_export.onnx_export: the export-only wrappers, `export_onnx`, graph checks and metadata.
+- lanit_export.validate: every artifact against the PyTorch generator (fp32 1e-4, fp16 2e-2 max abs).
+- lanit_export.tensorrt: the only module that imports tensorrt (engine build, profile, sidecar).
+- lanit_export.cli: `lanit-export`.
 
 Nothing here is imported by lanit_rt. onnx / onnxruntime / tensorrt are imported lazily.
 """
 
-from export.errors import ExportError, MissingDependencyError, ValidationError
+from lanit_export.errors import ExportError, MissingDependencyError, ValidationError
 
 __all__ = ["ExportError", "MissingDependencyError", "ValidationError"]

@@ -1,13 +1,13 @@
 """Fused ops of the generator's hot path, each with `impl="auto" | "ref" | "triton"`.
 
-`ref` is the PyTorch reference (kernels.reference), the executable spec. `triton` is the fused
+`ref` is the PyTorch reference (lanit_kernels.reference), the executable spec. `triton` is the fused
 kernel; `auto` picks it when it can run (CUDA tensor, no autograd, supported shape/dtype) and falls
 back to the reference otherwise. `import triton` happens only inside the Triton modules
-(kernels.triton_adain, kernels.triton_conv), which kernels.dispatch loads lazily.
+(lanit_kernels.triton_adain, lanit_kernels.triton_conv), which lanit_kernels.dispatch loads lazily.
 """
 
-from kernels.reference import adain_conv2d_ref, adain_ref, instance_stats, modconv2d_ref
-from kernels.dispatch import (
+from lanit_kernels.reference import adain_conv2d_ref, adain_ref, instance_stats, modconv2d_ref
+from lanit_kernels.dispatch import (
     KernelUnsupportedError,
     adain,
     adain_conv2d,

@@ -7,7 +7,7 @@ layers). The plane is addressed as `base + c * stride_c + p * stride_p` with p =
 covers both NCHW (stride_p = 1) and channels_last (stride_c = 1); the launcher makes anything else
 contiguous first.
 
-This module imports triton at import time: load it only through kernels.dispatch.
+This module imports triton at import time: load it only through lanit_kernels.dispatch.
 """
 
 from __future__ import annotations

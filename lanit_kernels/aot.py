@@ -5,7 +5,7 @@ compiler does: tl.dot tile shapes and operand dtypes, register/shared-memory bud
 branches. This compiles the kernels ahead of time for `--arch` (90 = H100, 80 = A100) with the
 block sizes the launchers pick for the generator's real layer shapes and prints one JSON object.
 
-    TRITON_INTERPRET=0 python -m kernels.aot --arch 90
+    TRITON_INTERPRET=0 python -m lanit_kernels.aot --arch 90
 
 Must run with TRITON_INTERPRET unset or 0 (under the interpreter @triton.jit gives functions that
 cannot be compiled).
@@ -61,8 +61,8 @@ def compile_all(arch: int, dtypes=(torch.float16, torch.bfloat16, torch.float32)
     `quick` keeps the upsampling and the modulated conv and the two AdaIN layouts.
     """
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise RuntimeError("kernels.aot needs TRITON_INTERPRET unset or 0")
-    from kernels import triton_adain, triton_conv
+        raise RuntimeError("lanit_kernels.aot needs TRITON_INTERPRET unset or 0")
+    from lanit_kernels import triton_adain, triton_conv
 
     records = []
     for dtype in dtypes:
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         records = compile_all(args.arch, tuple(by_name[d] for d in args.dtypes), args.quick)
     except Exception as err:
-        print(f"kernels.aot: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"lanit_kernels.aot: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
     print(json.dumps({"arch": args.arch, "variants": records}))
     return 0

@@ -7,12 +7,12 @@
 - OUT.engine.timing: the builder's timing cache (reused by later builds on the same GPU/TensorRT).
 
 Precision. fp32 engines clear TF32 so convolutions match PyTorch fp32. fp16 engines are built from
-the fp16 ONNX graph (export.onnx_export), whose casts already say which nodes compute in fp32 (the
+the fp16 ONNX graph (lanit_export.onnx_export), whose casts already say which nodes compute in fp32 (the
 normalisation statistics, the table arithmetic); those layers, plus every normalization/reduce layer,
 get `precision = float32` and fp32 output types, and OBEY_PRECISION_CONSTRAINTS makes TensorRT keep
 them (fp16 variance overflows). The FP16 flag lets every other layer run in fp16.
 
-The engine is validated against the PyTorch generator (export.validate, fp32 1e-4 / fp16 2e-2) before
+The engine is validated against the PyTorch generator (lanit_export.validate, fp32 1e-4 / fp16 2e-2) before
 the engine and sidecar are renamed into place; any failure leaves no partial file. Profile arithmetic,
 the choice of pinned layers and the sidecar are plain functions, testable without TensorRT.
 """
@@ -32,9 +32,9 @@ import numpy as np
 import lanit_rt
 from lanit_rt import LanitConfig, LanitModel
 from lanit_rt.checkpoint import atomic_write, publish_file
-from export.errors import ExportError, ValidationError, require
-from export.validate import VALIDATION_BATCHES, validate_artifact
-from export.onnx_export import (OUTPUT_NAME, artifact_metadata, check_output_path, check_precision,
+from lanit_export.errors import ExportError, ValidationError, require
+from lanit_export.validate import VALIDATION_BATCHES, validate_artifact
+from lanit_export.onnx_export import (OUTPUT_NAME, artifact_metadata, check_output_path, check_precision,
                                 config_from_metadata, export_onnx, fp32_compute_nodes, input_names,
                                 read_metadata)
 
@@ -257,7 +257,7 @@ class EngineArtifact:
     timing_cache: Path
     precision: str
     profile: BatchProfile
-    validation: object = None  # export.validate.ValidationReport
+    validation: object = None  # lanit_export.validate.ValidationReport
 
 
 def export_tensorrt(model: LanitModel, engine_path: str | os.PathLike, precision: str,

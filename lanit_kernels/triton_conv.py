@@ -12,7 +12,7 @@ the low-res activation, one per output phase (row and column parity), with pre-s
 weights, which is exact and needs 4/9 of the MACs; other kernel sizes read row uh // 2. The
 epilogue optionally multiplies by a per-(n, c_out) factor (StyleGAN2 demodulation) and adds the bias.
 
-This module imports triton at import time: load it only through kernels.dispatch.
+This module imports triton at import time: load it only through lanit_kernels.dispatch.
 """
 
 from __future__ import annotations

@@ -9,17 +9,17 @@ written; the Triton upsampling conv does 4/9 of those MACs, so its figure is "ef
   eager      plain PyTorch ops as a model would run them (F.instance_norm, mul/add, leaky_relu,
              F.interpolate, cuDNN conv; for the generator its nn modules with impl="ref")
   eager_cl   the same on channels_last tensors
-  compile    torch.compile of the kernels.reference function (of the generator with impl="ref")
-  triton     kernels.* with impl="triton" (NCHW)
+  compile    torch.compile of the lanit_kernels.reference function (of the generator with impl="ref")
+  triton     lanit_kernels.* with impl="triton" (NCHW)
   triton_cl  the same on channels_last tensors
 
 GPU timing uses triton.testing.do_bench (median), CPU timing the median of perf_counter runs.
 Triton needs a CUDA GPU: on CPU the triton rows are skipped unless --interpret (the interpreter is a
 correctness tool and its timings mean nothing). `--quick` is a tiny CPU smoke run.
 
-    python benchmarks/kernels.py --out benchmarks/results/kernels.json            # full, on a GPU
-    python benchmarks/kernels.py --quick --out /tmp/kernels_quick.json            # CPU smoke
-    python benchmarks/kernels.py --sizes 256 --batches 64 --dtypes fp16 --ops generator
+    python benchmarks/fused_ops.py --out benchmarks/results/fused_ops.json            # full, on a GPU
+    python benchmarks/fused_ops.py --quick --out /tmp/fused_ops_quick.json            # CPU smoke
+    python benchmarks/fused_ops.py --sizes 256 --batches 64 --dtypes fp16 --ops generator
 """
 
 from __future__ import annotations
@@ -37,8 +37,6 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-# Run as a script, this file's folder would shadow the `kernels` package with this very module.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -76,7 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch (1 keeps shared, loaded machines from stalling)")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "kernels.json")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fused_ops.json")
     args = p.parse_args(argv)
     if args.threads < 1 or min(args.batches) < 1:
         p.error("--threads and --batches must be at least 1")
@@ -193,8 +191,8 @@ def eager_fn(op: str, inputs: dict) -> Callable[[], object]:
 def op_fn(op: str, impl: str, inputs: dict) -> Callable[[], object]:
     import torch
 
-    import kernels
-    from kernels import reference
+    import lanit_kernels
+    from lanit_kernels import reference
 
     if impl.endswith("_cl"):
         inputs = dict(inputs, x=channels_last(inputs["x"]))
@@ -205,7 +203,7 @@ def op_fn(op: str, impl: str, inputs: dict) -> Callable[[], object]:
             op, reference.adain_conv2d_ref)
         compiled = torch.compile(ref, dynamic=False)
         return lambda: compiled(**inputs)
-    fn = {"adain": kernels.adain, "modconv3x3": kernels.modconv2d}.get(op, kernels.adain_conv2d)
+    fn = {"adain": lanit_kernels.adain, "modconv3x3": lanit_kernels.modconv2d}.get(op, lanit_kernels.adain_conv2d)
     return lambda: fn(**inputs, impl="triton")
 
 
@@ -254,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             LanitConfig(domains=("a", "b"), img_size=size)
         except ConfigError as err:
-            print(f"kernels.py: error: --sizes {size}: {err}", file=sys.stderr)
+            print(f"fused_ops.py: error: --sizes {size}: {err}", file=sys.stderr)
             return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":

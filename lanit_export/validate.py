@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from lanit_rt import LanitConfig, LanitModel
-from export.errors import ExportError, require
-from export.onnx_export import (OUTPUT_NAME, check_kind, check_precision, input_names,
+from lanit_export.errors import ExportError, require
+from lanit_export.onnx_export import (OUTPUT_NAME, check_kind, check_precision, input_names,
                                 read_metadata)
 
 TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2}
