@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -46,7 +47,7 @@ def _int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lanit-export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="checkpoint folder or model.safetensors")
-    target = parser.add_mutually_exclusive_group(required=True)
+    target = parser.add_mutually_exclusive_group(required=False)  # one of them or --triton-repo
     target.add_argument("--onnx", metavar="OUT.onnx", help="write OUT.onnx and OUT.style.onnx")
     target.add_argument("--trt", metavar="PRECISION", help="build a TensorRT engine: fp16 or fp32")
     parser.add_argument("--fp16", action="store_true", help="(--onnx) fp16 graph, fp32 norm statistics")
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="(--trt) engine path (default: CHECKPOINT_DIR/model.engine, where "
                              "Translator.from_checkpoint(..., backend='tensorrt') looks)")
     parser.add_argument("--device", default="cpu", help="device for the PyTorch reference (default cpu)")
+    _add_triton_arguments(parser)
     return parser
 
 
@@ -88,6 +90,10 @@ def _run(args: argparse.Namespace) -> None:
     for name in ("checkpoint", "onnx", "onnx_path", "out"):  # "~/x" from a quoted or --flag=~ path
         if getattr(args, name) is not None:
             setattr(args, name, str(Path(getattr(args, name)).expanduser()))
+    if args.triton_repo is not None:
+        return _run_triton(args)
+    if args.onnx is None and args.trt is None:
+        raise _UsageError("one of the arguments --onnx --trt --triton-repo is required")
 
     trt_only = {"--onnx-path": args.onnx_path, "--min-batch": args.min_batch,
                 "--opt-batch": args.opt_batch, "--max-batch": args.max_batch, "--out": args.out}
@@ -137,6 +143,94 @@ def _run(args: argparse.Namespace) -> None:
     artifact = export_tensorrt(model, engine, args.trt, profile, onnx_path=args.onnx_path, log=print)
     print(f"wrote {artifact.path} ({args.trt}, batch {profile.min}..{profile.max}, opt {profile.opt}) "
           f"and {artifact.sidecar}")
+
+
+# --- Triton model repositories (lanit_export.triton_repo) ---------------------------------------------
+TRITON_BACKENDS = ("onnxruntime", "tensorrt", "python")
+
+
+def _add_triton_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "Triton model repository", "--triton-repo DIR writes DIR/NAME/{config.pbtxt, 1/model.onnx | "
+        "1/model.plan | 1/model.py}: the ONNX graph (default; with --onnx it is also kept there), a "
+        "TensorRT engine (--trt), or a Python-backend model over lanit_rt (--triton-backend python)")
+    group.add_argument("--triton-repo", metavar="DIR", help="write a Triton model repository")
+    group.add_argument("--triton-backend", choices=TRITON_BACKENDS,
+                       help="onnxruntime (default), tensorrt (implied by --trt) or python")
+    group.add_argument("--triton-name", default="lanit", help="model name (default lanit)")
+    group.add_argument("--instances", type=_int, default=1, help="model instances (default 1)")
+    group.add_argument("--max-queue-delay-us", type=_int, default=2000,
+                       help="dynamic batcher delay (default 2000)")
+
+
+def _run_triton(args: argparse.Namespace) -> None:
+    from lanit_rt import load_checkpoint  # noqa: PLC0415
+    from lanit_rt.checkpoint import read_checkpoint_config  # noqa: PLC0415
+
+    from lanit_export import triton_repo  # noqa: PLC0415
+    from lanit_export.onnx_export import check_output_path  # noqa: PLC0415
+
+    backend = args.triton_backend or ("tensorrt" if args.trt is not None else "onnxruntime")
+    if (backend == "tensorrt") != (args.trt is not None):
+        raise _UsageError("--triton-backend tensorrt needs --trt PRECISION, and --trt writes a tensorrt model")
+    if args.trt is not None and args.fp16:
+        raise _UsageError("--fp16 applies to ONNX models; use --trt fp16 for an fp16 engine")
+    if backend == "python" and args.fp16:
+        raise _UsageError("--triton-backend python serves the fp32 ONNX graph; leave out --fp16")
+    if args.trt is None:
+        used = [f for f, v in (("--onnx-path", args.onnx_path), ("--min-batch", args.min_batch),
+                               ("--opt-batch", args.opt_batch), ("--out", args.out)) if v is not None]
+        if used:
+            raise _UsageError(f"{', '.join(used)} only apply with --trt")
+    if args.onnx is not None and Path(args.onnx).suffix != ".onnx":
+        raise _UsageError(f"--onnx needs a file name ending in .onnx, got {args.onnx!r}")
+    if args.trt is not None and args.onnx is not None:
+        raise _UsageError("--onnx and --trt exclude each other")
+    kind = "KIND_GPU" if backend == "tensorrt" or args.device.startswith("cuda") else "KIND_CPU"
+    try:
+        if args.trt is not None:
+            from lanit_export.tensorrt import batch_profile, import_tensorrt  # noqa: PLC0415
+
+            profile = batch_profile(args.min_batch, args.opt_batch, args.max_batch)
+            options = triton_repo.ServingOptions(profile.max, args.max_queue_delay_us, args.instances, kind)
+        else:
+            options = triton_repo.ServingOptions(args.max_batch or triton_repo.DEFAULT_MAX_BATCH,
+                                                 args.max_queue_delay_us, args.instances, kind)
+    except ExportError as err:
+        raise _UsageError(str(err)) from None
+    triton_repo._check_name(args.triton_name)
+    if (Path(args.triton_repo).expanduser() / args.triton_name).exists():
+        raise _UsageError(f"{Path(args.triton_repo) / args.triton_name} already exists; remove it or "
+                          "pass another --triton-name")
+    triton_repo.model_config_pb2()  # fail before any export when tritonclient is missing
+    if args.trt is not None:
+        import_tensorrt()
+    _check_device(args.device)
+    read_checkpoint_config(args.checkpoint)
+    for output in [Path(p) for p in (args.onnx, args.out) if p is not None]:
+        check_output_path(output)
+    model = load_checkpoint(args.checkpoint, device=args.device)
+    repo = Path(args.triton_repo).expanduser()
+    with tempfile.TemporaryDirectory(prefix="lanit-export-triton-") as scratch:
+        if args.trt is not None:
+            from lanit_export.tensorrt import export_tensorrt  # noqa: PLC0415
+
+            engine = Path(args.out) if args.out else Path(scratch) / "model.engine"
+            export_tensorrt(model, engine, args.trt, profile, onnx_path=args.onnx_path, log=print)
+            written = triton_repo.write_engine_repository(repo, engine, options, args.triton_name,
+                                                          onnx_path=args.onnx_path)
+        else:
+            from lanit_export.onnx_export import export_onnx  # noqa: PLC0415
+
+            graph = Path(args.onnx) if args.onnx else Path(scratch) / "model.onnx"
+            export_onnx(model, graph, "fp16" if args.fp16 else "fp32", log=print)
+            if backend == "python":
+                written = triton_repo.write_python_repository(repo, graph, "onnxruntime", options,
+                                                              args.triton_name)
+            else:
+                written = triton_repo.write_onnx_repository(repo, graph, options, args.triton_name)
+    print(f"wrote Triton model {written.folder} ({written.config.platform or written.config.backend}, "
+          f"max batch {options.max_batch}, {options.instances} x {options.kind}); config validated")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
