@@ -9,6 +9,8 @@ Modules:
 - lanit_export.validate: every artifact against the PyTorch generator (fp32 1e-4, fp16 2e-2 max abs).
 - lanit_export.tensorrt: the only module that imports tensorrt (engine build, profile, sidecar).
 - lanit_export.cli: `lanit-export`.
+- lanit_export.triton_repo: Triton model repositories (ONNX, engine, Python backend), configs validated.
+- lanit_export.serve: `lanit-serve`, PyTriton's bundled tritonserver on a Python-backend repository.
 
 Nothing here is imported by lanit_rt. onnx / onnxruntime / tensorrt are imported lazily.
 """

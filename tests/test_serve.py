@@ -308,7 +308,7 @@ def server(checkpoint, onnx_repo, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(server):
-    return Translator.from_onnx(server["graph"])
+    return Translator.from_onnx(server["graph"], threads=1)  # as the server's instance
 
 
 @needs_writer
@@ -390,8 +390,11 @@ def test_concurrent_clients_each_get_their_own_translation(server, reference):
     for thread in threads:
         thread.join(timeout=120)
     assert sorted(results) == list(range(len(jobs)))
+    # Triton's batcher composes batches freely and onnxruntime's rounding depends on the batch size
+    # (one uint8 level at most); a lost or mixed-up response would differ by far more.
     for index, (images, domain) in enumerate(jobs):
-        np.testing.assert_array_equal(results[index], reference.translate(images, domain))
+        difference = np.abs(results[index].astype(int) - reference.translate(images, domain).astype(int))
+        assert difference.max() <= 1, index
     with urllib.request.urlopen(server["metrics"], timeout=10) as response:
         metrics = response.read().decode()
     success = [line for line in metrics.splitlines()
