@@ -27,6 +27,7 @@ import importlib.util
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -157,6 +158,18 @@ def server_command(install: TritonInstall, repo: Path, backends: Path, address: 
             "--log-verbose=0"]
 
 
+def check_ports_free(address: str, ports: Sequence[int]) -> None:
+    """ExportError when another process listens on one of the ports (its health endpoint would
+    otherwise answer this server's readiness check)."""
+    for port in ports:
+        with socket.socket() as probe:
+            try:
+                probe.bind((address if address not in ("", "0.0.0.0") else "0.0.0.0", port))
+            except OSError as err:
+                raise ExportError(f"port {port} on {address or '0.0.0.0'} is in use ({err.strerror}); "
+                                  "pass other --http-port / --grpc-port / --metrics-port") from None
+
+
 def wait_ready(url: str, process: subprocess.Popen, timeout_s: float) -> None:
     """Poll GET url until 200; ExportError when the server exits first or time runs out."""
     deadline = time.monotonic() + timeout_s
@@ -256,6 +269,7 @@ def _run(args: argparse.Namespace) -> int:
     if len({args.http_port, args.grpc_port, args.metrics_port}) != 3:
         raise _UsageError("--http-port, --grpc-port and --metrics-port must differ")
     args.checkpoint = str(Path(args.checkpoint).expanduser())
+    check_ports_free(args.address, (args.http_port, args.grpc_port, args.metrics_port))
     install = find_triton()
     check_stub_numpy()
     env = server_environment(install)

@@ -8,12 +8,18 @@ repository written by `lanit-export --triton-repo DIR --triton-backend python`).
     out = client.translate(images, weights)                      # float [D] or [N, D] domain weights
 
 tritonclient is imported when a client is made (`pip install 'lanit-rt[serve]'`). Errors the server
-returns (unknown domain, bad shape ...) are raised as tritonclient.utils.InferenceServerException.
+returns (bad shape, oversized image ...) are raised as tritonclient.utils.InferenceServerException.
+
+Domain texts are turned into multi-hot `domain_weights` here (the model's domain list is read once
+from its config parameter "domains"; an unknown text raises ValueError before anything is sent):
+Triton batches only requests that carry the same inputs, so a client that always sends weights lets
+the server batch all of its requests together.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 from typing import Any, Sequence
 
 import numpy as np
@@ -29,6 +35,18 @@ def _tritonclient(protocol: str):
     except ImportError as err:
         raise ImportError(f"the Triton client needs tritonclient[{protocol}]: pip install "
                           f"'lanit-rt[serve]' ({err})") from None
+
+
+def multi_hot(targets: Sequence[str], domains: Sequence[str]) -> np.ndarray:
+    """Comma-separated domain texts, one per image -> float32 [N, D] multi-hot weights."""
+    index = {name: i for i, name in enumerate(domains)}
+    weights = np.zeros((len(targets), len(domains)), np.float32)
+    for row, target in enumerate(targets):
+        for name in (part.strip() for part in target.split(",")):
+            if name not in index:
+                raise ValueError(f"unknown domain {name!r}; the model's domains: {list(domains)}")
+            weights[row, index[name]] = 1.0
+    return weights
 
 
 def request_inputs(images: np.ndarray, domains: Any) -> tuple[np.ndarray, str, np.ndarray]:
@@ -65,6 +83,21 @@ class TritonTranslatorClient:
         self.protocol = protocol
         self.model = model
         self.client = self.module.InferenceServerClient(url, **client_options)
+        self._domains: tuple[str, ...] | None = None
+
+    @property
+    def domains(self) -> tuple[str, ...]:
+        """The model's domain texts, from its config (parameter "domains", a JSON list)."""
+        if self._domains is None:
+            if self.protocol == "grpc":
+                config = self.client.get_model_config(self.model, as_json=True)["config"]
+            else:
+                config = self.client.get_model_config(self.model)
+            raw = config.get("parameters", {}).get("domains", {}).get("string_value")
+            if not raw:
+                raise ValueError(f"model {self.model!r} has no 'domains' parameter: not a LANIT model?")
+            self._domains = tuple(json.loads(raw))
+        return self._domains
 
     def ready(self) -> bool:
         return bool(self.client.is_server_ready()) and bool(self.client.is_model_ready(self.model))
@@ -72,6 +105,9 @@ class TritonTranslatorClient:
     def translate(self, images: np.ndarray, domains: str | Sequence[str] | np.ndarray) -> np.ndarray:
         """uint8 [H, W, 3] -> uint8 [S, S, 3]; uint8 [N, H, W, 3] -> uint8 [N, S, S, 3]."""
         batch, target_name, target = request_inputs(images, domains)
+        if target_name == "domains":  # texts -> weights, so every request has the same inputs
+            texts = [row[0].decode() for row in target]
+            target_name, target = "domain_weights", multi_hot(texts, self.domains)
         image_input = self.module.InferInput("image", list(batch.shape), "UINT8")
         image_input.set_data_from_numpy(np.ascontiguousarray(batch))
         datatype = "BYTES" if target_name == "domains" else "FP32"

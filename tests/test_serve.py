@@ -319,7 +319,9 @@ def test_served_translations_equal_the_translator(server, reference, protocol):
     from lanit_rt.triton_client import TritonTranslatorClient
 
     with TritonTranslatorClient(server[protocol], protocol) as client:
-        assert client.ready()
+        assert client.ready() and client.domains == DOMAINS
+        with pytest.raises(ValueError, match="unknown domain 'purple'"):
+            client.translate(_images(1)[0], "purple,beard")
         images = _images(3, seed=7)
         got = client.translate(images, ["beard", "blond hair,beard", "black hair"])
         expected = reference.translate(images, torch.tensor([[0, 0, 1], [1, 0, 1], [0, 1, 0]], dtype=torch.float32))
@@ -436,11 +438,18 @@ def test_serve_cli_reports_missing_pieces(checkpoint, capsys, monkeypatch):
 
     assert serve.main([str(checkpoint), "--http-port", "9000", "--grpc-port", "9000"]) == 2
     assert "must differ" in capsys.readouterr().err
+    ports = [str(p) for p in _free_ports(3)]
+    flags = ["--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", int(ports[1])))
+        taken.listen()
+        assert serve.main([str(checkpoint), *flags]) == 1
+        assert f"port {ports[1]} on 127.0.0.1 is in use" in capsys.readouterr().err
     assert serve.main([str(checkpoint), "--backend", "torch", "--onnx", "x.onnx"]) == 2
     assert "--onnx applies to --backend onnxruntime" in capsys.readouterr().err
     monkeypatch.setattr(np, "__version__", "2.4.0")
     with pytest.raises(Exception, match="needs numpy < 2"):
         serve.check_stub_numpy()
     monkeypatch.setattr(serve.importlib.util, "find_spec", lambda name: None)
-    assert serve.main([str(checkpoint)]) == 1
+    assert serve.main([str(checkpoint), *flags]) == 1
     assert "pip install 'lanit-rt[serve]'" in capsys.readouterr().err
