@@ -3,6 +3,8 @@
     lanit-export CHECKPOINT --onnx OUT.onnx [--fp16]
     lanit-export CHECKPOINT --trt fp16|fp32 [--onnx-path P] [--min-batch N] [--opt-batch N]
                  [--max-batch N] [--out OUT.engine]   (default OUT: CHECKPOINT_DIR/model.engine)
+    lanit-export CHECKPOINT --triton-repo DIR [--fp16 | --trt P] [--triton-backend B] [--max-batch N]
+                 (a Triton model repository: lanit_export.triton_repo)
 
 Every artifact is validated against the PyTorch generator before it is written; the max abs errors
 are printed. Errors (missing/foreign checkpoint, unknown precision, empty batch range, unusable
@@ -93,7 +95,7 @@ def _run(args: argparse.Namespace) -> None:
     if args.triton_repo is not None:
         return _run_triton(args)
     if args.onnx is None and args.trt is None:
-        raise _UsageError("one of the arguments --onnx --trt --triton-repo is required")
+        raise _UsageError("one of the arguments --onnx --trt is required (or --triton-repo DIR)")
 
     trt_only = {"--onnx-path": args.onnx_path, "--min-batch": args.min_batch,
                 "--opt-batch": args.opt_batch, "--max-batch": args.max_batch, "--out": args.out}
