@@ -210,6 +210,20 @@ def stats_chunk(n: int, c_blocks: int, hw: int, block_hw: int) -> int:
     return triton.cdiv(tiles, chunks) * block_hw
 
 
+def stats_plan(n: int, c: int, hw: int, channels_contiguous: bool,
+               block_sizes: tuple[int, int] | None = None, chunk: int | None = None) -> dict:
+    """Launch parameters of adain_coefficients_triton (shared with lanit_kernels.aot)."""
+    block_c, block_hw, num_warps = _blocks(c, hw, channels_contiguous)
+    if block_sizes is not None:
+        block_c, block_hw = block_sizes
+    c_blocks = triton.cdiv(c, block_c)
+    chunk = stats_chunk(n, c_blocks, hw, block_hw) if chunk is None else max(1, min(chunk, hw))
+    combine_c = min(triton.next_power_of_2(c), 128)
+    return dict(block_c=block_c, block_hw=block_hw, num_warps=num_warps, c_blocks=c_blocks,
+                chunk=chunk, num_chunks=triton.cdiv(hw, chunk), combine_c=combine_c,
+                combine_warps=1 if combine_c <= 32 else 4)
+
+
 def adain_coefficients_triton(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
                               eps: float, block_sizes: tuple[int, int] | None = None,
                               chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,28 +239,22 @@ def adain_coefficients_triton(x: torch.Tensor, gamma: torch.Tensor, beta: torch.
     gamma, beta = gamma.contiguous(), beta.contiguous()
     scale = torch.empty((n, c), device=x.device, dtype=torch.float32)
     shift = torch.empty_like(scale)
-    block_c, block_hw, num_warps = _blocks(c, h * w, sxc == 1 and c > 1)
-    if block_sizes is not None:
-        block_c, block_hw = block_sizes
-    c_blocks = triton.cdiv(c, block_c)
     hw = h * w
-    chunk = stats_chunk(n, c_blocks, hw, block_hw) if chunk is None else max(1, min(chunk, hw))
-    if chunk >= hw:
-        _adain_coeff_kernel[(n, c_blocks)](
+    plan = stats_plan(n, c, hw, sxc == 1 and c > 1, block_sizes, chunk)
+    if plan["num_chunks"] == 1:
+        _adain_coeff_kernel[(n, plan["c_blocks"])](
             x, gamma, beta, scale, shift, c, hw, sxn, sxc, sxp, float(eps),
-            BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps,
+            BLOCK_C=plan["block_c"], BLOCK_HW=plan["block_hw"], num_warps=plan["num_warps"],
         )
         return scale, shift
-    num_chunks = triton.cdiv(hw, chunk)
-    partial_mean = torch.empty((n, num_chunks, c), device=x.device, dtype=torch.float32)
+    partial_mean = torch.empty((n, plan["num_chunks"], c), device=x.device, dtype=torch.float32)
     partial_m2 = torch.empty_like(partial_mean)
-    _partial_stats_kernel[(n, c_blocks, num_chunks)](
-        x, partial_mean, partial_m2, c, hw, chunk, sxn, sxc, sxp,
-        BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps,
+    _partial_stats_kernel[(n, plan["c_blocks"], plan["num_chunks"])](
+        x, partial_mean, partial_m2, c, hw, plan["chunk"], sxn, sxc, sxp,
+        BLOCK_C=plan["block_c"], BLOCK_HW=plan["block_hw"], num_warps=plan["num_warps"],
     )
-    combine_c = min(triton.next_power_of_2(c), 128)
-    _combine_coeff_kernel[(n, triton.cdiv(c, combine_c))](
-        partial_mean, partial_m2, gamma, beta, scale, shift, c, hw, chunk, num_chunks, float(eps),
-        BLOCK_C=combine_c, num_warps=1 if combine_c <= 32 else 4,
+    _combine_coeff_kernel[(n, triton.cdiv(c, plan["combine_c"]))](
+        partial_mean, partial_m2, gamma, beta, scale, shift, c, hw, plan["chunk"],
+        plan["num_chunks"], float(eps), BLOCK_C=plan["combine_c"], num_warps=plan["combine_warps"],
     )
     return scale, shift

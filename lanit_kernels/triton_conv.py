@@ -244,32 +244,42 @@ def conv2d_prologue_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     channels_last = x.dim() == 4 and x.stride(1) == 1 and c_in > 1
     y = torch.empty((n, c_out, h_out, w_out), device=x.device, dtype=x.dtype,
                     memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    # Nearest x2 + 3x3 runs as four 2x2 phase convs on the low-res input: 4/9 of the MACs.
-    phases = bool(upsample) and k == 3
-    packed = pack_weight(weight, x.dtype, phases)
+    grid, constexprs, options = launch_config(
+        n, c_in, h, w, c_out, k, bool(upsample), x.dtype, x.device, has_shift=shift is not None,
+        has_act=negative_slope is not None, has_bias=bias is not None,
+        has_out_scale=out_scale is not None, block_sizes=block_sizes)
+    packed = pack_weight(weight, x.dtype, constexprs["PHASES"])
     scale = scale.float().contiguous()
     shift_arg = scale if shift is None else shift.float().contiguous()
     out_scale_arg = scale if out_scale is None else out_scale.float().contiguous()
     bias_arg = scale if bias is None else bias.contiguous()
-    block_m, block_n, block_k, num_warps, num_stages = _blocks(h * w if phases else h_out * w_out,
-                                                               c_in, c_out, x.dtype)
-    if block_sizes is not None:
-        block_m, block_n, block_k = block_sizes
-    if phases:
-        grid = (triton.cdiv(h * w, block_m), triton.cdiv(c_out, block_n), 4 * n)
-    else:
-        grid = (triton.cdiv(h_out * w_out, block_m), triton.cdiv(c_out, block_n), n)
     _conv_kernel[grid](
         x, packed, bias_arg, scale, shift_arg, out_scale_arg, y,
         c_in, h, w, c_out, h_out, w_out,
         *x.stride(), *y.stride(),
         0.0 if negative_slope is None else float(negative_slope),
-        KSIZE=k, NUM_TAPS=4 if phases else k * k, UPSAMPLE=bool(upsample), PHASES=phases,
-        HAS_SHIFT=shift is not None,
-        HAS_ACT=negative_slope is not None, HAS_BIAS=bias is not None,
-        HAS_OUT_SCALE=out_scale is not None, DOT_PRECISION=_dot_precision(x.dtype, x.device),
-        DOT_IN_FP32=_dot_in_fp32(x.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps, num_stages=num_stages,
+        **constexprs, **options,
     )
     return y
+
+
+def launch_config(n: int, c_in: int, h: int, w: int, c_out: int, k: int, upsample: bool,
+                  dtype: torch.dtype, device: torch.device | None = None, *, has_shift: bool,
+                  has_act: bool, has_bias: bool, has_out_scale: bool,
+                  block_sizes: tuple[int, int, int] | None = None) -> tuple[tuple, dict, dict]:
+    """(grid, constexpr arguments, launch options) of one _conv_kernel call (lanit_kernels.aot
+    compiles exactly these)."""
+    h_out, w_out = (2 * h, 2 * w) if upsample else (h, w)
+    # Nearest x2 + 3x3 runs as four 2x2 phase convs on the low-res input: 4/9 of the MACs.
+    phases = upsample and k == 3
+    hw_m = h * w if phases else h_out * w_out
+    block_m, block_n, block_k, num_warps, num_stages = _blocks(hw_m, c_in, c_out, dtype)
+    if block_sizes is not None:
+        block_m, block_n, block_k = block_sizes
+    grid = (triton.cdiv(hw_m, block_m), triton.cdiv(c_out, block_n), 4 * n if phases else n)
+    constexprs = dict(KSIZE=k, NUM_TAPS=4 if phases else k * k, UPSAMPLE=upsample, PHASES=phases,
+                      HAS_SHIFT=has_shift, HAS_ACT=has_act, HAS_BIAS=has_bias,
+                      HAS_OUT_SCALE=has_out_scale, DOT_PRECISION=_dot_precision(dtype, device),
+                      DOT_IN_FP32=_dot_in_fp32(dtype),
+                      BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    return grid, constexprs, dict(num_warps=num_warps, num_stages=num_stages)

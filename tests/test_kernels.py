@@ -508,21 +508,47 @@ def test_generator_auto_impl_trains_on_cpu(tiny_config):
 # GPU code generation (no GPU needed) and GPU runs (skipped without one)
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.slow
-def test_kernels_compile_for_hopper_with_the_launch_heuristics():
-    """The interpreter never checks what only the GPU compiler does (tl.dot tile shapes and dtypes,
-    shared memory): compile the bf16 variants for sm_90 ahead of time, in a fresh process because
-    under TRITON_INTERPRET=1 @triton.jit yields interpreter-only functions."""
+# benchmarks/gpu.sh at 256 px, batch 1 and 32, fp16 and bf16, generator + two fused convs: per dtype
+# 5 convs (3x3 with 64 / 128 output tiles, the same with the x2 upsample phases, the 1x1 to_rgb),
+# the split and the single-pass statistics kernels, plus 2 fp32-only chunk merges: 16 compiles.
+GPU_SH_VARIANTS = 16
+
+
+def _aot(*args: str, timeout: int = 600) -> dict:
     env = dict(os.environ, TRITON_INTERPRET="0")
-    proc = subprocess.run([sys.executable, "-m", "lanit_kernels.aot", "--arch", "90", "--dtypes", "bf16",
-                           "--quick"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "lanit_kernels.aot", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    variants = json.loads(proc.stdout)["variants"]
-    assert {v["kernel"] for v in variants} == {"conv", "_adain_kernel", "_adain_coeff_kernel"}
-    for variant in variants:
-        assert variant["shared"] <= 227 * 1024  # H100 shared memory per block
-        if variant["kernel"] == "conv":
+    return json.loads(proc.stdout)
+
+
+def test_gpu_sh_needs_a_small_stated_set_of_kernel_variants():
+    listed = _aot("--list")
+    assert listed["variant_count"] == GPU_SH_VARIANTS
+    kernels = [v["kernel"] for v in listed["variants"]]
+    assert kernels.count("_conv_kernel") == 10
+    # The generator's 13 distinct conv shapes at 256 px (the fused-op rows repeat two of them), at
+    # both batch sizes.
+    layers = {layer for v in listed["variants"] if v["kernel"] == "_conv_kernel" for layer in v["layers"]}
+    assert len(layers) == 2 * 13
+    assert {"b1 64x256x256->64 k3", "b1 128x128x128->64 k3 up", "b32 64x256x256->3 k1"} <= layers
+
+
+@pytest.mark.slow
+def test_gpu_sh_kernels_compile_for_hopper_without_spills():
+    """The interpreter never checks what only the GPU compiler does (tl.dot tile shapes and dtypes,
+    registers, shared memory): compile the bf16 half of gpu.sh's variants for sm_90 ahead of time,
+    in a fresh process because under TRITON_INTERPRET=1 @triton.jit yields interpreter-only
+    functions. fp16 compiles to the same register and shared-memory figures (aot's full run)."""
+    result = _aot("--arch", "90", "--dtypes", "bf16")
+    assert result["variant_count"] == (GPU_SH_VARIANTS + 2) // 2
+    assert result["max_spill_bytes"] == 0
+    for variant in result["variants"]:
+        assert variant["spill_stores"] == variant["spill_loads"] == 0, variant
+        assert variant["registers"] <= 255 and variant["shared"] <= 227 * 1024  # H100 per block
+        if variant["kernel"] == "_conv_kernel":
             assert variant["tensor_cores"], variant  # MMA instructions, not a scalar FMA loop
+            assert variant["ptx_lines"] < 8000  # the tap loop is not unrolled (was ~30k lines)
 
 
 @pytest.mark.gpu
