@@ -39,6 +39,9 @@ from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from fused_ops import compile_fresh  # noqa: E402
 
 REQUIRED_MODULES = ("torch", "triton", "numpy")
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
@@ -160,20 +163,6 @@ def _timer(torch, device, rehearse: bool) -> Callable[[Callable[[], object]], fl
 def _sync(torch, device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def compile_fresh(torch, fn, backend: str = "inductor"):
-    """torch.compile(fn, dynamic=False) for one shape, with dynamo's per-function recompile limit
-    out of the way: the limit is raised (its name differs across torch versions) and the caches are
-    reset, so every shape gets its own compiled graph instead of a silent eager fallback."""
-    import torch._dynamo as dynamo
-
-    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
-                 "accumulated_cache_size_limit"):
-        if hasattr(dynamo.config, name):
-            setattr(dynamo.config, name, max(getattr(dynamo.config, name), 64))
-    dynamo.reset()
-    return torch.compile(fn, dynamic=False, backend=backend)
 
 
 def _graph_count() -> int:
