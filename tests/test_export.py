@@ -135,6 +135,21 @@ def test_weights_are_normalised_in_graph_and_match_style_graph(fp32_onnx, model)
 
 
 @pytest.mark.slow
+def test_an_all_zero_row_gives_the_equal_weights_output_not_nan(exported):
+    """The Translator refuses an all-zero row; a caller of the bare graph gets the documented
+    defined output (equal weights over every domain) in that row, and the other rows are unchanged."""
+    precision, path = exported
+    session = _session(path)
+    images = np.repeat(_images(1, seed=5), 3, axis=0)
+    weights = np.array([[0, 0, 0], [1, 1, 1], [1, 0, 0]], np.float32)
+    out = session.run(["translated"], {"image": images, "domain_weights": weights})[0]
+    assert np.isfinite(out).all()
+    assert np.abs(out[0] - out[1]).max() < 1e-5
+    alone = session.run(["translated"], {"image": images[2:], "domain_weights": weights[2:]})[0]
+    assert np.abs(out[2:] - alone).max() < 1e-5
+
+
+@pytest.mark.slow
 def test_samples_are_independent_of_batch(exported):
     _, path = exported
     session = _session(path)
