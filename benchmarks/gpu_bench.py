@@ -246,10 +246,12 @@ def bench(args) -> int:
     torch, device = _setup(args)
     timer = _timer(torch, device, args.rehearse)
     rows = Rows(args.out_dir / f"{args.step}.jsonl")
-    for dtype_name in args.dtypes:
-        dtype = getattr(torch, DTYPES[dtype_name])
-        for batch in args.batches:
-            for op in args.ops:
+    # Op outermost: when a step runs out of time (torch.compile of the whole generator is slow),
+    # the rows it did finish cover every dtype and batch of the ops listed first.
+    for op in args.ops:
+        for dtype_name in args.dtypes:
+            dtype = getattr(torch, DTYPES[dtype_name])
+            for batch in args.batches:
                 impls = [impl for impl in args.impls if impl != "graphs" or op == "generator"]
                 skipped = [impl for impl in impls if args.rehearse and impl in ("compile", "graphs")]
                 for impl in skipped:
