@@ -125,7 +125,9 @@ def record_packed_weights():
     try:
         yield kept
     finally:
-        triton_conv._PACK_RECORDERS.remove(kept)
+        # By identity: list.remove compares contents, and tensors have no single truth value.
+        recorders = triton_conv._PACK_RECORDERS
+        recorders.pop(next(i for i, r in enumerate(recorders) if r is kept))
 
 
 def _use_triton(op: str, impl: str, x: torch.Tensor, tensors: tuple, out_numel: int) -> bool:
