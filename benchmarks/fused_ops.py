@@ -9,7 +9,9 @@ written; the Triton upsampling conv does 4/9 of those MACs, so its figure is "ef
   eager      plain PyTorch ops as a model would run them (F.instance_norm, mul/add, leaky_relu,
              F.interpolate, cuDNN conv; for the generator its nn modules with impl="ref")
   eager_cl   the same on channels_last tensors
-  compile    torch.compile of the lanit_kernels.reference function (of the generator with impl="ref")
+  compile    torch.compile of the lanit_kernels.reference function (of the generator with impl="ref"),
+             compiled afresh per row (compile_fresh: dynamo's recompile limit would turn later
+             shapes back into eager)
   triton     lanit_kernels.* with impl="triton" (NCHW)
   triton_cl  the same on channels_last tensors
 
@@ -188,6 +190,21 @@ def eager_fn(op: str, inputs: dict) -> Callable[[], object]:
     raise ValueError(op)
 
 
+def compile_fresh(torch, fn, backend: str = "inductor"):
+    """torch.compile(fn, dynamic=False) for one shape, with dynamo's per-function recompile limit
+    out of the way: the limit is raised (its name differs across torch versions) and the caches are
+    reset, so every shape gets its own compiled graph instead of a silent eager fallback (a sweep
+    of 16 shape/dtype combinations passes the default limit of 8)."""
+    import torch._dynamo as dynamo
+
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                 "accumulated_cache_size_limit"):
+        if hasattr(dynamo.config, name):
+            setattr(dynamo.config, name, max(getattr(dynamo.config, name), 64))
+    dynamo.reset()
+    return torch.compile(fn, dynamic=False, backend=backend)
+
+
 def op_fn(op: str, impl: str, inputs: dict) -> Callable[[], object]:
     import torch
 
@@ -201,7 +218,7 @@ def op_fn(op: str, impl: str, inputs: dict) -> Callable[[], object]:
     if impl == "compile":
         ref = {"adain": reference.adain_ref, "modconv3x3": reference.modconv2d_ref}.get(
             op, reference.adain_conv2d_ref)
-        compiled = torch.compile(ref, dynamic=False)
+        compiled = compile_fresh(torch, ref)
         return lambda: compiled(**inputs)
     fn = {"adain": lanit_kernels.adain, "modconv3x3": lanit_kernels.modconv2d}.get(op, lanit_kernels.adain_conv2d)
     return lambda: fn(**inputs, impl="triton")
@@ -235,7 +252,7 @@ def generator_fn(gen, x, params, impl: str) -> Callable[[], object]:
     if impl.startswith("eager"):
         return lambda: gen(x, adain_params=params, impl="ref")
     if impl == "compile":
-        compiled = torch.compile(gen, dynamic=False)
+        compiled = compile_fresh(torch, gen)
         return lambda: compiled(x, adain_params=params, impl="ref")
     return lambda: gen(x, adain_params=params, impl="triton")
 

@@ -1,38 +1,78 @@
 #!/usr/bin/env bash
-# Every check that needs a CUDA GPU, in one run sized for a 10-minute device call:
-#   1. the compiled Triton kernels against their references (lanit_kernels.selfcheck),
-#   2. the GPU tests (pytest -m gpu),
-#   3. the kernel benchmark at 128/256 px (fp16 and fp32, batch 1 and 64),
-#   4. Translator / bare-generator throughput at 256 px, batch 1/8/32/64, fp16, CUDA graphs,
-#      with torch.compile of the reference as a comparison row.
-# Results land in $OUT (or benchmarks/results/gpu when OUT is unset); copy the tables into
-# benchmarks/RESULTS.md with the GPU name that nvidia-smi prints.
+# Every check that needs a CUDA GPU, in ONE device call: step timeouts sum to 420 s.
+#   check     20 s  python3 module versions; stops here, with one line, if torch/triton/numpy or a
+#                   CUDA device is missing (nothing is ever installed)
+#   warm     120 s  every Triton launch of the matrix once, filling the Triton cache the later steps
+#                   reuse (TRITON_CACHE_DIR; lanit_kernels.aot lists the 16 variants)
+#   selfcheck 75 s  compiled kernels vs the PyTorch references (fp16, bf16; channels_last)
+#   bench    110 s  256 px, fp16/bf16, batch 1/32: generator + adain_conv3x3 (+ _up), eager
+#                   channels_last, Triton, CUDA graphs (TorchBackend), with max error vs eager
+#   compile   85 s  the torch.compile rows (one fresh compile per shape; the slowest step, last)
+#   summary   10 s  one table from the JSON lines every step wrote row by row
+# Results land in $OUT (benchmarks/results/gpu when OUT is unset): *.jsonl, *.txt, gpu.log,
+# summary.txt / summary.json. Copy the table into benchmarks/RESULTS.md with the GPU name.
 #
-#   bash benchmarks/gpu.sh                      # on the GPU machine, from the repository root
+#   bash benchmarks/gpu.sh                        # on the GPU machine, from anywhere
+#   GPU_SH_REHEARSAL=1 bash benchmarks/gpu.sh     # CPU rehearsal: Triton interpreter, 32 px, batch 1
+#   bash benchmarks/gpu.sh --rehearse             # the same
 set -uo pipefail
 cd "$(dirname "$0")/.."
+rehearse="${GPU_SH_REHEARSAL:-0}"
+[ "${1:-}" = "--rehearse" ] && rehearse=1
 out="${OUT:-benchmarks/results/gpu}"
 mkdir -p "$out"
-unset TRITON_INTERPRET
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/lanit-gpu-sh-triton-cache}"
+flags=()
+if [ "$rehearse" = 1 ]; then
+    export TRITON_INTERPRET=1
+    flags=(--rehearse)
+else
+    unset TRITON_INTERPRET
+fi
 log() { echo "== $(date +%T) $*" | tee -a "$out/gpu.log"; }
+# step NAME SECONDS CMD...: run with a timeout, keep its output, log its exit status.
+step() {
+    local name="$1" seconds="$2"
+    shift 2
+    log "$name (timeout ${seconds}s)"
+    local start=$SECONDS
+    timeout "$seconds" "$@" >"$out/$name.txt" 2>&1
+    local rc=$?
+    tail -n 40 "$out/$name.txt" | tee -a "$out/gpu.log" >/dev/null
+    log "$name rc=$rc ($((SECONDS - start)) s)$([ $rc -eq 124 ] && echo ' TIMED OUT: rows written so far are kept')"
+    return $rc
+}
 
-log "setup"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu_name.txt"
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
-    | tee -a "$out/gpu.log" || pip install -q -e '.[triton,onnx-gpu]' >>"$out/gpu.log" 2>&1
+log "gpu.sh start (rehearsal=$rehearse, out=$out)"
+if [ "$rehearse" != 1 ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader \
+        >"$out/gpu_name.txt" 2>&1 || echo "nvidia-smi failed" >>"$out/gpu_name.txt"
+    cat "$out/gpu_name.txt" | tee -a "$out/gpu.log"
+fi
 
-log "lanit_kernels.selfcheck"
-timeout 120 python -m lanit_kernels.selfcheck >"$out/selfcheck.json" 2>>"$out/gpu.log"; echo "rc $?" | tee -a "$out/gpu.log"
+if ! step check 20 python3 benchmarks/gpu_bench.py check --out-dir "$out" "${flags[@]}"; then
+    cat "$out/check.txt"
+    log "stopped: the GPU machine lacks what gpu.sh needs (see the line above)"
+    exit 3
+fi
+cat "$out/check.txt"
 
-log "pytest -m gpu"
-HF_HUB_OFFLINE=1 timeout 150 python -m pytest -q -p no:cacheprovider -m gpu tests/ 2>&1 | tail -5 | tee -a "$out/gpu.log"
+step warm 120 python3 benchmarks/gpu_bench.py warm --out-dir "$out" "${flags[@]}"
 
-log "kernels benchmark"
-timeout 200 python benchmarks/fused_ops.py --sizes 128 256 --batches 1 64 --dtypes fp16 fp32 \
-    --out "$out/fused_ops.json" 2>&1 | tee "$out/fused_ops.txt" | tail -40
+if [ "$rehearse" = 1 ]; then
+    log "selfcheck skipped in the rehearsal (it needs a CUDA GPU)"
+else
+    step selfcheck 75 python3 -m lanit_kernels.selfcheck --dtypes fp16 bf16 --layouts channels_last \
+        --jsonl "$out/selfcheck.jsonl"
+fi
 
-log "throughput"
-timeout 200 python benchmarks/throughput.py --device cuda --sizes 256 --batch-sizes 1,8,32,64 \
-    --dtype fp16 --cuda-graphs --compile --backends torch --out "$out/throughput.json" 2>&1 \
-    | tee "$out/throughput.txt" | tail -30
+step bench 110 python3 benchmarks/gpu_bench.py bench --out-dir "$out" "${flags[@]}" \
+    --impls eager_cl triton_cl graphs
+
+step compile 85 python3 benchmarks/gpu_bench.py bench --out-dir "$out" "${flags[@]}" --step compile \
+    --impls compile --ops adain_conv3x3_up adain_conv3x3 generator
+
+step summary 10 python3 benchmarks/gpu_bench.py summary --out-dir "$out"
 log "done"
+cat "$out/summary.txt"

@@ -6,6 +6,9 @@ Two graphs per export, both with a dynamic batch axis named "batch" and fixed H 
   In-graph: w = domain_weights / sum_k domain_weights[:, k]; params = w @ adain_table, where
   adain_table = G.adain_params(style_table) [D, P]. Exact: adain_params is affine and rows of w sum
   to 1, so w @ adain_params(table) == adain_params(w @ table), the PyTorch multi-hot path.
+  An all-zero row (which lanit_rt's Translator refuses with a ValueError before any backend runs)
+  has a defined output in the graph: equal weights 1/D over every domain, the mean domain style,
+  instead of the 0/0 NaN image. Negative weights are not checked in the graph.
 - kind "style": image, style [N, S] -> translated; params = G.adain_params(style) (reference-guided).
 
 Precision "fp16": convolution weights and activations are fp16; the graph's inputs and outputs stay
@@ -144,8 +147,12 @@ class DomainWeightsGenerator(nn.Module):
         self.compute_dtype = torch.float16 if precision == "fp16" else torch.float32
 
     def forward(self, image: torch.Tensor, domain_weights: torch.Tensor) -> torch.Tensor:
-        weights = domain_weights / domain_weights.sum(dim=1, keepdim=True)  # [N, D], rows sum to 1
-        params = weights @ self.adain_table  # [N, P]
+        total = domain_weights.sum(dim=1, keepdim=True)  # [N, 1]
+        empty = total <= 0.0
+        # An all-zero row means equal weights over every domain (defined output instead of 0 / 0).
+        weights = torch.where(empty, torch.full_like(domain_weights, 1.0 / domain_weights.shape[1]),
+                              domain_weights / torch.where(empty, torch.ones_like(total), total))
+        params = weights @ self.adain_table  # [N, P], rows of weights sum to 1
         # impl="ref": plain PyTorch ops that the exporter can trace (Triton kernels cannot).
         return self.generator(image.to(self.compute_dtype), adain_params=params,
                               impl="ref").float()

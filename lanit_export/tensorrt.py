@@ -1,4 +1,4 @@
-"""TensorRT 10 engines built from the exported ONNX graph. The only module that imports tensorrt.
+"""TensorRT 10 and 11 engines built from the exported ONNX graph. The only module that imports tensorrt.
 
 `export_tensorrt(model, OUT.engine, precision, profile)` writes
 - OUT.engine: the serialized engine, inputs `image` [N, 3, H, W] fp32 and `domain_weights` [N, D]
@@ -6,26 +6,29 @@
 - OUT.engine.json: the sidecar, the ONNX metadata keys (same string values) plus min/opt/max batch;
 - OUT.engine.timing: the builder's timing cache (reused by later builds on the same GPU/TensorRT).
 
-Precision. fp32 engines clear TF32 so convolutions match PyTorch fp32. fp16 engines are built from
-the fp16 ONNX graph (lanit_export.onnx_export), whose casts already say which nodes compute in fp32 (the
-normalisation statistics, the table arithmetic); those layers, plus every normalization/reduce layer,
-get `precision = float32` and fp32 output types, and OBEY_PRECISION_CONSTRAINTS makes TensorRT keep
-them (fp16 variance overflows). The FP16 flag lets every other layer run in fp16.
+Precision. Every network is strongly typed (NetworkDefinitionCreationFlag.STRONGLY_TYPED in
+TensorRT 10; always so in 11, where the flag is kept but ignored): each tensor has the type the
+ONNX graph gives it. fp16 engines are built from the fp16 ONNX graph (lanit_export.onnx_export),
+whose explicit casts keep the normalisation statistics and the table arithmetic in fp32
+(fp16 variance overflows) and everything else in fp16, so no precision flag or per-layer
+constraint is set: BuilderFlag.FP16, OBEY_PRECISION_CONSTRAINTS, ILayer.precision and
+set_output_type (removed in TensorRT 11) are never touched. fp32 engines clear BuilderFlag.TF32
+(on by default), so convolutions match PyTorch fp32. Anything TensorRT raises or logs as an error
+while parsing or building becomes one ExportError line.
 
 The engine is validated against the PyTorch generator (lanit_export.validate, fp32 1e-4 / fp16 2e-2) before
 the engine and sidecar are renamed into place; any failure leaves no partial file. Profile arithmetic,
-the choice of pinned layers and the sidecar are plain functions, testable without TensorRT.
+the builder configuration and the sidecar are plain functions, testable without TensorRT.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable
 
 import numpy as np
 
@@ -35,16 +38,14 @@ from lanit_rt.checkpoint import atomic_write, publish_file
 from lanit_export.errors import ExportError, ValidationError, require
 from lanit_export.validate import VALIDATION_BATCHES, validate_artifact
 from lanit_export.onnx_export import (OUTPUT_NAME, artifact_metadata, check_output_path, check_precision,
-                                config_from_metadata, export_onnx, fp32_compute_nodes, input_names,
-                                read_metadata)
+                                config_from_metadata, export_onnx, input_names, read_metadata)
 
 ENGINE_KIND = "domain_weights"
 DEFAULT_MIN_BATCH = 1
 DEFAULT_OPT_BATCH = 8
 DEFAULT_MAX_BATCH = 32
 DEFAULT_WORKSPACE_GIB = 4
-# TensorRT layer types (trt.LayerType member names) that always compute in fp32 in an fp16 engine.
-PINNED_LAYER_TYPES = frozenset({"NORMALIZATION", "REDUCE"})
+SUPPORTED_MAJOR_VERSIONS = (10, 11)
 
 
 @dataclass(frozen=True)
@@ -85,31 +86,6 @@ def profile_shapes(profile: BatchProfile, config: LanitConfig,
         image: tuple((n, 3, size, size) for n in (profile.min, profile.opt, profile.max)),
         second: tuple((n, width) for n in (profile.min, profile.opt, profile.max)),
     }
-
-
-_ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]]+)\]")
-
-
-def onnx_nodes_of_layer(metadata: str) -> list[str]:
-    """ONNX node names recorded by the parser in ILayer.metadata ("[ONNX Layer: NAME]" entries)."""
-    return _ONNX_LAYER.findall(metadata or "")
-
-
-def layers_to_pin(layers: Sequence[tuple[str, str, str]], fp32_nodes: Iterable[str]) -> list[int]:
-    """Indices of the network layers to force to fp32 in an fp16 build.
-
-    `layers` is [(layer name, layer type name, layer metadata)] in network order. A layer is pinned
-    when its type is in PINNED_LAYER_TYPES, or when it was created for one of `fp32_nodes` (ONNX
-    node names): TensorRT 10's ONNX parser records the source node as "[ONNX Layer: NAME]" in the
-    layer's metadata (every helper layer of a node included) and names the first layer after it.
-    """
-    nodes = set(fp32_nodes)
-    pinned = []
-    for index, (name, layer_type, metadata) in enumerate(layers):
-        if (layer_type in PINNED_LAYER_TYPES or name in nodes
-                or any(node in nodes for node in onnx_nodes_of_layer(metadata))):
-            pinned.append(index)
-    return pinned
 
 
 def engine_sidecar(config: LanitConfig, precision: str, profile: BatchProfile,
@@ -157,62 +133,118 @@ def import_tensorrt():
     return require("tensorrt", "tensorrt")
 
 
+def tensorrt_major(trt) -> int:
+    """The major version of an imported tensorrt module; ExportError outside 10.x / 11.x."""
+    version = str(getattr(trt, "__version__", "?"))
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        major = -1
+    if major not in SUPPORTED_MAJOR_VERSIONS:
+        raise ExportError(f"TensorRT {version} is not supported: lanit-rt builds engines with "
+                          f"TensorRT {' or '.join(map(str, SUPPORTED_MAJOR_VERSIONS))}.x")
+    return major
+
+
+def network_flags(trt) -> int:
+    """create_network() flags: strongly typed. TensorRT 11 keeps STRONGLY_TYPED as an ignored,
+    deprecated member (strong typing is always on); a release without it gets 0."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
+
+
+def configure_builder(trt, builder_config, precision: str, workspace_gib: float) -> list[str]:
+    """Set the workspace pool and the precision policy; returns what was set (for the log).
+
+    Strong typing carries the precision, so fp16 needs no flag; fp32 clears TF32 (TensorRT enables
+    it by default for fp32 convolutions and matmuls), which both 10.x and 11.x still have.
+    """
+    check_precision(precision)
+    builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    settings = [f"workspace {workspace_gib} GiB", "strongly typed"]
+    if precision == "fp32":
+        tf32 = getattr(trt.BuilderFlag, "TF32", None)
+        if tf32 is not None:
+            builder_config.clear_flag(tf32)
+            settings.append("TF32 off")
+    return settings
+
+
+def _recording_logger(trt):
+    """A trt.ILogger that forwards warnings and errors to a list (for one-line error messages)."""
+    severity = trt.ILogger.Severity
+
+    class RecordingLogger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, level, message):
+            if level in (severity.ERROR, severity.INTERNAL_ERROR):
+                self.errors.append(" ".join(str(message).split()))
+
+    return RecordingLogger()
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:300]}" if text else type(err).__name__
+
+
 def build_engine_bytes(onnx_path: str | os.PathLike, precision: str, profile: BatchProfile,
                        timing_cache: str | os.PathLike | None = None,
                        workspace_gib: float = DEFAULT_WORKSPACE_GIB,
                        log: Callable[[str], None] | None = None) -> tuple[bytes, bytes]:
-    """Parse the ONNX graph, configure precision/profile/timing cache -> (engine, timing cache) bytes.
+    """Parse the ONNX graph into a strongly typed network, configure profile and timing cache ->
+    (engine, timing cache) bytes.
 
     The timing cache file (if given and present) seeds the build; the caller writes the updated
-    cache, so a build that later fails validation leaves the file untouched.
+    cache, so a build that later fails validation leaves the file untouched. Parser and builder
+    failures (a None result, an error logged, or an exception from the bindings) raise ExportError
+    with one line.
     """
     trt = import_tensorrt()
     check_precision(precision)
+    major = tensorrt_major(trt)
     metadata = read_metadata(onnx_path)
     config = config_from_metadata(metadata)
     if metadata["precision"] != precision or metadata["kind"] != ENGINE_KIND:
         raise ExportError(f"a {precision} engine needs a {precision} '{ENGINE_KIND}' ONNX graph; "
                           f"{onnx_path} is {metadata['precision']} '{metadata['kind']}'")
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ExportError(f"TensorRT could not parse {onnx_path}: {errors}")
-    builder_config = builder.create_builder_config()
-    builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-    if precision == "fp16":
-        builder_config.set_flag(trt.BuilderFlag.FP16)
-        builder_config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        onnx = require("onnx", "tensorrt")
-        fp32_nodes = fp32_compute_nodes(onnx.load(str(onnx_path)))
-        layers = [network.get_layer(i) for i in range(network.num_layers)]
-        pinned = layers_to_pin([(layer.name, layer.type.name, getattr(layer, "metadata", ""))
-                                for layer in layers], fp32_nodes)
-        float_types = (trt.float32, trt.float16)
-        for index in pinned:
-            layer = layers[index]
-            layer.precision = trt.float32
-            for out in range(layer.num_outputs):
-                if layer.get_output(out).dtype in float_types:
-                    layer.set_output_type(out, trt.float32)
+    logger = _recording_logger(trt)
+    stage = "set up the builder"
+    try:
+        builder = trt.Builder(logger)
+        network = builder.create_network(network_flags(trt))
+        parser = trt.OnnxParser(network, logger)
+        stage = f"parse {onnx_path}"
+        if not parser.parse_from_file(str(onnx_path)):
+            errors = "; ".join(" ".join(str(parser.get_error(i)).split()) for i in range(parser.num_errors))
+            raise ExportError(f"TensorRT {trt.__version__} could not parse {onnx_path}: {errors}")
+        stage = "configure the build"
+        builder_config = builder.create_builder_config()
+        settings = configure_builder(trt, builder_config, precision, workspace_gib)
+        trt_profile = builder.create_optimization_profile()
+        for name, (low, opt, high) in profile_shapes(profile, config).items():
+            trt_profile.set_shape(name, low, opt, high)
+        builder_config.add_optimization_profile(trt_profile)
+        cache_file = Path(timing_cache) if timing_cache is not None else None
+        cache_data = cache_file.read_bytes() if cache_file is not None and cache_file.exists() else b""
+        cache = builder_config.create_timing_cache(cache_data)
+        builder_config.set_timing_cache(cache, False)
         if log:
-            log(f"pinned {len(pinned)} of {len(layers)} TensorRT layers to fp32")
-    else:
-        builder_config.clear_flag(trt.BuilderFlag.TF32)  # TF32 convs would miss the 1e-4 fp32 tolerance
-    trt_profile = builder.create_optimization_profile()
-    for name, (low, opt, high) in profile_shapes(profile, config).items():
-        trt_profile.set_shape(name, low, opt, high)
-    builder_config.add_optimization_profile(trt_profile)
-    cache_file = Path(timing_cache) if timing_cache is not None else None
-    cache_data = cache_file.read_bytes() if cache_file is not None and cache_file.exists() else b""
-    cache = builder_config.create_timing_cache(cache_data)
-    builder_config.set_timing_cache(cache, False)
-    serialized = builder.build_serialized_network(network, builder_config)
-    if serialized is None:
-        raise ExportError(f"TensorRT failed to build a {precision} engine from {onnx_path}")
-    return bytes(serialized), bytes(cache.serialize())
+            log(f"TensorRT {trt.__version__} (major {major}): {', '.join(settings)}")
+        stage = f"build a {precision} engine from {onnx_path}"
+        serialized = builder.build_serialized_network(network, builder_config)
+        if serialized is None:
+            detail = logger.errors[-1] if logger.errors else "no error was logged"
+            raise ExportError(f"TensorRT {trt.__version__} failed to {stage}: {detail}")
+        return bytes(serialized), bytes(cache.serialize())
+    except ExportError:
+        raise
+    except Exception as err:  # the bindings raise TypeError/RuntimeError/AttributeError, multi-line
+        raise ExportError(f"TensorRT {getattr(trt, '__version__', '?')} failed to {stage}: "
+                          f"{_one_line(err)}") from None
 
 
 class EngineRunner:

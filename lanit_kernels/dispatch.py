@@ -8,13 +8,16 @@ kernel when it can and the reference otherwise. The kernel can run when:
 - the tensors are on a CUDA device (CPU tensors only under TRITON_INTERPRET=1 and only with
   `impl="triton"`: the interpreter is a test tool, 100x+ slower than the reference);
 - autograd does not need gradients (the kernels have no backward);
-- x is 4-D fp32 / fp16 / bf16 and every tensor has fewer than 2**31 elements (int32 indexing).
+- x is 4-D fp32 / fp16 / bf16 and every tensor has fewer than 2**31 elements (int32 indexing);
+- the GPU can compile it: compute capability 7.0+ (Triton's tl.dot), 8.0+ for bf16 (fp32 runs
+  TF32 dots only from 8.0, IEEE fp32 below: see triton_conv._dot_precision).
 
 Argument shapes are checked for every impl: a bad shape is a ValueError, never a silent broadcast.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from types import ModuleType
@@ -65,6 +68,25 @@ def triton_available() -> bool:
     return True
 
 
+def _device_capability(device: torch.device) -> tuple[int, int] | None:
+    """(major, minor) of a CUDA device, None for other devices (the interpreter has no limits)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def capability_blocker(dtype: torch.dtype, capability: tuple[int, int] | None) -> str | None:
+    """Why kernels in `dtype` cannot compile for a GPU of this compute capability, or None."""
+    if capability is None:
+        return None
+    name = f"sm_{capability[0]}{capability[1]}"
+    if capability < (7, 0):
+        return f"{name} is older than sm_70, the oldest GPU Triton's tl.dot supports"
+    if dtype == torch.bfloat16 and capability < (8, 0):
+        return f"bf16 tensor-core dots need sm_80 or newer, this GPU is {name}"
+    return None
+
+
 def _blocker(x: torch.Tensor, tensors: tuple[torch.Tensor | None, ...], out_numel: int) -> str | None:
     """Why the Triton kernel cannot run on these tensors, or None when it can."""
     present = [t for t in tensors if t is not None]
@@ -82,7 +104,30 @@ def _blocker(x: torch.Tensor, tensors: tuple[torch.Tensor | None, ...], out_nume
         return f"batch {x.shape[0]} exceeds {_MAX_BATCH} (CUDA grid z-dimension)"
     if max([out_numel] + [t.numel() for t in present]) >= _INT32_LIMIT:
         return "a tensor has 2**31 or more elements (kernels index with int32)"
-    return None
+    return capability_blocker(x.dtype, _device_capability(x.device))
+
+
+@contextlib.contextmanager
+def record_packed_weights():
+    """Collects every packed conv weight the Triton kernels read while the block runs.
+
+    The packed copies live in a bounded cache (triton_conv.pack_weight) that may drop them later;
+    whoever keeps device pointers beyond the call (a captured CUDA graph) must hold the list this
+    yields for as long as it replays. Without triton the list stays empty.
+    """
+    kept: list[torch.Tensor] = []
+    try:
+        _, triton_conv = _triton_modules()
+    except ImportError:
+        yield kept
+        return
+    triton_conv._PACK_RECORDERS.append(kept)
+    try:
+        yield kept
+    finally:
+        # By identity: list.remove compares contents, and tensors have no single truth value.
+        recorders = triton_conv._PACK_RECORDERS
+        recorders.pop(next(i for i, r in enumerate(recorders) if r is kept))
 
 
 def _use_triton(op: str, impl: str, x: torch.Tensor, tensors: tuple, out_numel: int) -> bool:

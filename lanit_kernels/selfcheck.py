@@ -5,13 +5,19 @@ whether impl="auto" picked the kernel. Needs a CUDA GPU and TRITON_INTERPRET uns
 interpreter the kernels would run on the host). tests/test_kernels.py runs it in a subprocess.
 
     python -m lanit_kernels.selfcheck
+    python -m lanit_kernels.selfcheck --dtypes fp16 bf16 --layouts channels_last --jsonl rows.jsonl
+
+`--jsonl` also appends each record as one JSON line the moment it is measured (a timeout keeps
+the finished ones).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -25,7 +31,22 @@ def _record(name: str, out: torch.Tensor, ref: torch.Tensor) -> dict:
             "max_ref": ref.float().abs().max().item()}
 
 
-def run_checks(seed: int = 0) -> dict:
+class _Records(list):
+    """A list of records that also appends each one to a JSON-lines file, flushed at once."""
+
+    def __init__(self, jsonl: Path | None):
+        super().__init__()
+        self.jsonl = jsonl
+
+    def append(self, record: dict) -> None:
+        super().append(record)
+        if self.jsonl is not None:
+            with self.jsonl.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def run_checks(seed: int = 0, dtypes=tuple(DTYPES), layouts=("nchw", "channels_last"),
+               jsonl: Path | None = None) -> dict:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("lanit_kernels.selfcheck needs TRITON_INTERPRET unset or 0")
     if not torch.cuda.is_available():
@@ -47,15 +68,16 @@ def run_checks(seed: int = 0) -> dict:
 
     torch.manual_seed(seed)
     cuda = torch.device("cuda")
-    records = []
+    records = _Records(jsonl)
     auto_calls = {"adain": 0, "conv": 0}  # impl="auto" calls below; each should launch a kernel
     generator_launches = {"adain": 0, "conv": 0}
     triton_adain.adain_triton = count("adain", adain_launch)
     triton_conv.conv2d_prologue_triton = count("conv", conv_launch)
     try:
         with torch.no_grad():
-            for dtype_name, dtype in DTYPES.items():
-                for layout in ("nchw", "channels_last"):
+            for dtype_name in dtypes:
+                dtype = DTYPES[dtype_name]
+                for layout in layouts:
                     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
                     x = (torch.randn(3, 40, 33, 31, device=cuda) * 2 + 1).to(dtype).contiguous(
                         memory_format=fmt)
@@ -93,12 +115,18 @@ def run_checks(seed: int = 0) -> dict:
     return {"device": torch.cuda.get_device_name(cuda), "tf32": torch.backends.cudnn.allow_tf32,
             "auto_calls": auto_calls,
             "auto_launches": {k: launches[k] - generator_launches[k] for k in launches},
-            "records": records}
+            "records": list(records)}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--layouts", nargs="+", choices=["nchw", "channels_last"],
+                        default=["nchw", "channels_last"])
+    parser.add_argument("--jsonl", type=Path, default=None)
+    args = parser.parse_args(argv)
     try:
-        result = run_checks()
+        result = run_checks(dtypes=tuple(args.dtypes), layouts=tuple(args.layouts), jsonl=args.jsonl)
     except Exception as err:
         print(f"lanit_kernels.selfcheck: {type(err).__name__}: {err}", file=sys.stderr)
         return 1

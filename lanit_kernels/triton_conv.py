@@ -1,7 +1,7 @@
 """Triton direct convolution (implicit GEMM) with a per-(n, c_in) affine + LeakyReLU input prologue.
 
 GEMM view, one sample per program row of the grid: M = output pixels, N = C_out, K = C_in * k * k,
-walked tap by tap (static loop over the k*k kernel offsets) and then over C_in in BLOCK_K slices.
+walked as one runtime loop over (kernel tap, BLOCK_K slice of C_in), tap-major.
 While an input tile is loaded it is transformed in fp32 as
 
     a = act(x * scale[n, c] + shift[n, c])           (AdaIN: scale = (1 + gamma) * rstd, ...)
@@ -59,7 +59,13 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, out_scale_ptr, y_
 
     x_base = x_ptr + n * stride_xn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for tap in tl.static_range(NUM_TAPS):
+    # One runtime loop over (tap, C_in slice), tap-major: the same accumulation order as a loop over
+    # taps around a loop over C_in, but the body is compiled once (an unrolled tap loop made ~9x the
+    # code and 10x the compile time) and the software pipeliner sees every K step of every tap.
+    num_k_blocks = tl.cdiv(C_in, BLOCK_K)
+    for step in range(0, NUM_TAPS * num_k_blocks):
+        tap = step // num_k_blocks
+        k0 = (step - tap * num_k_blocks) * BLOCK_K
         if PHASES:
             # Even output rows read low-res rows (i-1, i), odd ones (i, i+1); same for columns.
             src_h = grid_row + (tap // 2 - 1 + phase // 2)
@@ -80,28 +86,27 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, out_scale_ptr, y_
         src_h = tl.where(inside, src_h, 0)
         src_w = tl.where(inside, src_w, 0)
         pix_off = src_h * stride_xh + src_w * stride_xw  # [BLOCK_M]
-        for k0 in range(0, C_in, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < C_in
-            a = tl.load(x_base + pix_off[:, None] + offs_k[None, :] * stride_xc,
-                        mask=inside[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-            scale = tl.load(scale_ptr + n * C_in + offs_k, mask=mask_k, other=0.0)
-            a = a * scale[None, :]
-            if HAS_SHIFT:
-                shift = tl.load(shift_ptr + n * C_in + offs_k, mask=mask_k, other=0.0)
-                a = a + shift[None, :]
-            if HAS_ACT:
-                a = tl.where(a >= 0.0, a, a * negative_slope)
-            # Zero padding is applied to the transformed activation (shift would leak into it).
-            a = tl.where(inside[:, None], a, 0.0)
-            b = tl.load(w_tap + offs_k[:, None] * C_out + offs_n[None, :],
-                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            a = a.to(w_ptr.dtype.element_ty)
-            if DOT_IN_FP32:
-                # Exact: products of two bf16 values are representable in fp32.
-                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < C_in
+        a = tl.load(x_base + pix_off[:, None] + offs_k[None, :] * stride_xc,
+                    mask=inside[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        scale = tl.load(scale_ptr + n * C_in + offs_k, mask=mask_k, other=0.0)
+        a = a * scale[None, :]
+        if HAS_SHIFT:
+            shift = tl.load(shift_ptr + n * C_in + offs_k, mask=mask_k, other=0.0)
+            a = a + shift[None, :]
+        if HAS_ACT:
+            a = tl.where(a >= 0.0, a, a * negative_slope)
+        # Zero padding is applied to the transformed activation (shift would leak into it).
+        a = tl.where(inside[:, None], a, 0.0)
+        b = tl.load(w_tap + offs_k[:, None] * C_out + offs_n[None, :],
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        a = a.to(w_ptr.dtype.element_ty)
+        if DOT_IN_FP32:
+            # Exact: products of two bf16 values are representable in fp32.
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
     if HAS_OUT_SCALE:
         out_scale = tl.load(out_scale_ptr + n * C_out + offs_n, mask=mask_n, other=0.0)
@@ -125,6 +130,8 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, out_scale_ptr, y_
 # pure waste at batch 1. A weak reference tells when an id has been recycled.
 _PACKED: dict[tuple[int, torch.dtype, bool], tuple[weakref.ref, tuple, torch.Tensor]] = {}
 _PACKED_MAX = 256
+# Lists (dispatch.record_packed_weights) that collect every packed weight handed to a launch.
+_PACK_RECORDERS: list[list[torch.Tensor]] = []
 
 # _PHASE_TAPS[parity, tap, k]: which rows of a 3-tap kernel land on low-res row i - 1 + parity + tap
 # when the input was nearest-upsampled x2 (even outputs: k=0 -> i-1, k=1,2 -> i; odd: k=0,1 -> i,
@@ -155,6 +162,13 @@ def pack_weight(weight: torch.Tensor, dtype: torch.dtype, phases: bool = False) 
     `module.to(...)`) are unchanged. Writes through `.data`'s alias (`w.data.mul_(2)`) bypass the
     version counter, as they bypass autograd: update weights in place under torch.no_grad().
     """
+    packed = _cached_pack(weight, dtype, phases)
+    for recorder in _PACK_RECORDERS:
+        recorder.append(packed)
+    return packed
+
+
+def _cached_pack(weight: torch.Tensor, dtype: torch.dtype, phases: bool) -> torch.Tensor:
     try:
         version = weight._version
     except RuntimeError:  # inference tensors carry no version counter: never cache them
@@ -175,15 +189,20 @@ def pack_weight(weight: torch.Tensor, dtype: torch.dtype, phases: bool = False) 
 def _blocks(hw_out: int, c_in: int, c_out: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). tl.dot needs every dim >= 16.
 
-    A heuristic rather than triton.autotune: autotuning does not run under the interpreter. The
+    A heuristic rather than triton.autotune: autotuning does not run under the interpreter, and
+    every extra config is another compile on the GPU machine. The choices are the ones that compile
+    for sm_90 without register spills (`python -m lanit_kernels.aot --arch 90` checks every variant
+    the generator uses): the A operand is gathered per element, so each thread holds 64-bit pointers
+    for its share of the [BLOCK_M, BLOCK_K] tile; BLOCK_K = 32 and 8 warps from 128 x 64 output
+    tiles up keep that share small (128 x 64 x 64 on 4 warps spilled ~300 B in fp16). The
     interpreter pays per program and per op, not per element, so it gets taller M tiles.
     """
+    del dtype  # one tile table for fp32, fp16 and bf16 (all spill-free at these sizes)
     max_m = 512 if _interpreting() else 128
     block_m = max(16, min(max_m, triton.next_power_of_2(hw_out)))
     block_n = max(16, min(128, triton.next_power_of_2(c_out)))
-    max_k = 32 if dtype == torch.float32 else 64
-    block_k = max(16, min(max_k, triton.next_power_of_2(c_in)))
-    num_warps = 8 if block_m * block_n >= 128 * 128 else 4
+    block_k = max(16, min(32, triton.next_power_of_2(c_in)))
+    num_warps = 8 if block_m * block_n >= 128 * 64 else 4
     return block_m, block_n, block_k, num_warps, 3
 
 
@@ -197,11 +216,14 @@ def _dot_in_fp32(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and _interpreting()
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 convs follow torch's cuDNN setting (TF32 by default), so "triton" and "ref" agree in kind.
-    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
-        return "tf32"
-    return "ieee"
+def _dot_precision(dtype: torch.dtype, device: torch.device | None = None) -> str:
+    # fp32 convs follow torch's cuDNN setting (TF32 by default), so "triton" and "ref" agree in kind;
+    # GPUs before sm_80 have no TF32 (cuDNN computes fp32 there too).
+    if dtype != torch.float32 or not torch.backends.cudnn.allow_tf32:
+        return "ieee"
+    if device is not None and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        return "ieee"
+    return "tf32"
 
 
 def conv2d_prologue_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -222,32 +244,42 @@ def conv2d_prologue_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     channels_last = x.dim() == 4 and x.stride(1) == 1 and c_in > 1
     y = torch.empty((n, c_out, h_out, w_out), device=x.device, dtype=x.dtype,
                     memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    # Nearest x2 + 3x3 runs as four 2x2 phase convs on the low-res input: 4/9 of the MACs.
-    phases = bool(upsample) and k == 3
-    packed = pack_weight(weight, x.dtype, phases)
+    grid, constexprs, options = launch_config(
+        n, c_in, h, w, c_out, k, bool(upsample), x.dtype, x.device, has_shift=shift is not None,
+        has_act=negative_slope is not None, has_bias=bias is not None,
+        has_out_scale=out_scale is not None, block_sizes=block_sizes)
+    packed = pack_weight(weight, x.dtype, constexprs["PHASES"])
     scale = scale.float().contiguous()
     shift_arg = scale if shift is None else shift.float().contiguous()
     out_scale_arg = scale if out_scale is None else out_scale.float().contiguous()
     bias_arg = scale if bias is None else bias.contiguous()
-    block_m, block_n, block_k, num_warps, num_stages = _blocks(h * w if phases else h_out * w_out,
-                                                               c_in, c_out, x.dtype)
-    if block_sizes is not None:
-        block_m, block_n, block_k = block_sizes
-    if phases:
-        grid = (triton.cdiv(h * w, block_m), triton.cdiv(c_out, block_n), 4 * n)
-    else:
-        grid = (triton.cdiv(h_out * w_out, block_m), triton.cdiv(c_out, block_n), n)
     _conv_kernel[grid](
         x, packed, bias_arg, scale, shift_arg, out_scale_arg, y,
         c_in, h, w, c_out, h_out, w_out,
         *x.stride(), *y.stride(),
         0.0 if negative_slope is None else float(negative_slope),
-        KSIZE=k, NUM_TAPS=4 if phases else k * k, UPSAMPLE=bool(upsample), PHASES=phases,
-        HAS_SHIFT=shift is not None,
-        HAS_ACT=negative_slope is not None, HAS_BIAS=bias is not None,
-        HAS_OUT_SCALE=out_scale is not None, DOT_PRECISION=_dot_precision(x.dtype),
-        DOT_IN_FP32=_dot_in_fp32(x.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps, num_stages=num_stages,
+        **constexprs, **options,
     )
     return y
+
+
+def launch_config(n: int, c_in: int, h: int, w: int, c_out: int, k: int, upsample: bool,
+                  dtype: torch.dtype, device: torch.device | None = None, *, has_shift: bool,
+                  has_act: bool, has_bias: bool, has_out_scale: bool,
+                  block_sizes: tuple[int, int, int] | None = None) -> tuple[tuple, dict, dict]:
+    """(grid, constexpr arguments, launch options) of one _conv_kernel call (lanit_kernels.aot
+    compiles exactly these)."""
+    h_out, w_out = (2 * h, 2 * w) if upsample else (h, w)
+    # Nearest x2 + 3x3 runs as four 2x2 phase convs on the low-res input: 4/9 of the MACs.
+    phases = upsample and k == 3
+    hw_m = h * w if phases else h_out * w_out
+    block_m, block_n, block_k, num_warps, num_stages = _blocks(hw_m, c_in, c_out, dtype)
+    if block_sizes is not None:
+        block_m, block_n, block_k = block_sizes
+    grid = (triton.cdiv(hw_m, block_m), triton.cdiv(c_out, block_n), 4 * n if phases else n)
+    constexprs = dict(KSIZE=k, NUM_TAPS=4 if phases else k * k, UPSAMPLE=upsample, PHASES=phases,
+                      HAS_SHIFT=has_shift, HAS_ACT=has_act, HAS_BIAS=has_bias,
+                      HAS_OUT_SCALE=has_out_scale, DOT_PRECISION=_dot_precision(dtype, device),
+                      DOT_IN_FP32=_dot_in_fp32(dtype),
+                      BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    return grid, constexprs, dict(num_warps=num_warps, num_stages=num_stages)

@@ -79,3 +79,79 @@ def test_benchmarks_refuse_bad_arguments_before_any_work(module, argv, message, 
     with pytest.raises(SystemExit) as exc:
         module.main(argv)
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# benchmarks/gpu.sh: one device call, rehearsed on the CPU
+# --------------------------------------------------------------------------------------------
+
+GPU_SH = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.sh"
+
+
+def _gpu_sh(tmp_path, *args, env_extra=None, timeout=300):
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
+    env.update(OUT=str(tmp_path / "out"), **(env_extra or {}))
+    return subprocess.run(["bash", str(GPU_SH), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_gpu_sh_fits_one_device_call_and_installs_nothing():
+    import re
+
+    text = GPU_SH.read_text()
+    timeouts = [int(s) for s in re.findall(r"\bstep \w+ (\d+) ", text)]
+    assert len(timeouts) == 6 and sum(timeouts) <= 420
+    assert not re.search(r"\bpip3? install", text) and not re.search(r"(^|\s)python\s", text)
+
+
+@pytest.mark.slow
+def test_gpu_sh_cpu_rehearsal_runs_every_step_and_writes_rows(tmp_path):
+    import json
+
+    proc = _gpu_sh(tmp_path, "--rehearse")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    out = tmp_path / "out"
+    rows = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
+    by_key = {(r["op"], r["impl"]): r for r in rows}
+    assert {op for op, _ in by_key} == {"generator", "adain_conv3x3", "adain_conv3x3_up"}
+    for op in ("generator", "adain_conv3x3", "adain_conv3x3_up"):
+        triton_row = by_key[(op, "triton_cl")]
+        assert triton_row["ms"] > 0 and triton_row["note"] == ""
+        # fp16 Triton (interpreted) against fp16 eager on the same inputs
+        assert triton_row["max_err"] <= 2e-2 * max(1.0, triton_row["max_ref"]), triton_row
+    assert by_key[("generator", "graphs")]["note"] == "skipped in the CPU rehearsal"
+    compile_rows = [json.loads(line) for line in (out / "compile.jsonl").read_text().splitlines()]
+    assert len(compile_rows) == 3 and all(r["impl"] == "compile" for r in compile_rows)
+    warm = json.loads((out / "warm.jsonl").read_text().splitlines()[0])
+    assert warm["note"] == "" and warm["seconds"] > 0
+    summary = (out / "summary.txt").read_text()
+    assert "generator" in summary and "triton_cl" in summary and "versions: python" in summary
+    assert "summary rc=0" in (out / "gpu.log").read_text()
+
+
+def test_gpu_sh_stops_with_one_line_when_a_module_is_missing(tmp_path):
+    fake = tmp_path / "fake" / "triton"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('no triton on this machine')\n")
+    proc = _gpu_sh(tmp_path, "--rehearse", env_extra={"PYTHONPATH": str(tmp_path / "fake")})
+    assert proc.returncode == 3
+    assert "gpu.sh: cannot run: missing triton (ImportError: no triton on this machine)" in proc.stdout
+    assert not (tmp_path / "out" / "bench.jsonl").exists()
+
+
+def test_compile_rows_get_a_fresh_compile_past_dynamo_recompile_limit():
+    import torch
+    import torch._dynamo as dynamo
+
+    import gpu_bench
+
+    before = gpu_bench._graph_count()
+    compiled = gpu_bench.compile_fresh(torch, lambda t: t * 2, backend="eager")
+    limits = [getattr(dynamo.config, n) for n in ("recompile_limit", "cache_size_limit")
+              if hasattr(dynamo.config, n)]
+    assert limits and min(limits) >= 64
+    assert torch.equal(compiled(torch.ones(2)), torch.full((2,), 2.0))
+    assert gpu_bench._graph_count() == before + 1  # what a compile row reports as dynamo_graphs

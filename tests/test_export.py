@@ -135,6 +135,21 @@ def test_weights_are_normalised_in_graph_and_match_style_graph(fp32_onnx, model)
 
 
 @pytest.mark.slow
+def test_an_all_zero_row_gives_the_equal_weights_output_not_nan(exported):
+    """The Translator refuses an all-zero row; a caller of the bare graph gets the documented
+    defined output (equal weights over every domain) in that row, and the other rows are unchanged."""
+    precision, path = exported
+    session = _session(path)
+    images = np.repeat(_images(1, seed=5), 3, axis=0)
+    weights = np.array([[0, 0, 0], [1, 1, 1], [1, 0, 0]], np.float32)
+    out = session.run(["translated"], {"image": images, "domain_weights": weights})[0]
+    assert np.isfinite(out).all()
+    assert np.abs(out[0] - out[1]).max() < 1e-5
+    alone = session.run(["translated"], {"image": images[2:], "domain_weights": weights[2:]})[0]
+    assert np.abs(out[2:] - alone).max() < 1e-5
+
+
+@pytest.mark.slow
 def test_samples_are_independent_of_batch(exported):
     _, path = exported
     session = _session(path)
@@ -460,24 +475,172 @@ def test_profile_shapes():
 
 
 @pytest.mark.slow
-def test_layers_to_pin_follow_the_fp16_graph(fp16_onnx):
+def test_fp16_graph_types_keep_the_statistics_in_fp32(fp16_onnx):
+    """A strongly typed TensorRT network takes every type from the graph: the fp16 graph itself must
+    say that the normalisation statistics run in fp32 while the convolutions run in fp16."""
     proto = onnx.load(str(fp16_onnx))
     fp32_nodes = set(fp32_compute_nodes(proto))
     by_type = {n.name: n.op_type for n in proto.graph.node}
     stats = {n for n, t in by_type.items() if t in ("InstanceNormalization", "ReduceMean", "Sqrt")}
     convs = {n for n, t in by_type.items() if t == "Conv"}
     assert stats and stats <= fp32_nodes and not (convs & fp32_nodes)
-    # Layers as TensorRT's ONNX parser makes them: named after the node (helper layers get other
-    # names), the source node recorded in the metadata as "[ONNX Layer: NAME]".
-    layers = [(name, "CONVOLUTION" if t == "Conv" else "ELEMENTWISE", f"[ONNX Layer: {name}]")
-              for name, t in by_type.items()]
-    helpers = [(f"{name}_helper", "ELEMENTWISE", f"[ONNX Layer: {name}]") for name in sorted(stats)]
-    layers += helpers
-    layers += [("node_conv_fused", "CONVOLUTION", f"[ONNX Layer: {sorted(convs)[0]}]")]
-    layers += [("ONNXTRT_unnamed_norm", "NORMALIZATION", ""), ("ONNXTRT_cast", "CAST", "")]
-    pinned = {layers[i][0] for i in trt_export.layers_to_pin(layers, fp32_nodes)}
-    assert pinned == fp32_nodes | {h[0] for h in helpers} | {"ONNXTRT_unnamed_norm"}
-    assert trt_export.onnx_nodes_of_layer("[ONNX Layer: a/b]\x1f[ONNX Layer: c]") == ["a/b", "c"]
+
+
+def _fake_tensorrt(major: int, build=b"engine", parse_ok=True):
+    """A stand-in for the documented tensorrt Python API of one major version (10 or 11) that
+    records what the exporter calls. 11.x dropped BuilderFlag.FP16 / OBEY_PRECISION_CONSTRAINTS
+    (and ILayer.precision / set_output_type); STRONGLY_TYPED is 1 << 1 in 10.x, an ignored 1 << 0 in
+    11.x. `build`: bytes to return, None (fails after logging an error) or an exception to raise."""
+    import types
+
+    calls: dict = {"set_flag": [], "clear_flag": [], "shapes": {}, "get_layer": 0}
+
+    class Severity:
+        INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
+
+    class ILogger:
+        def __init__(self):
+            pass
+
+    ILogger.Severity = Severity
+
+    if major == 10:
+        class NetworkDefinitionCreationFlag:
+            EXPLICIT_BATCH, STRONGLY_TYPED, PREFER_AOT_PYTHON_PLUGINS, PREFER_JIT_PYTHON_PLUGINS = range(4)
+
+        class BuilderFlag:
+            FP16, BF16, INT8, TF32, OBEY_PRECISION_CONSTRAINTS, PREFER_PRECISION_CONSTRAINTS = range(6)
+    else:
+        class NetworkDefinitionCreationFlag:
+            STRONGLY_TYPED, PREFER_AOT_PYTHON_PLUGINS, PREFER_JIT_PYTHON_PLUGINS = range(3)
+
+        class BuilderFlag:
+            TF32, REFIT, SPARSE_WEIGHTS = range(3)
+
+    class Network:
+        num_layers = 3
+
+        def get_layer(self, index):  # a strongly typed build has no reason to visit layers
+            calls["get_layer"] += 1
+            raise AssertionError("layers are not to be touched in a strongly typed network")
+
+    class Cache:
+        def __init__(self, data):
+            self.data = data
+
+        def serialize(self):
+            return b"cache:" + self.data
+
+    class BuilderConfig:
+        def set_memory_pool_limit(self, pool, size):
+            calls["workspace"] = (pool, size)
+
+        def set_flag(self, flag):
+            calls["set_flag"].append(flag)
+
+        def clear_flag(self, flag):
+            calls["clear_flag"].append(flag)
+
+        def add_optimization_profile(self, profile):
+            calls["profiles"] = calls.get("profiles", 0) + 1
+
+        def create_timing_cache(self, data):
+            return Cache(data)
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            calls["timing_cache"] = cache.data
+
+    class Profile:
+        def set_shape(self, name, low, opt, high):
+            calls["shapes"][name] = (tuple(low), tuple(opt), tuple(high))
+
+    class Builder:
+        def __init__(self, logger):
+            self.logger = logger
+
+        def create_network(self, flags=0):
+            calls["network_flags"] = flags
+            return Network()
+
+        def create_builder_config(self):
+            return BuilderConfig()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            if isinstance(build, Exception):
+                raise build
+            if build is None:
+                self.logger.log(Severity.WARNING, "a warning")
+                self.logger.log(Severity.ERROR, "IBuilder::buildSerializedNetwork: Error Code 4:\n"
+                                "Internal Error (no implementation for node /conv)")
+            return build
+
+    class OnnxParser:
+        def __init__(self, network, logger):
+            self.num_errors = 0 if parse_ok else 1
+
+        def parse_from_file(self, path):
+            calls["parsed"] = path
+            return parse_ok
+
+        def get_error(self, index):
+            return "In node 3 (parseGraph):\nUNSUPPORTED_NODE: Cast"
+
+    trt = types.SimpleNamespace(
+        __version__="10.13.0" if major == 10 else "11.4.0", ILogger=ILogger, Builder=Builder,
+        NetworkDefinitionCreationFlag=NetworkDefinitionCreationFlag, BuilderFlag=BuilderFlag,
+        OnnxParser=OnnxParser, MemoryPoolType=types.SimpleNamespace(WORKSPACE="workspace"))
+    return trt, calls
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("major", [10, 11])
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_engine_build_config_runs_on_tensorrt_10_and_11(major, precision, fp16_onnx, fp32_onnx,
+                                                        tmp_path, monkeypatch):
+    trt, calls = _fake_tensorrt(major)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    (tmp_path / "g.timing").write_bytes(b"old")
+    onnx_path = fp16_onnx if precision == "fp16" else fp32_onnx
+    logged = []
+    engine, cache = trt_export.build_engine_bytes(onnx_path, precision, trt_export.BatchProfile(1, 4, 16),
+                                                  tmp_path / "g.timing", 2, log=logged.append)
+    assert (engine, cache) == (b"engine", b"cache:old")
+    strongly_typed = trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED
+    assert calls["network_flags"] == 1 << strongly_typed == (2 if major == 10 else 1)
+    assert calls["set_flag"] == [] and calls["get_layer"] == 0  # no FP16, no precision constraints
+    assert calls["clear_flag"] == ([trt.BuilderFlag.TF32] if precision == "fp32" else [])
+    assert calls["workspace"] == ("workspace", 2 << 30) and calls["profiles"] == 1
+    assert calls["shapes"]["image"] == ((1, 3, 32, 32), (4, 3, 32, 32), (16, 3, 32, 32))
+    assert logged and "strongly typed" in logged[0] and ("TF32 off" in logged[0]) == (precision == "fp32")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("build, message", [
+    (None, r"failed to build a fp16 engine from .*: IBuilder::buildSerializedNetwork: Error Code 4: "
+           r"Internal Error \(no implementation for node /conv\)$"),
+    (RuntimeError("out of memory\n  at builder.cpp:12"),
+     r"failed to build a fp16 engine from .*: RuntimeError: out of memory at builder.cpp:12$"),
+])
+def test_engine_builder_failures_are_one_line_errors(build, message, fp16_onnx, monkeypatch):
+    trt, _ = _fake_tensorrt(11, build=build)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    with pytest.raises(ExportError, match=message) as info:
+        trt_export.build_engine_bytes(fp16_onnx, "fp16", trt_export.BatchProfile(1, 1, 2))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_engine_parser_errors_and_unsupported_versions(fp16_onnx, monkeypatch):
+    trt, _ = _fake_tensorrt(10, parse_ok=False)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    with pytest.raises(ExportError, match=r"could not parse .*In node 3 \(parseGraph\): UNSUPPORTED_NODE"):
+        trt_export.build_engine_bytes(fp16_onnx, "fp16", trt_export.BatchProfile(1, 1, 2))
+    trt.__version__ = "8.6.1"
+    with pytest.raises(ExportError, match=r"TensorRT 8.6.1 is not supported: .* 10 or 11.x"):
+        trt_export.build_engine_bytes(fp16_onnx, "fp16", trt_export.BatchProfile(1, 1, 2))
 
 
 @pytest.mark.slow

@@ -23,6 +23,8 @@ from lanit_kernels import dispatch, reference
 
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
+
 from lanit_kernels import triton_adain, triton_conv  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,6 +160,49 @@ def test_adain_triton_partial_tiles_and_large_mean(channels_last):
     # (the reference too), while a cancelled variance would be off by several percent.
     exact = _adain_modules(x.double(), gamma.double(), beta.double(), 1e-5, 0.2)
     torch.testing.assert_close(out.double(), exact, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_statistics_split_over_pixel_chunks_merge_exactly(channels_last):
+    """Chunks of 24 pixels over 63 (the last one partial), tiles of 8 inside them, mean 1000: the
+    chunk merge must weigh by the true counts and keep Chan's cancellation-free form."""
+    x = _input((2, 5, 9, 7), torch.float32, channels_last, mean=1000.0, std=1.0)
+    gamma, beta = torch.randn(2, 5), torch.randn(2, 5)
+    scale, shift = triton_adain.adain_coefficients_triton(x, gamma, beta, 1e-5, block_sizes=(4, 8),
+                                                          chunk=24)
+    x64 = x.double()
+    rstd = (x64.var(dim=(2, 3), unbiased=False) + 1e-5).rsqrt()
+    want_scale = (1 + gamma.double()) * rstd
+    want_shift = beta.double() - want_scale * x64.mean(dim=(2, 3))
+    torch.testing.assert_close(scale.double(), want_scale, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(shift.double(), want_shift, rtol=1e-4, atol=1e-3)
+
+
+def test_statistics_split_only_at_small_batch():
+    # batch 1, 64 channels, 256 x 256 channels_last (tiles of 32 channels x 128 pixels): 2 programs
+    # unsplit, so the plane is cut into chunks until ~264 programs run; batch 256 stays one pass.
+    chunk = triton_adain.stats_chunk(1, 2, 256 * 256, 128)
+    assert chunk % 128 == 0 and 2 * triton.cdiv(256 * 256, chunk) >= 256
+    assert triton_adain.stats_chunk(256, 2, 256 * 256, 128) == 256 * 256
+    assert triton_adain.stats_chunk(1, 1, 35, 64) == 35  # one tile: nothing to split
+
+
+def test_adain_conv2d_at_batch_one_goes_through_the_split_statistics(monkeypatch):
+    launches = []
+    original = triton_adain._partial_stats_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return original[grid]
+
+    monkeypatch.setattr(triton_adain, "_partial_stats_kernel", Spy())
+    x = _input((1, 6, 40, 40), torch.float32, True)  # 1600 pixels: 7 tiles of 256
+    gamma, beta = torch.randn(1, 6), torch.randn(1, 6)
+    weight = torch.randn(4, 6, 3, 3) * 0.2
+    out = lanit_kernels.adain_conv2d(x, gamma, beta, weight, impl="triton")
+    _assert_close(out, reference.adain_conv2d_ref(x, gamma, beta, weight), CONV_TOL[torch.float32])
+    assert len(launches) == 1 and launches[0][2] > 1  # several pixel chunks
 
 
 def test_adain_triton_on_a_strided_view():
@@ -317,6 +362,41 @@ def test_cpu_without_interpreter_is_refused(monkeypatch):
     assert torch.equal(lanit_kernels.adain(x, gamma, beta), reference.adain_ref(x, gamma, beta))
 
 
+def test_compute_capability_gates_the_kernels(monkeypatch, launch_counter):
+    assert dispatch.capability_blocker(torch.bfloat16, (9, 0)) is None
+    assert dispatch.capability_blocker(torch.float16, (7, 5)) is None
+    assert "sm_80" in dispatch.capability_blocker(torch.bfloat16, (7, 5))
+    assert "sm_70" in dispatch.capability_blocker(torch.float16, (6, 1))
+    # As if the (interpreted) tensors sat on a Turing GPU: bf16 falls back under "auto"
+    monkeypatch.setattr(dispatch, "_device_capability", lambda device: (7, 5))
+    x = _input((1, 3, 5, 5), torch.bfloat16)
+    gamma, beta = torch.randn(1, 3), torch.randn(1, 3)
+    with pytest.raises(dispatch.KernelUnsupportedError, match="bf16 tensor-core dots need sm_80"):
+        lanit_kernels.adain(x, gamma, beta, impl="triton")
+    assert torch.equal(lanit_kernels.adain(x, gamma, beta, impl="auto"), reference.adain_ref(x, gamma, beta))
+    lanit_kernels.adain(x.half(), gamma, beta, impl="triton")  # ... while fp16 still runs
+    assert launch_counter["adain"] == 1
+
+
+def test_recorded_packed_weights_outlive_the_packing_cache(tiny_config, launch_counter):
+    """What a CUDA graph captures must stay allocated: the recorder holds every packed weight a
+    launch read, even after the bounded cache dropped its entries."""
+    gen = _generator(tiny_config)
+    x, style = torch.rand(1, 3, 32, 32) * 2 - 1, torch.randn(1, tiny_config.style_dim)
+    with torch.no_grad(), dispatch.record_packed_weights() as kept:
+        with dispatch.record_packed_weights() as inner:  # nested (another thread capturing)
+            lanit_kernels.adain_conv2d(torch.randn(1, 2, 3, 3), torch.zeros(1, 2),
+                                       torch.zeros(1, 2), torch.randn(3, 2, 3, 3), impl="triton")
+        gen(x, style, impl="triton")
+    assert len(inner) == 1
+    assert len(kept) == launch_counter["conv"] > 1
+    assert not triton_conv._PACK_RECORDERS  # the recorder is gone after the block
+    triton_conv._PACKED.clear()
+    convs = [m for m in gen.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert any(torch.equal(kept[1], triton_conv._pack(conv.weight, torch.float32, False))
+               for conv in convs)
+
+
 def test_unsupported_dtype_falls_back_or_raises():
     x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
     gamma, beta = torch.randn(1, 3, dtype=torch.float64), torch.randn(1, 3, dtype=torch.float64)
@@ -432,21 +512,47 @@ def test_generator_auto_impl_trains_on_cpu(tiny_config):
 # GPU code generation (no GPU needed) and GPU runs (skipped without one)
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.slow
-def test_kernels_compile_for_hopper_with_the_launch_heuristics():
-    """The interpreter never checks what only the GPU compiler does (tl.dot tile shapes and dtypes,
-    shared memory): compile the bf16 variants for sm_90 ahead of time, in a fresh process because
-    under TRITON_INTERPRET=1 @triton.jit yields interpreter-only functions."""
+# benchmarks/gpu.sh at 256 px, batch 1 and 32, fp16 and bf16, generator + two fused convs: per dtype
+# 5 convs (3x3 with 64 / 128 output tiles, the same with the x2 upsample phases, the 1x1 to_rgb),
+# the split and the single-pass statistics kernels, plus 2 fp32-only chunk merges: 16 compiles.
+GPU_SH_VARIANTS = 16
+
+
+def _aot(*args: str, timeout: int = 600) -> dict:
     env = dict(os.environ, TRITON_INTERPRET="0")
-    proc = subprocess.run([sys.executable, "-m", "lanit_kernels.aot", "--arch", "90", "--dtypes", "bf16",
-                           "--quick"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "lanit_kernels.aot", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    variants = json.loads(proc.stdout)["variants"]
-    assert {v["kernel"] for v in variants} == {"conv", "_adain_kernel", "_adain_coeff_kernel"}
-    for variant in variants:
-        assert variant["shared"] <= 227 * 1024  # H100 shared memory per block
-        if variant["kernel"] == "conv":
+    return json.loads(proc.stdout)
+
+
+def test_gpu_sh_needs_a_small_stated_set_of_kernel_variants():
+    listed = _aot("--list")
+    assert listed["variant_count"] == GPU_SH_VARIANTS
+    kernels = [v["kernel"] for v in listed["variants"]]
+    assert kernels.count("_conv_kernel") == 10
+    # The generator's 13 distinct conv shapes at 256 px (the fused-op rows repeat two of them), at
+    # both batch sizes.
+    layers = {layer for v in listed["variants"] if v["kernel"] == "_conv_kernel" for layer in v["layers"]}
+    assert len(layers) == 2 * 13
+    assert {"b1 64x256x256->64 k3", "b1 128x128x128->64 k3 up", "b32 64x256x256->3 k1"} <= layers
+
+
+@pytest.mark.slow
+def test_gpu_sh_kernels_compile_for_hopper_without_spills():
+    """The interpreter never checks what only the GPU compiler does (tl.dot tile shapes and dtypes,
+    registers, shared memory): compile the bf16 half of gpu.sh's variants for sm_90 ahead of time,
+    in a fresh process because under TRITON_INTERPRET=1 @triton.jit yields interpreter-only
+    functions. fp16 compiles to the same register and shared-memory figures (aot's full run)."""
+    result = _aot("--arch", "90", "--dtypes", "bf16")
+    assert result["variant_count"] == (GPU_SH_VARIANTS + 2) // 2
+    assert result["max_spill_bytes"] == 0
+    for variant in result["variants"]:
+        assert variant["spill_stores"] == variant["spill_loads"] == 0, variant
+        assert variant["registers"] <= 255 and variant["shared"] <= 227 * 1024  # H100 per block
+        if variant["kernel"] == "_conv_kernel":
             assert variant["tensor_cores"], variant  # MMA instructions, not a scalar FMA loop
+            assert variant["ptx_lines"] < 8000  # the tap loop is not unrolled (was ~30k lines)
 
 
 @pytest.mark.gpu

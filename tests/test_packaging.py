@@ -118,3 +118,14 @@ def test_constraints_file_pins_every_dependency_we_name():
     named.discard(OUR_DISTRIBUTION)
     assert named <= set(pins), f"constraints.txt lacks {sorted(named - set(pins))}"
     assert OUR_DISTRIBUTION not in pins
+
+
+def test_tensorrt_extra_brings_what_the_engine_export_imports():
+    """export_tensorrt validates the ONNX graph through onnxruntime before building; nothing in the
+    repository imports polygraphy, so no extra installs it."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names = {_normalise(re.match(r"[A-Za-z0-9._-]+", item)[0]) for item in extras["tensorrt"]}
+    assert names == {"onnx", "onnxscript", "onnxruntime", "tensorrt"}
+    assert not any("polygraphy" in item for items in extras.values() for item in items)
+    sources = [p for p in ROOT.rglob("*.py") if ".git" not in p.parts]
+    assert not [p for p in sources if re.search(r"^\s*(import|from)\s+polygraphy", p.read_text(), re.M)]

@@ -22,7 +22,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
-from lanit_kernels.dispatch import IMPLS
+from lanit_kernels.dispatch import IMPLS, record_packed_weights
 from lanit_rt.backends.base import Backend
 from lanit_rt.checkpoint import CheckpointError, LanitModel
 
@@ -38,6 +38,9 @@ class _Slot:
         self.params = params  # [N, P] float32
         self.graph: torch.cuda.CUDAGraph | None = None
         self.output: torch.Tensor | None = None
+        # Packed conv weights the graph reads: the kernels' packing cache is bounded and may drop
+        # them, and a replay after that would read freed memory.
+        self.graph_weights: list[torch.Tensor] = []
 
 
 class TorchBackend(Backend):
@@ -137,6 +140,8 @@ class TorchBackend(Backend):
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: other threads may keep converting images on the device while this one captures.
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            slot.output = self.generator(slot.images, adain_params=slot.params, impl=self.impl)
+        with record_packed_weights() as graph_weights:
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                slot.output = self.generator(slot.images, adain_params=slot.params, impl=self.impl)
+        slot.graph_weights = graph_weights
         slot.graph = graph
