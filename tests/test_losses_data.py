@@ -57,9 +57,35 @@ def test_r1_penalty_matches_closed_form():
     weights = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     logits = x @ weights  # d logit_k / dx = weights[:, k]
     active = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
-    r1 = losses.r1_penalty(logits, active, x)
+    r1 = losses.r1_penalty(logits, active, x, score="mean")
     grads = (active / active.sum(1, keepdim=True)) @ weights.t()
     torch.testing.assert_close(r1, 0.5 * grads.pow(2).sum(1).mean())
+    # the released LANIT code differentiates the sum of the active logits (the default)
+    r1_sum = losses.r1_penalty(logits, active, x)
+    torch.testing.assert_close(r1_sum, 0.5 * (active @ weights.t()).pow(2).sum(1).mean())
+
+
+def test_adversarial_loss_averages_over_pairs_or_samples():
+    # sample 0 has two active heads with BCE b1, b2; sample 1 one head with BCE b3
+    logits = torch.tensor([[1.0, -2.0, 0.0], [0.0, 0.0, 3.0]])
+    active = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    b1, b2, b3 = F.softplus(torch.tensor([-1.0, 2.0, -3.0]))
+    pairs = losses.adversarial_loss(logits, active, real=True)
+    torch.testing.assert_close(pairs, (b1 + b2 + b3) / 3)
+    samples = losses.adversarial_loss(logits, active, real=True, average="samples")
+    torch.testing.assert_close(samples, ((b1 + b2) / 2 + b3) / 2)
+    with pytest.raises(ValueError, match="pairs"):
+        losses.adversarial_loss(logits, active, real=True, average="rows")
+
+
+def test_removed_domain_loss_is_minus_log_relu_cosine():
+    cosines = torch.tensor([[0.30, 0.20, 0.10], [0.25, -0.05, 0.40]], requires_grad=True)
+    removed = torch.tensor([1, 1])
+    loss = losses.removed_domain_loss(cosines, removed)
+    # a non-positive cosine is clamped: -log(eps) ~ 36, and no gradient flows through it
+    torch.testing.assert_close(loss, (-torch.log(torch.tensor(0.20)) + 36.0437) / 2, atol=1e-3, rtol=0)
+    loss.backward()
+    torch.testing.assert_close(cosines.grad, torch.tensor([[0.0, -1 / (2 * 0.20), 0.0], [0.0, 0.0, 0.0]]))
 
 
 def test_schedules():
