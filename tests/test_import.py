@@ -318,3 +318,18 @@ def test_lanit_rt_networks_have_exactly_the_official_parameter_counts():
         assert count(Generator(cfg)) == count(RefGenerator(size)), size
         assert count(StyleEncoder(cfg)) == count(RefStyleEncoder(size, num_domains=10)), size
         assert count(MappingNetwork(cfg)) == count(RefMappingNetwork(num_domains=10)), size
+
+
+def test_console_script_is_declared():
+    import importlib
+    from pathlib import Path
+
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())[
+        "project"]["scripts"]
+    module, _, func = scripts["lanit-import"].partition(":")
+    assert getattr(importlib.import_module(module), func) is import_cli.main
+    assert import_cli.main(["--list-domain-sets"]) == 0

@@ -109,6 +109,22 @@ def test_overrides_are_typed():
         TrainConfig(domains=("solo",))
 
 
+def test_recipe_and_arch_resolve_their_settings():
+    official, ours = TrainConfig(), TrainConfig(recipe="lanit-rt")
+    assert (official.lr, official.mapping_lr, official.lambda_dl) == (1e-4, 1e-4, 0.5)
+    assert (ours.lr, ours.mapping_lr, ours.lambda_dl) == (2e-4, 2e-4, 1.0)
+    assert TrainConfig(lr=3e-4).lr == 3e-4 and TrainConfig(lr=3e-4).mapping_lr == 1e-4
+    wide = TrainConfig(arch="stargan-v2", img_size=128)
+    assert (wide.base_dim, wide.max_dim, wide.mapping_dim) == (None, 512, 512)
+    model = wide.model_config(("a", "b"))
+    assert (model.stem_dim, model.max_dim, model.mapping_dim) == (128, 512, 512)
+    assert TrainConfig.from_dict(wide.to_dict()) == wide  # a resolved config round-trips
+    with pytest.raises(ConfigError, match="recipe must be one of"):
+        TrainConfig(recipe="stargan")
+    with pytest.raises(ConfigError, match="arch must be one of"):
+        TrainConfig(arch="big")
+
+
 def _write_images(folder):
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
