@@ -468,3 +468,13 @@ def test_cuda_device_without_a_gpu_is_a_clear_error(tmp_path, tiny_labeler, monk
     assert cuda_index("cuda:1", None) == 1 and cuda_index("cuda", 1) == 1
     with pytest.raises(ConfigError, match="cuda:2 does not exist"):
         cuda_index("cuda:2", None)
+
+
+def test_a_format_one_resume_state_is_refused_with_what_to_do(tmp_path):
+    from types import SimpleNamespace
+
+    from lanit_rt import CheckpointError
+
+    trainer = SimpleNamespace(out=tmp_path / "run")  # the check reads only the run folder
+    with pytest.raises(CheckpointError, match=r"'lanit-rt/1' checkpoint .* retrain it"):
+        Trainer.check_resume_state(trainer, {"step": 3, "model_config": {}})  # format 1: no key
