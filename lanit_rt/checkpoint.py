@@ -34,7 +34,9 @@ from lanit_rt.style import mix_styles
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TRAIN_STATE_FILE = "train_state.pt"
-FORMAT = "lanit-rt/1"
+# /2: the generator's RGB stem is StarGAN v2's 3x3 conv (padding 1); /1 had a 1x1 stem.
+FORMAT = "lanit-rt/2"
+OLDER_FORMATS = ("lanit-rt/1",)
 _PREFIXES = ("generator.", "mapping.", "style_encoder.")
 
 
@@ -244,6 +246,8 @@ def read_checkpoint_config(path: str | os.PathLike) -> tuple[LanitConfig, dict[s
             header = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{file} is not a safetensors file: {err}") from None
+    if header.get("format") in OLDER_FORMATS:
+        raise CheckpointError(older_format_message(file, header["format"]))
     if header.get("format") != FORMAT or "lanit_config" not in header:
         raise CheckpointError(f"{file} is not a LANIT checkpoint (no '{FORMAT}' header)")
     try:
@@ -257,6 +261,13 @@ def read_checkpoint_config(path: str | os.PathLike) -> tuple[LanitConfig, dict[s
     if not isinstance(metadata, dict):
         raise CheckpointError(f"{file}: metadata must be a JSON object, got {type(metadata).__name__}")
     return config, metadata
+
+
+def older_format_message(file: str | os.PathLike, found: str) -> str:
+    """The one-line error for a checkpoint written by an older lanit-rt."""
+    return (f"{file} is a '{found}' checkpoint from an older lanit-rt (1x1 RGB stem), which this "
+            f"version ('{FORMAT}', StarGAN v2's 3x3 stem) cannot load: retrain it, or re-import an "
+            "official StarGAN v2 / LANIT checkpoint with lanit-import")
 
 
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> LanitModel:

@@ -14,6 +14,11 @@ from typing import Any
 
 MIN_IMG_SIZE = 32
 MAX_IMG_SIZE = 256
+# Architectures by name: the widths each one sets (base_dim None = 2**14 // img_size).
+ARCHS: dict[str, dict[str, Any]] = {
+    # StarGAN v2 / LANIT as released: stem 2**14 // img_size, channels capped at 512, mapping 512 wide.
+    "stargan-v2": {"base_dim": None, "max_dim": 512, "mapping_dim": 512},
+}
 
 
 class ConfigError(ValueError):
@@ -56,6 +61,16 @@ class LanitConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.base_dim is not None and self.base_dim <= 0:
             raise ConfigError(f"base_dim must be positive, got {self.base_dim}")
+
+    @classmethod
+    def for_arch(cls, arch: str, domains: tuple[str, ...] | list[str], img_size: int = 256,
+                 style_dim: int = 64, latent_dim: int = 16) -> "LanitConfig":
+        """The config of a named architecture (ARCHS) at `img_size`, e.g. "stargan-v2": the
+        official StarGAN v2 / LANIT widths (stem 2**14 // img_size, max 512, mapping 512)."""
+        if arch not in ARCHS:
+            raise ConfigError(f"unknown architecture {arch!r}; known: {sorted(ARCHS)}")
+        return cls(domains=tuple(domains), img_size=img_size, style_dim=style_dim,
+                   latent_dim=latent_dim, **ARCHS[arch])
 
     @property
     def num_domains(self) -> int:

@@ -118,7 +118,7 @@ class AdainResBlk(nn.Module):
 
 
 class Generator(nn.Module):
-    """Encoder (ResBlks with IN) to 16x16 -> AdaIN decoder -> IN + LReLU + 1x1 conv to RGB.
+    """conv3x3 from RGB -> encoder (ResBlks with IN) to 16x16 -> AdaIN decoder -> IN + LReLU + 1x1 conv to RGB.
 
     forward(x [N, 3, H, W] in [-1, 1], style [N, S]) -> [N, 3, H, W]. The style enters only through
     the AdaIN affine maps, which are all gathered in one Linear: `adain_params(style) -> [N, P]`.
@@ -130,7 +130,7 @@ class Generator(nn.Module):
         super().__init__()
         self.config = config
         dim = config.stem_dim
-        self.from_rgb = nn.Conv2d(3, dim, 1, 1, 0)
+        self.from_rgb = nn.Conv2d(3, dim, 3, 1, 1)  # StarGAN v2's 3x3 stem (checkpoint format 2)
         encode, decode = [], []
         for _ in range(config.generator_downsamples):
             dim_out = min(dim * 2, config.max_dim)

@@ -44,9 +44,17 @@ def test_default_256_sizes_match_stargan_v2():
     cfg = LanitConfig(domains=tuple("abcdefghij"), img_size=256)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert cfg.stem_dim == 64
-    assert count(Generator(cfg)) == pytest.approx(33.9e6, rel=0.01)
-    assert count(StyleEncoder(cfg)) == pytest.approx(21.2e6, rel=0.01)
-    assert count(Discriminator(cfg)) == pytest.approx(20.9e6, rel=0.01)
+    # exact official counts (tests/test_import.py builds the official-shaped nets and compares)
+    assert count(Generator(cfg)) == 33_892_995
+    assert count(StyleEncoder(cfg)) == 21_179_584
+    assert count(Discriminator(cfg)) == 20_856_394
+    assert cfg.mapping_dim == 512 and count(MappingNetwork(cfg)) == 9_004_672
+    assert Generator(cfg).from_rgb.kernel_size == (3, 3) and Generator(cfg).from_rgb.padding == (1, 1)
+    assert LanitConfig.for_arch("stargan-v2", cfg.domains, img_size=256) == cfg
+    small = LanitConfig.for_arch("stargan-v2", cfg.domains, img_size=32)
+    assert (small.stem_dim, small.max_dim, small.mapping_dim) == (512, 512, 512)
+    with pytest.raises(ConfigError, match="unknown architecture"):
+        LanitConfig.for_arch("stargan-v3", cfg.domains)
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -157,6 +165,13 @@ def test_checkpoint_errors(tmp_path, tiny_config):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
     with pytest.raises(CheckpointError, match="not a LANIT checkpoint"):
         load_checkpoint(tmp_path / "foreign.safetensors")
+    # A format-1 checkpoint (1x1 RGB stem) is refused in one line that says what to do.
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "old.safetensors"),
+              metadata={"format": "lanit-rt/1", "lanit_config": tiny_config.to_json()})
+    with pytest.raises(CheckpointError, match=r"'lanit-rt/1' checkpoint from an older lanit-rt .* "
+                                              r"retrain it, or re-import .* with lanit-import") as err:
+        load_checkpoint(tmp_path / "old.safetensors")
+    assert "\n" not in str(err.value)
     # Weights that do not match the header's config are rejected, not silently half-loaded.
     _save_random(tmp_path / "a", tiny_config)
     other = LanitConfig(**{**tiny_config.to_dict(), "max_dim": 16})

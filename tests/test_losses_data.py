@@ -57,9 +57,35 @@ def test_r1_penalty_matches_closed_form():
     weights = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     logits = x @ weights  # d logit_k / dx = weights[:, k]
     active = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
-    r1 = losses.r1_penalty(logits, active, x)
+    r1 = losses.r1_penalty(logits, active, x, score="mean")
     grads = (active / active.sum(1, keepdim=True)) @ weights.t()
     torch.testing.assert_close(r1, 0.5 * grads.pow(2).sum(1).mean())
+    # the released LANIT code differentiates the sum of the active logits (the default)
+    r1_sum = losses.r1_penalty(logits, active, x)
+    torch.testing.assert_close(r1_sum, 0.5 * (active @ weights.t()).pow(2).sum(1).mean())
+
+
+def test_adversarial_loss_averages_over_pairs_or_samples():
+    # sample 0 has two active heads with BCE b1, b2; sample 1 one head with BCE b3
+    logits = torch.tensor([[1.0, -2.0, 0.0], [0.0, 0.0, 3.0]])
+    active = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    b1, b2, b3 = F.softplus(torch.tensor([-1.0, 2.0, -3.0]))
+    pairs = losses.adversarial_loss(logits, active, real=True)
+    torch.testing.assert_close(pairs, (b1 + b2 + b3) / 3)
+    samples = losses.adversarial_loss(logits, active, real=True, average="samples")
+    torch.testing.assert_close(samples, ((b1 + b2) / 2 + b3) / 2)
+    with pytest.raises(ValueError, match="pairs"):
+        losses.adversarial_loss(logits, active, real=True, average="rows")
+
+
+def test_removed_domain_loss_is_minus_log_relu_cosine():
+    cosines = torch.tensor([[0.30, 0.20, 0.10], [0.25, -0.05, 0.40]], requires_grad=True)
+    removed = torch.tensor([1, 1])
+    loss = losses.removed_domain_loss(cosines, removed)
+    # a non-positive cosine is clamped: -log(eps) ~ 36, and no gradient flows through it
+    torch.testing.assert_close(loss, (-torch.log(torch.tensor(0.20)) + 36.0437) / 2, atol=1e-3, rtol=0)
+    loss.backward()
+    torch.testing.assert_close(cosines.grad, torch.tensor([[0.0, -1 / (2 * 0.20), 0.0], [0.0, 0.0, 0.0]]))
 
 
 def test_schedules():
@@ -81,6 +107,22 @@ def test_overrides_are_typed():
         parse_override("steps=many")
     with pytest.raises(ConfigError, match="at least 2"):
         TrainConfig(domains=("solo",))
+
+
+def test_recipe_and_arch_resolve_their_settings():
+    official, ours = TrainConfig(), TrainConfig(recipe="lanit-rt")
+    assert (official.lr, official.mapping_lr, official.lambda_dl) == (1e-4, 1e-4, 0.5)
+    assert (ours.lr, ours.mapping_lr, ours.lambda_dl) == (2e-4, 2e-4, 1.0)
+    assert TrainConfig(lr=3e-4).lr == 3e-4 and TrainConfig(lr=3e-4).mapping_lr == 1e-4
+    wide = TrainConfig(arch="stargan-v2", img_size=128)
+    assert (wide.base_dim, wide.max_dim, wide.mapping_dim) == (None, 512, 512)
+    model = wide.model_config(("a", "b"))
+    assert (model.stem_dim, model.max_dim, model.mapping_dim) == (128, 512, 512)
+    assert TrainConfig.from_dict(wide.to_dict()) == wide  # a resolved config round-trips
+    with pytest.raises(ConfigError, match="recipe must be one of"):
+        TrainConfig(recipe="stargan")
+    with pytest.raises(ConfigError, match="arch must be one of"):
+        TrainConfig(arch="big")
 
 
 def _write_images(folder):

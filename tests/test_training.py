@@ -67,7 +67,9 @@ def test_train_writes_a_loadable_self_describing_run(tmp_path, tiny_labeler):
     records = read_metrics(out)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(np.isfinite(v) for r in records for k, v in r.items() if isinstance(v, float))
-    assert "g_dl_latent" in records[0] and "d_r1_ref" in records[0]
+    # lanit-official, stage 1: diversity in the latent step only, no domain-regularisation loss
+    assert "d_r1_ref" in records[0] and "g_ds_latent" in records[0]
+    assert "g_ds_ref" not in records[0] and "g_dl_latent" not in records[0]
     lines = (out / "pseudo_labels.csv").read_text().splitlines()
     assert lines[0].split(",") == ["path", *DOMAINS] and len(lines) == 13
     grid = Image.open(out / "samples" / "step_000004.png")
@@ -93,9 +95,10 @@ def test_resume_continues_the_same_loss_curve(tmp_path, tiny_labeler):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
-def test_stage_two_learns_prompts(tmp_path, tiny_labeler):
+@pytest.mark.parametrize("recipe", ["lanit-official", "lanit-rt"])
+def test_stage_two_learns_prompts(tmp_path, tiny_labeler, recipe):
     cfg = tiny_cfg(tmp_path, tiny_labeler, stage=2, prompt_start=1, prompt_lr=1e-2, relabel_every=1,
-                   steps=3, sample_every=10, save_every=10)
+                   steps=3, sample_every=10, save_every=10, recipe=recipe)
     trainer = Trainer(cfg, progress=False)
     before = [p.detach().clone() for p in trainer.labeler.prompt_bank.parameters()]
     assert before, "stage 2 has learnable prompt context"
@@ -103,6 +106,12 @@ def test_stage_two_learns_prompts(tmp_path, tiny_labeler):
     after = list(trainer.labeler.prompt_bank.parameters())
     assert any(not torch.equal(b, a) for b, a in zip(before, after))
     assert (Path(cfg.out) / "prompts.safetensors").exists()
+    records = read_metrics(Path(cfg.out))
+    # the domain loss runs only once prompts are learned (step >= 1), in the latent step for
+    # lanit-official and in both steps (with diversity) for lanit-rt
+    assert ("g_dl_latent" in records[0]) == (recipe == "lanit-rt")
+    assert "g_dl_latent" in records[-1]
+    assert ("g_dl_ref" in records[-1]) == ("g_ds_ref" in records[-1]) == (recipe == "lanit-rt")
 
 
 def test_cli_dry_run_prints_the_resolved_config(capsys):
@@ -404,7 +413,7 @@ def test_resume_with_other_data_or_domains_fails_before_writing(tmp_path, tiny_l
         train(cfg.replace(data=str(more)), resume=True, progress=False)
     with pytest.raises(CheckpointError, match="domains"):
         train(cfg.replace(domains=("red", "green", "yellow")), resume=True, progress=False)
-    with pytest.raises(CheckpointError, match=r"other settings \(lr 0.0002 -> 5.0; label_mode 'topk' -> "
+    with pytest.raises(CheckpointError, match=r"other settings \(lr 0.0001 -> 5.0; label_mode 'topk' -> "
                                               r"'adaptive'\); a resumed run keeps its settings except steps"):
         train(cfg.replace(lr=5.0, label_mode="adaptive"), resume=True, progress=False)
     other = make_data(tmp_path / "other")  # the same 12 images, one of them replaced
@@ -459,3 +468,13 @@ def test_cuda_device_without_a_gpu_is_a_clear_error(tmp_path, tiny_labeler, monk
     assert cuda_index("cuda:1", None) == 1 and cuda_index("cuda", 1) == 1
     with pytest.raises(ConfigError, match="cuda:2 does not exist"):
         cuda_index("cuda:2", None)
+
+
+def test_a_format_one_resume_state_is_refused_with_what_to_do(tmp_path):
+    from types import SimpleNamespace
+
+    from lanit_rt import CheckpointError
+
+    trainer = SimpleNamespace(out=tmp_path / "run")  # the check reads only the run folder
+    with pytest.raises(CheckpointError, match=r"'lanit-rt/1' checkpoint .* retrain it"):
+        Trainer.check_resume_state(trainer, {"step": 3, "model_config": {}})  # format 1: no key

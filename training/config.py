@@ -14,8 +14,19 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from lanit_rt.config import ConfigError, LanitConfig
+from lanit_rt.config import ARCHS, ConfigError, LanitConfig
 
+
+# The objectives by name. lanit-official follows the released LANIT code (KU-CVLAB/LANIT, step 1 +
+# step 2 scripts): adversarial BCE averaged over every active (sample, domain) logit, R1 on the sum
+# of the active logits, diversity in the latent step only, the domain-regularisation loss
+# -log relu(cos(G(x, s_y), t_k)) for one removed target domain k only while prompts are learned,
+# lr 1e-4 for every net, He init. lanit-rt: per-sample averages, diversity in both steps, the
+# two-sided BCE domain loss from step 0 with weight 1, lr 2e-4, PyTorch's default init.
+RECIPES: dict[str, dict[str, Any]] = {
+    "lanit-official": {"lr": 1e-4, "mapping_lr": 1e-4, "lambda_dl": 0.5},
+    "lanit-rt": {"lr": 2e-4, "mapping_lr": 2e-4, "lambda_dl": 1.0},
+}
 
 # The embedded default must finish within 15 minutes on 2 CPU cores, labelling and saving included.
 DEFAULT_DATA_MAX_MINUTES = 12.0
@@ -29,19 +40,23 @@ class TrainConfig:
     domains: tuple[str, ...] | None = None
     out: str = "runs/default"
     # architecture: the embedded default is sized to learn within minutes on 2 CPU cores;
-    # for real data pass --img-size 128/256 and --set base_dim=none --set max_dim=512
+    # for real data pass --img-size 128/256 and --set arch=stargan-v2 (the official widths, which
+    # then replace base_dim, max_dim and mapping_dim)
+    arch: str | None = None
     img_size: int = 32
     base_dim: int | None = 32
     max_dim: int = 128
     style_dim: int = 64
     latent_dim: int = 16
     mapping_dim: int = 256
-    # optimisation: LANIT / StarGAN v2 values, except lr 2e-4 (paper 1e-4), which learns visibly
-    # faster in the default's short CPU budget
+    # the objective: "lanit-official" follows the released LANIT code (RECIPES), "lanit-rt" is
+    # this package's earlier variant, kept for A/B comparisons (benchmarks/RESULTS.md)
+    recipe: str = "lanit-official"
+    # optimisation: LANIT / StarGAN v2 values; None -> the recipe's value (RECIPES)
     steps: int = 1000
     batch_size: int = 8
-    lr: float = 2e-4
-    mapping_lr: float = 2e-4
+    lr: float | None = None
+    mapping_lr: float | None = None
     beta1: float = 0.0
     beta2: float = 0.99
     weight_decay: float = 1e-4
@@ -50,7 +65,7 @@ class TrainConfig:
     lambda_sty: float = 1.0
     lambda_ds: float = 1.0
     lambda_cyc: float = 1.0
-    lambda_dl: float = 1.0
+    lambda_dl: float | None = None  # None -> the recipe's (LANIT's lambda_p 0.5 / lanit-rt 1.0)
     ds_decay_steps: int | None = None  # None -> decay the diversity weight to 0 over all steps
     # pseudo-labels
     labeler: str = "lanit-lite"
@@ -98,6 +113,16 @@ class TrainConfig:
                                   "pseudo_labels.csv")
         elif self.data is not None:  # only the embedded default data comes with its own domains
             raise ConfigError("--domains (or --domains-file) is required with --data")
+        if self.recipe not in RECIPES:
+            raise ConfigError(f"recipe must be one of {sorted(RECIPES)}, got {self.recipe!r}")
+        if self.arch is not None:
+            if self.arch not in ARCHS:
+                raise ConfigError(f"arch must be one of {sorted(ARCHS)} (or none), got {self.arch!r}")
+            for key, value in ARCHS[self.arch].items():  # the named architecture sets its widths
+                object.__setattr__(self, key, value)
+        for key, value in RECIPES[self.recipe].items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
         if self.steps < 1 or self.batch_size < 1:
             raise ConfigError("steps and batch_size must be positive")
         if self.stage not in (1, 2):

@@ -15,20 +15,37 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return per_row.mean()
 
 
-def adversarial_loss(logits: torch.Tensor, active: torch.Tensor, real: bool) -> torch.Tensor:
+def adversarial_loss(logits: torch.Tensor, active: torch.Tensor, real: bool,
+                     average: str = "pairs") -> torch.Tensor:
     """Non-saturating BCE on the discriminator heads of each sample's active domains.
 
     logits [N, D] (one real/fake logit per domain head), active [N, D] multi-hot.
+    average "pairs" (released LANIT code): the mean over all active (sample, domain) pairs, so a
+    sample with three active domains weighs three times one with one; "samples": the mean over
+    each sample's active domains, then over samples.
     """
     target = torch.full_like(logits, 1.0 if real else 0.0)
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    return masked_mean(bce, active)
+    if average == "pairs":
+        return (bce * active).sum() / active.sum().clamp(min=1)
+    if average == "samples":
+        return masked_mean(bce, active)
+    raise ValueError(f"average must be 'pairs' or 'samples', got {average!r}")
 
 
-def r1_penalty(logits: torch.Tensor, active: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """R1: 0.5 * E[ ||d(mean active logit) / d x||^2 ] on real images (which require grad)."""
-    score = ((logits * active).sum(dim=1) / active.sum(dim=1).clamp(min=1)).sum()
-    (grad,) = torch.autograd.grad(score, images, create_graph=True)
+def r1_penalty(logits: torch.Tensor, active: torch.Tensor, images: torch.Tensor,
+               score: str = "sum") -> torch.Tensor:
+    """R1: 0.5 * mean_n ||d score / d x_n||^2 on real images x [N, 3, H, W] (which require grad).
+
+    score "sum" (released LANIT code): the sum of each sample's active logits; "mean": their mean.
+    """
+    if score == "sum":
+        per_sample = (logits * active).sum(dim=1)
+    elif score == "mean":
+        per_sample = (logits * active).sum(dim=1) / active.sum(dim=1).clamp(min=1)
+    else:
+        raise ValueError(f"score must be 'sum' or 'mean', got {score!r}")
+    (grad,) = torch.autograd.grad(per_sample.sum(), images, create_graph=True)
     return 0.5 * grad.pow(2).flatten(1).sum(dim=1).mean()
 
 
@@ -97,3 +114,19 @@ def domain_regularization_loss(scores: torch.Tensor, targets: torch.Tensor,
     removed_logit = scale * ablated_scores.gather(1, removed[:, None]).squeeze(1)
     absent = F.binary_cross_entropy_with_logits(removed_logit, torch.zeros_like(removed_logit))
     return present + absent
+
+
+# sys.float_info.epsilon, the released code's guard inside the log
+LOG_EPS = 2.220446049250313e-16
+
+
+def removed_domain_loss(cosines: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+    """The released LANIT code's domain-regularisation loss: mean_n -log(relu(c[n, k_n]) + eps).
+
+    cosines [N, D]: cos(f(G(x, s_y)), t_k), the raw VL similarity of each translation to each
+    domain text (no base-prompt offset); removed [N] long: one active target domain k_n per sample
+    (ablate_targets). The translation must look like that domain. The released code's second term
+    (the ablated image must not) has a label that is always 0 and so adds nothing; it is left out.
+    """
+    picked = cosines.gather(1, removed[:, None]).squeeze(1)  # [N]
+    return -torch.log(F.relu(picked) + LOG_EPS).mean()

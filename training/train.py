@@ -32,13 +32,16 @@ from safetensors import SafetensorError
 from tqdm import tqdm
 
 from lanit_rt.checkpoint import (
+    FORMAT as CHECKPOINT_FORMAT,
     MODEL_FILE,
+    OLDER_FORMATS,
     TRAIN_STATE_FILE,
     CheckpointError,
     OutputPathError,
     atomic_write_text,
     check_output_file,
     load_train_state,
+    older_format_message,
     save_checkpoint,
     save_train_state,
 )
@@ -181,10 +184,34 @@ class Nets:
         return named
 
 
-def build_nets(config: LanitConfig, device: torch.device) -> tuple[Nets, Nets]:
-    """(trained nets incl. D, EMA copies of G/F/E in eval mode without grads)."""
+def he_init(net: torch.nn.Module) -> None:
+    """He (Kaiming normal, fan_in, ReLU gain) on every conv / linear weight, zero biases: the
+    official StarGAN v2 / LANIT init. The mapping network's per-domain heads are [D, in, out]
+    stacks of Linear weights, each with fan_in = in; InstanceNorm affines keep (1, 0)."""
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                torch.nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+                if module.bias is not None:
+                    module.bias.zero_()
+        if isinstance(net, MappingNetwork):
+            for weight, bias in zip(net.head_weights, net.head_biases):
+                weight.normal_(0.0, math.sqrt(2.0 / weight.shape[1]))
+                bias.zero_()
+
+
+def build_nets(config: LanitConfig, device: torch.device,
+               init: str = "he") -> tuple[Nets, Nets]:
+    """(trained nets incl. D, EMA copies of G/F/E in eval mode without grads).
+
+    init "he": He init (official); "default": PyTorch's. The EMA copies start as copies of the
+    trained nets (the official code leaves them at PyTorch's init; see README)."""
     nets = Nets(Generator(config), MappingNetwork(config), StyleEncoder(config), Discriminator(config))
     for net in nets.modules().values():
+        if init == "he":
+            he_init(net)
+        elif init != "default":
+            raise ValueError(f"init must be 'he' or 'default', got {init!r}")
         net.to(device)
     ema = Nets(*(copy.deepcopy(n).eval().requires_grad_(False)
                  for n in (nets.generator, nets.mapping, nets.style_encoder)))
@@ -234,53 +261,79 @@ class Labeler:
             return pseudo_labels(self.image_feats, domain_feats, base_feat, mode=self.cfg.label_rule,
                                  topk=self.cfg.topk, threshold=self.cfg.threshold)
 
-    def scores(self, images: torch.Tensor, learn_prompts: bool = False) -> torch.Tensor:
-        """Differentiable scores [N, D] = cos(f(x), t_k) - cos(f(x), t_base) of generated images;
-        with gradients into the prompts only when `learn_prompts` (else the bank's cached features)."""
+    def scores(self, images: torch.Tensor, learn_prompts: bool = False,
+               relative: bool = True) -> torch.Tensor:
+        """Differentiable scores [N, D] = cos(f(x), t_k) - cos(f(x), t_base) of generated images
+        (`relative=False`: cos(f(x), t_k) alone); with gradients into the prompts only when
+        `learn_prompts` (else the bank's cached features)."""
         with torch.set_grad_enabled(learn_prompts and torch.is_grad_enabled()):
             domain_feats, base_feat = self.prompt_bank()
         feats = self.vl.encode_images(images, size=self.cfg.dl_size(self.vl.image_size))
-        return feats @ domain_feats.t() - (feats @ base_feat)[:, None]
+        cosines = feats @ domain_feats.t()
+        return cosines - (feats @ base_feat)[:, None] if relative else cosines
 
 
 # ----------------------------------------------------------------------------- the step
 
+def official(cfg: TrainConfig) -> bool:
+    return cfg.recipe == "lanit-official"
+
+
 def discriminator_step(nets: Nets, x_real, y_org, y_trg, s_trg, cfg: TrainConfig):
+    average = "pairs" if official(cfg) else "samples"
     x_real = x_real.detach().requires_grad_(True)
     out_real = nets.discriminator(x_real)
-    loss_real = losses.adversarial_loss(out_real, y_org, real=True)
-    loss_r1 = losses.r1_penalty(out_real, y_org, x_real)
+    loss_real = losses.adversarial_loss(out_real, y_org, real=True, average=average)
+    loss_r1 = losses.r1_penalty(out_real, y_org, x_real, score="sum" if official(cfg) else "mean")
     with torch.no_grad():
         x_fake = nets.generator(x_real, s_trg)
-    loss_fake = losses.adversarial_loss(nets.discriminator(x_fake), y_trg, real=False)
+    loss_fake = losses.adversarial_loss(nets.discriminator(x_fake), y_trg, real=False, average=average)
     loss = loss_real + loss_fake + cfg.lambda_r1 * loss_r1
     return loss, {"d_real": loss_real.item(), "d_fake": loss_fake.item(), "d_r1": loss_r1.item()}
 
 
 def generator_step(nets: Nets, labeler: Labeler | None, x_real, y_org, y_trg, y_abl, removed,
-                   style_of, cfg: TrainConfig, lambda_ds: float, learn_prompts: bool = False):
+                   style_of, cfg: TrainConfig, lambda_ds: float, learn_prompts: bool = False,
+                   latent: bool = True):
     """One G objective. `style_of(targets, which)` gives the style for `which` in (1, 2) (two
-    latents or two references) mixed over the `targets` rows, with gradients."""
+    latents or two references) mixed over the `targets` rows, with gradients; `latent` says which.
+
+    lanit-official: diversity and the domain-regularisation loss in the latent step only, the
+    latter only while prompts are learned; lanit-rt: diversity in both steps, the domain loss
+    whenever a labeler is given."""
     s_trg = style_of(y_trg, 1)
     x_fake = nets.generator(x_real, s_trg)
-    loss_adv = losses.adversarial_loss(nets.discriminator(x_fake), y_trg, real=True)
+    loss_adv = losses.adversarial_loss(nets.discriminator(x_fake), y_trg, real=True,
+                                       average="pairs" if official(cfg) else "samples")
     loss_sty = losses.style_reconstruction_loss(nets.style_encoder(x_fake, y_trg), s_trg)
-    with torch.no_grad():  # the diversity term pushes only x_fake away from x_fake2
-        x_fake2 = nets.generator(x_real, style_of(y_trg, 2))
-    loss_ds = losses.diversity_loss(x_fake, x_fake2)
+    loss = loss_adv + cfg.lambda_sty * loss_sty
+    logs = {"g_adv": loss_adv.item(), "g_sty": loss_sty.item()}
+    if latent or not official(cfg):
+        with torch.no_grad():  # the diversity term pushes only x_fake away from x_fake2
+            x_fake2 = nets.generator(x_real, style_of(y_trg, 2))
+        loss_ds = losses.diversity_loss(x_fake, x_fake2)
+        loss = loss - lambda_ds * loss_ds
+        logs["g_ds"] = loss_ds.item()
     x_rec = nets.generator(x_fake, nets.style_encoder(x_real, y_org))
     loss_cyc = losses.cycle_loss(x_rec, x_real)
-    loss = loss_adv + cfg.lambda_sty * loss_sty - lambda_ds * loss_ds + cfg.lambda_cyc * loss_cyc
-    logs = {"g_adv": loss_adv.item(), "g_sty": loss_sty.item(), "g_ds": loss_ds.item(),
-            "g_cyc": loss_cyc.item()}
-    if labeler is not None and cfg.lambda_dl > 0:
-        x_abl = nets.generator(x_real, style_of(y_abl, 1))
-        scores = labeler.scores(torch.cat([x_fake, x_abl]), learn_prompts)
-        n = x_real.shape[0]
-        loss_dl = losses.domain_regularization_loss(scores[:n], y_trg, scores[n:], removed,
-                                                    scale=float(labeler.vl.logit_scale))
-        loss = loss + cfg.lambda_dl * loss_dl
-        logs["g_dl"] = loss_dl.item()
+    loss = loss + cfg.lambda_cyc * loss_cyc
+    logs["g_cyc"] = loss_cyc.item()
+    if labeler is None or not cfg.lambda_dl > 0:
+        return loss, logs
+    if official(cfg):
+        if latent and learn_prompts:
+            cosines = labeler.scores(x_fake, learn_prompts, relative=False)
+            loss_dl = losses.removed_domain_loss(cosines, removed)
+            loss = loss + cfg.lambda_dl * loss_dl
+            logs["g_dl"] = loss_dl.item()
+        return loss, logs
+    x_abl = nets.generator(x_real, style_of(y_abl, 1))
+    scores = labeler.scores(torch.cat([x_fake, x_abl]), learn_prompts)
+    n = x_real.shape[0]
+    loss_dl = losses.domain_regularization_loss(scores[:n], y_trg, scores[n:], removed,
+                                                scale=float(labeler.vl.logit_scale))
+    loss = loss + cfg.lambda_dl * loss_dl
+    logs["g_dl"] = loss_dl.item()
     return loss, logs
 
 
@@ -401,7 +454,8 @@ class Trainer:
         self.images = ImageSet(scan.paths, cfg.img_size, progress=progress and self.dist.main)
 
         torch.manual_seed(cfg.seed)
-        self.nets, self.ema = build_nets(self.model_config, self.device)
+        self.nets, self.ema = build_nets(self.model_config, self.device,
+                                         init="he" if official(cfg) else "default")
         self.optims = make_optimizers(self.nets, cfg)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1000 * self.dist.rank)
         self.step = 0
@@ -449,6 +503,7 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         state = {
+            "format": CHECKPOINT_FORMAT,
             "step": self.step,
             "train_config": self.cfg.to_dict(),
             "model_config": self.model_config.to_dict(),
@@ -470,6 +525,9 @@ class Trainer:
         when `num_images` (the readable images' count) is given, on these training images: as many,
         then the same names and sizes in order (`images_digest`), as the saved labels have one row
         per image."""
+        if state.get("format", OLDER_FORMATS[-1]) != CHECKPOINT_FORMAT:  # format 1 states carry none
+            raise CheckpointError(older_format_message(self.out / TRAIN_STATE_FILE,
+                                                       state.get("format", OLDER_FORMATS[-1])))
         saved = LanitConfig.from_dict(state["model_config"])
         if saved.domains != self.model_config.domains:
             raise CheckpointError(
@@ -641,7 +699,8 @@ class Trainer:
                     return nets.style_encoder(refs[which], targets)
                 names = ("generator",)
             g_loss, g_logs = generator_step(nets, self.labeler, x_real, y_org, y_trg, y_abl, removed,
-                                            style_of, cfg, lambda_ds, learn_prompts)
+                                            style_of, cfg, lambda_ds, learn_prompts,
+                                            latent=kind == "latent")
             for name in optims:
                 optims[name].zero_grad(set_to_none=True)
             if learn_prompts:

@@ -1,0 +1,107 @@
+"""`lanit-import`: a released StarGAN v2 / LANIT checkpoint -> a lanit-rt run folder.
+
+    lanit-import CKPT --domains "blond hair,black hair,..." --out RUN
+    lanit-import 100000_nets_ema.ckpt --domains lanit:celeba-hq-10 --out runs/celeba
+
+CKPT is an official `*_nets_ema.ckpt` (read with torch.load(weights_only=True); the mapping network,
+style encoder and generator). --domains names the checkpoint's domains in head order: comma-separated
+texts, or `lanit:NAME` for a LANIT data set's texts as the official repository lists them
+(`--list-domain-sets` prints them). RUN gets `model.safetensors` + `config.json` with the per-domain
+latent style table (the mean mapping-network style over --num-z latents), ready for
+`lanit-export RUN --onnx ...` and `Translator.from_checkpoint(RUN)`. LANIT's prompt-learner weights
+are not needed for inference and are not imported. w_hpf > 0 models are refused.
+
+Errors (missing or foreign file, w_hpf > 0 model, domain count mismatch, an existing checkpoint in
+RUN) print one line `lanit-import: error: ...` and exit 1 (2 for bad arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        raise _UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lanit-import", description=__doc__.split("\n\n")[0],
+                     epilog="LANIT's prompt-learner weights are not needed for inference.")
+    parser.add_argument("checkpoint", nargs="?", help="official *_nets_ema.ckpt")
+    parser.add_argument("--domains", help="comma-separated domain texts in head order, or lanit:NAME")
+    parser.add_argument("--out", help="run folder to write (must not hold a checkpoint)")
+    parser.add_argument("--num-z", type=int, default=1000,
+                        help="latents averaged into each domain's latent style (default 1000)")
+    parser.add_argument("--list-domain-sets", action="store_true",
+                        help="print the named LANIT domain sets and exit")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> None:
+    from lanit_export.official import LANIT_DOMAIN_SETS, convert_official, describe, resolve_domains
+    from lanit_rt.checkpoint import MODEL_FILE, check_output_file, save_checkpoint
+    from lanit_rt.style import latent_style_table
+
+    if args.list_domain_sets:
+        for name, texts in LANIT_DOMAIN_SETS.items():
+            print(f"lanit:{name}: {', '.join(texts)}")
+        return
+    if not args.checkpoint or not args.domains or not args.out:
+        raise _UsageError("CKPT, --domains and --out are required")
+    if args.num_z < 1:
+        raise _UsageError(f"--num-z must be at least 1, got {args.num_z}")
+    domains = resolve_domains(args.domains)
+    out = Path(args.out).expanduser()
+    if (out / MODEL_FILE).exists():
+        raise _UsageError(f"{out} already holds a checkpoint; choose another --out or delete it")
+    check_output_file(out / MODEL_FILE)
+    model = convert_official(args.checkpoint, domains)
+    table = latent_style_table(model.mapping, num_z=args.num_z)
+    metadata = {"imported_from": str(Path(args.checkpoint).name), "source": "stargan-v2/lanit",
+                "source_nets": list(model.source_keys), "num_style_z": args.num_z}
+    file = save_checkpoint(out, model.config, model.generator, model.mapping, model.style_encoder,
+                           latent_table=table, metadata=metadata)
+    summary = ", ".join(f"{k} {v}" for k, v in describe(model.config).items())
+    print(f"wrote {file} ({summary})")
+    if "discriminator" in model.source_keys:
+        print("note: this file holds training weights (*_nets.ckpt); the authors sample with the "
+              "EMA weights in *_nets_ema.ckpt")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `lanit-import`; returns the process exit status."""
+    from lanit_export.errors import ExportError
+    from lanit_rt import CheckpointError, ConfigError
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+        _run(args)
+    except SystemExit as stop:  # --help
+        return int(stop.code or 0)
+    except KeyboardInterrupt:
+        print("lanit-import: interrupted; no partial file was written", file=sys.stderr)
+        return 130
+    except _UsageError as err:
+        print(f"lanit-import: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ExportError, CheckpointError, ConfigError, OSError) as err:
+        text = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"lanit-import: error: {text}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
