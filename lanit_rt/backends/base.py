@@ -4,13 +4,20 @@ A backend runs the generator on model-size batches. It sees only tensors that ar
 and resized: images float32 [N, 3, S, S] in [-1, 1] on `backend.device`, and either normalised
 domain weights [N, D] (rows sum to 1) or styles [N, S]. It returns a float32 [N, 3, S, S] tensor
 that the caller owns (never a view of a reused buffer).
+
+Backends that run on host memory (onnxruntime, openvino) also offer `host_slot(n)`: preallocated
+numpy buffers for one batch size bound once to the engine, which the Translator's uint8 fast path
+fills and reads without any per-call allocation besides the returned image.
 """
 
 from __future__ import annotations
 
 import abc
 import json
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import numpy as np
 
 import torch
 
@@ -18,7 +25,7 @@ from lanit_rt.checkpoint import CheckpointError
 from lanit_rt.config import ConfigError, LanitConfig
 
 ARTIFACT_KINDS = ("domain_weights", "style")
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 _DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16",
                   "bfloat16": "bf16"}
 
@@ -26,6 +33,18 @@ _DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half":
 class ArtifactError(CheckpointError):
     """An exported artifact (ONNX graph, TensorRT engine, sidecar) is missing, foreign, or does not
     match what the caller expects."""
+
+
+@dataclass
+class HostSlot:
+    """Buffers bound to an engine for one batch size n (S = img_size, D = number of domains):
+    image float32 [n, 3, S, S], weights float32 [n, D] (rows sum to 1), output float32 [n, 3, S, S];
+    `run()` reads image and weights and overwrites output. A slot serves one thread at a time."""
+
+    image: np.ndarray
+    weights: np.ndarray
+    output: np.ndarray
+    run: Callable[[], None]
 
 
 class Backend(abc.ABC):
@@ -49,6 +68,10 @@ class Backend(abc.ABC):
     def describe(self) -> dict[str, Any]:
         """Plain-data description for benchmarks and logs."""
         return {"backend": self.name, "device": str(self.device)}
+
+    def host_slot(self, n: int) -> HostSlot | None:
+        """Host buffers bound to the domain-target graph at batch n, or None (no host fast path)."""
+        return None
 
 
 def parse_artifact_metadata(meta: Mapping[str, str], source: str) -> dict[str, Any]:
