@@ -53,6 +53,7 @@ from lanit_rt.style import mix_styles, normalize_domain_weights
 BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
 ONNX_FILE = "model.onnx"
 ENGINE_FILE = "model.engine"
+IR_FILE = "model.xml"
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
@@ -121,14 +122,25 @@ class Translator:
     def from_checkpoint(cls, path: str | os.PathLike, device: torch.device | str = "cpu",
                         backend: str = "torch", dtype: Any = None, impl: str = "auto", *,
                         artifact: str | os.PathLike | None = None, providers: Sequence[Any] | None = None,
-                        channels_last: bool | None = None, cuda_graphs: bool = False) -> "Translator":
+                        channels_last: bool | None = None, cuda_graphs: bool = False,
+                        export: bool = False, threads: int | None = None, optimization: str = "all",
+                        spin_wait: bool | None = None, precision: str = "auto",
+                        performance_hint: str = "latency") -> "Translator":
         """Load a checkpoint folder / model.safetensors.
 
         backend="torch" runs its generator in `dtype` (None: fp16 on CUDA, fp32 on CPU) with `impl`
-        kernels. "onnxruntime" / "tensorrt" run the exported generator at `artifact` (default
-        model.onnx / model.engine in the checkpoint folder) and keep the checkpoint's mapping network
-        and style encoder (fp32, torch) for seed- and reference-guided targets; the artifact must
-        have been exported from this checkpoint's architecture.
+        kernels. "onnxruntime" / "openvino" / "tensorrt" run the exported generator at `artifact`
+        (default model.onnx / model.xml, else model.onnx / model.engine in the checkpoint folder) and
+        keep the checkpoint's mapping network and style encoder (fp32, torch) for seed- and
+        reference-guided targets; the artifact must have been exported from this checkpoint's
+        weights. With `export=True` a missing ONNX artifact is exported (and validated) to that
+        path first, instead of stopping (needs the `onnx` extra; TensorRT engines are built with
+        lanit-export).
+
+        onnxruntime: `threads` (intra-op threads), `optimization` ("all" | "extended" | "basic" |
+        "disabled"), `spin_wait`, `providers`. openvino: `precision` ("auto": bf16 where the CPU
+        has it, else fp32; "fp32" | "bf16" | "fp16"), `performance_hint` ("latency" | "throughput"),
+        `threads`.
         """
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
@@ -138,27 +150,56 @@ class Translator:
                                                    ("channels_last", channels_last is not None)) if given]
             if torch_only:
                 raise ValueError(f"{', '.join(torch_only)} apply to backend='torch' only, not {backend!r}")
-        elif artifact is not None:
-            raise ValueError("artifact= names an exported file: use it with backend='onnxruntime' or "
-                             "'tensorrt'")
+        elif artifact is not None or export:
+            raise ValueError("artifact= and export= concern an exported file: use them with "
+                             "backend='onnxruntime', 'openvino' or 'tensorrt'")
         if providers is not None and backend != "onnxruntime":
             raise ValueError(f"providers= applies to backend='onnxruntime' only, not {backend!r}")
+        ort_only = [name for name, given in (("optimization", optimization != "all"),
+                                             ("spin_wait", spin_wait is not None)) if given]
+        if ort_only and backend != "onnxruntime":
+            raise ValueError(f"{', '.join(ort_only)} apply to backend='onnxruntime' only, not {backend!r}")
+        ov_only = [name for name, given in (("precision", precision != "auto"),
+                                            ("performance_hint", performance_hint != "latency")) if given]
+        if ov_only and backend != "openvino":
+            raise ValueError(f"{', '.join(ov_only)} apply to backend='openvino' only (dtype= states the "
+                             f"precision elsewhere), not {backend!r}")
+        if threads is not None and backend not in ("onnxruntime", "openvino"):
+            raise ValueError(f"threads= applies to backend='onnxruntime' or 'openvino' only, not {backend!r}")
+        if backend == "openvino" and device.type != "cpu":
+            raise ValueError("the openvino backend runs on the CPU: use device='cpu'")
+        if export and backend == "tensorrt":
+            raise ValueError("export=True writes ONNX graphs; build TensorRT engines with "
+                             "`lanit-export CHECKPOINT --trt fp16`")
         model = load_checkpoint(path, device=device)
         folder = _checkpoint_folder(path)
         if backend == "torch":
             runner: Backend = TorchBackend(model, device=device, dtype=resolve_dtype(dtype, device),
                                            impl=impl, channels_last=channels_last,
                                            cuda_graphs=cuda_graphs)
-        elif backend == "onnxruntime":
-            from lanit_rt.backends.onnxruntime import OnnxRuntimeBackend
-            onnx_path = Path(artifact) if artifact is not None else folder / ONNX_FILE
-            if not onnx_path.exists():
-                raise ArtifactError(f"no ONNX artifact at {onnx_path}; export one with "
-                                    f"`lanit-export {path} --onnx {onnx_path}`")
-            runner = OnnxRuntimeBackend(onnx_path, device=device, providers=providers)
-            check_same_config(runner.config, model.config, str(onnx_path))
-            check_same_weights(runner.weights_digest, model.weights_digest(), str(onnx_path), str(path))
-            _check_precision(runner.precision, dtype, device, str(onnx_path))
+        elif backend in ("onnxruntime", "openvino"):
+            default = folder / ONNX_FILE
+            if backend == "openvino" and artifact is None and (folder / IR_FILE).exists():
+                default = folder / IR_FILE
+            artifact_path = Path(artifact) if artifact is not None else default
+            if not artifact_path.exists():
+                if not export:
+                    raise ArtifactError(f"no ONNX artifact at {artifact_path}; export one with "
+                                        f"`lanit-export {path} --onnx {artifact_path}` or pass export=True")
+                _export_onnx(model, artifact_path)
+            if backend == "onnxruntime":
+                from lanit_rt.backends.onnxruntime import OnnxRuntimeBackend
+                runner = OnnxRuntimeBackend(artifact_path, device=device, providers=providers,
+                                            threads=threads, optimization=optimization, spin_wait=spin_wait)
+                _check_precision(runner.precision, dtype, device, str(artifact_path))
+            else:
+                from lanit_rt.backends.openvino import OpenVINOBackend
+                if dtype is not None:
+                    raise ValueError("the openvino backend takes precision=, not dtype=")
+                runner = OpenVINOBackend(artifact_path, precision=precision,
+                                         performance_hint=performance_hint, threads=threads)
+            check_same_config(runner.config, model.config, str(artifact_path))
+            check_same_weights(runner.weights_digest, model.weights_digest(), str(artifact_path), str(path))
         else:
             from lanit_rt.backends.tensorrt import TensorRTBackend
             engine_path = Path(artifact) if artifact is not None else folder / ENGINE_FILE
@@ -179,6 +220,18 @@ class Translator:
         """
         from lanit_rt.backends.onnxruntime import OnnxRuntimeBackend
         runner = OnnxRuntimeBackend(path, device=check_device(device), providers=providers, threads=threads)
+        check_expected_domains(runner.config.domains, domains, str(path))
+        return cls(runner)
+
+    @classmethod
+    def from_openvino(cls, path: str | os.PathLike, *, precision: str = "auto",
+                      performance_hint: str = "latency", threads: int | None = None,
+                      domains: Sequence[str] | None = None) -> "Translator":
+        """Run an exported OUT.onnx or OUT.xml (OpenVINO IR, with OUT.style.* when present) with
+        OpenVINO on the CPU; see lanit_rt.backends.openvino for precision and hints."""
+        from lanit_rt.backends.openvino import OpenVINOBackend
+        runner = OpenVINOBackend(path, precision=precision, performance_hint=performance_hint,
+                                 threads=threads)
         check_expected_domains(runner.config.domains, domains, str(path))
         return cls(runner)
 
@@ -492,6 +545,20 @@ class Translator:
     def __repr__(self) -> str:
         return (f"Translator({self.backend.name}, domains={list(self.domains)}, "
                 f"img_size={self.config.img_size})")
+
+
+def _export_onnx(model: Any, onnx_path: Path) -> None:
+    """export=True: write and validate OUT.onnx and OUT.style.onnx from the loaded checkpoint. The
+    exporter lives in lanit_export (imported here only, lazily: lanit_rt imports nothing from it at
+    import time)."""
+    if onnx_path.suffix != ".onnx":
+        raise ArtifactError(f"export=True writes ONNX graphs; {onnx_path} does not end in .onnx "
+                            "(write an OpenVINO IR with `lanit-export --openvino`)")
+    try:
+        from lanit_export.onnx_export import export_onnx
+    except ImportError as err:
+        raise ImportError(f"export=True needs lanit_export and the onnx extra: {err}") from None
+    export_onnx(model, onnx_path, "fp32")  # validated against the PyTorch generator before it appears
 
 
 def _check_precision(found: str, dtype: Any, device: torch.device | str, source: str) -> None:
