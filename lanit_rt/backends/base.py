@@ -25,6 +25,9 @@ from lanit_rt.checkpoint import CheckpointError
 from lanit_rt.config import ConfigError, LanitConfig
 
 ARTIFACT_KINDS = ("domain_weights", "style")
+# An int8 graph runs only when its output measured at least this PSNR against the fp32 graph on
+# held-out images (recorded as `psnr_db` by lanit_export.quantize).
+MIN_INT8_PSNR_DB = 40.0
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 _DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16",
                   "bfloat16": "bf16"}
@@ -79,7 +82,8 @@ def parse_artifact_metadata(meta: Mapping[str, str], source: str) -> dict[str, A
 
     Returns {"config": LanitConfig, "domains": tuple, "precision": str, "kind": str,
     "io_dtype": str, "version": str | None, "weights_digest": str | None (None in artifacts
-    exported before it was recorded)}; raises ArtifactError for anything foreign or inconsistent.
+    exported before it was recorded), "psnr_db": float | None (int8 graphs: measured vs fp32)};
+    raises ArtifactError for anything foreign or inconsistent.
     """
     if "lanit_config" not in meta:
         raise ArtifactError(f"{source} is not a LANIT artifact (no 'lanit_config' metadata)")
@@ -111,9 +115,28 @@ def parse_artifact_metadata(meta: Mapping[str, str], source: str) -> dict[str, A
     if io_dtype not in PRECISIONS:
         raise ArtifactError(f"{source}: unknown io_dtype {io_dtype!r}; expected one of {PRECISIONS}")
     digest = meta.get("weights_digest")
+    psnr = meta.get("psnr_db")
+    try:
+        psnr = float(psnr) if psnr is not None else None
+    except ValueError:
+        raise ArtifactError(f"{source}: 'psnr_db' metadata {psnr!r} is not a number") from None
     return {"config": config, "domains": config.domains, "precision": precision, "kind": kind,
             "io_dtype": io_dtype, "version": meta.get("lanit_rt_version"),
-            "weights_digest": str(digest) if digest is not None else None}
+            "weights_digest": str(digest) if digest is not None else None, "psnr_db": psnr}
+
+
+def check_int8_quality(info: Mapping[str, Any], source: str) -> None:
+    """Raise ArtifactError for an int8 artifact without a measured PSNR, or one below MIN_INT8_PSNR_DB."""
+    if info["precision"] != "int8":
+        return
+    psnr = info.get("psnr_db")
+    if psnr is None:
+        raise ArtifactError(f"{source} is an int8 graph without a measured PSNR against fp32; quantize it "
+                            "with lanit_export.quantize, which measures it on held-out images")
+    if not psnr >= MIN_INT8_PSNR_DB:
+        raise ArtifactError(f"{source} is an int8 graph whose output measured {psnr:.1f} dB PSNR against "
+                            f"fp32 on held-out images, below the {MIN_INT8_PSNR_DB:.0f} dB that int8 needs "
+                            "to run here; use the fp32 graph (or bf16 in OpenVINO on a CPU that has it)")
 
 
 def check_same_weights(found: str | None, expected: str, source: str, checkpoint: str) -> None:

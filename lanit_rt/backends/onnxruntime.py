@@ -32,6 +32,7 @@ from lanit_rt.backends.base import (
     Backend,
     HostSlot,
     artifact_style_path,
+    check_int8_quality,
     parse_artifact_metadata,
 )
 
@@ -110,6 +111,7 @@ class _Graph:
             raise ArtifactError(f"{path} is not a loadable ONNX graph: {err}") from None
         meta = dict(self.session.get_modelmeta().custom_metadata_map)
         info = parse_artifact_metadata(meta, path)
+        check_int8_quality(info, path)
         self.path = path
         self.config = info["config"]
         self.kind = info["kind"]

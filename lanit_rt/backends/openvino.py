@@ -35,6 +35,7 @@ from lanit_rt.backends.base import (
     ArtifactError,
     Backend,
     HostSlot,
+    check_int8_quality,
     parse_artifact_metadata,
 )
 
@@ -44,7 +45,7 @@ _HINT_TYPES = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 _CAPABILITIES = {"bf16": "BF16", "fp16": "FP16"}
 _METADATA_SECTIONS = ("lanit", "framework")
 _METADATA_KEYS = ("lanit_config", "domains", "lanit_rt_version", "precision", "kind", "io_dtype",
-                  "weights_digest")
+                  "weights_digest", "psnr_db")
 _EXPECTED_INPUTS = {"domain_weights": ("image", "domain_weights"), "style": ("image", "style")}
 OUTPUT_NAME = "translated"
 _MAX_COMPILED = 8
@@ -107,6 +108,7 @@ class _Graph:
             raise ArtifactError(f"{path} is not a model OpenVINO can read: "
                                 f"{str(err).strip().splitlines()[0] if str(err).strip() else err}") from None
         info = parse_artifact_metadata(read_metadata(self.model, path), path)
+        check_int8_quality(info, path)
         self.core = core
         self.path = path
         self.config = info["config"]
