@@ -289,3 +289,39 @@ def test_openvino_low_precision_where_the_cpu_has_it(checkpoint, reference, monk
     images = torch.rand(3, 3, SIZE, SIZE) * 2 - 1
     diff = (translator.translate(images, "beard") - reference.translate(images, "beard")).abs().max()
     assert diff <= TOLERANCE["bf16"]
+
+
+# --------------------------------------------------------------------------- int8 gate
+
+
+def test_int8_graphs_run_only_above_the_psnr_line(checkpoint, reference, tmp_path):
+    import onnx
+
+    from lanit_export.quantize import psnr_db, quantize_onnx_int8
+    images = _uint8(6, seed=11)
+    int8_path = tmp_path / "model.int8.onnx"
+    measured = quantize_onnx_int8(checkpoint / "model.onnx", int8_path, images[:4], images[4:])
+    meta = {p.key: p.value for p in onnx.load(str(int8_path), load_external_data=False).metadata_props}
+    assert meta["precision"] == "int8" and float(meta["psnr_db"]) == pytest.approx(measured, abs=0.01)
+    assert "first/last conv fp32" in meta["int8_recipe"]
+    ops = {node.op_type for node in onnx.load(str(int8_path)).graph.node}
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+
+    def with_psnr(value):
+        proto = onnx.load(str(int8_path))
+        for prop in proto.metadata_props:
+            if prop.key == "psnr_db":
+                prop.value = value
+        path = tmp_path / f"int8_{value}.onnx"
+        onnx.save(proto, str(path))
+        return path
+
+    with pytest.raises(ArtifactError, match=r"measured 31\.5 dB PSNR against fp32 .* below the 40 dB"):
+        Translator.from_checkpoint(checkpoint, backend="onnxruntime", artifact=with_psnr("31.5"))
+    translator = Translator.from_checkpoint(checkpoint, backend="onnxruntime", artifact=with_psnr("41.0"),
+                                            threads=1)
+    images = torch.from_numpy(images).permute(0, 3, 1, 2) / 127.5 - 1
+    got, want = translator.translate(images, "beard"), reference.translate(images, "beard")
+    assert psnr_db(want.numpy(), got.numpy()) > 15  # runs the int8 graph (a quality figure, not a gate)
+    assert psnr_db(want.numpy(), want.numpy()) == float("inf")
+    assert psnr_db(np.zeros(4), np.full(4, 0.2)) == pytest.approx(10 * np.log10(4 / 0.04))
