@@ -26,7 +26,8 @@ torch -> backend -> torch -> uint8) for a PIL image and a uint8 array; (b) the o
 Translator's translate(PIL) minus its bare bound graph call, interleaved.
 
     python benchmarks/edge_cpu.py [--quick] [--threads 2] [--iters 5] [--sizes 64-small 256-stargan]
-                                  [--batches 1 8] [--json benchmarks/results/edge_cpu.json]
+                                  [--batches 1 8] [--engines LABEL ...] [--calib 32] [--heldout 16]
+                                  [--json benchmarks/results/edge_cpu.json]
 """
 
 from __future__ import annotations
@@ -206,7 +207,11 @@ def host_overhead(model: LanitModel, onnx_path: Path, threads: int, image: np.nd
 
 
 def bench_size(name: str, batches: list[int], threads: int, iters: int, folder: Path, quick: bool,
-               calib_count: int, held_count: int) -> list[dict]:
+               calib_count: int, held_count: int, only: list[str] | None = None) -> list[dict]:
+
+    def want(label: str) -> bool:
+        return label == "onnxruntime fp32" or not only or label in only
+
     domains = ("blond hair", "black hair", "beard")
     model = make_model(name, domains)
     size, d = model.config.img_size, len(domains)
@@ -221,8 +226,11 @@ def bench_size(name: str, batches: list[int], threads: int, iters: int, folder: 
     try:
         import openvino as ov
         capabilities = tuple(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
-        engines["openvino fp32"] = ov_engine(fp32_path, threads, "fp32")
+        if want("openvino fp32"):
+            engines["openvino fp32"] = ov_engine(fp32_path, threads, "fp32")
         for precision, flag in (("bf16", "BF16"), ("fp16", "FP16")):
+            if not want(f"openvino {precision}"):
+                continue
             if flag in capabilities:
                 engines[f"openvino {precision}"] = ov_engine(fp32_path, threads, precision)
             else:
@@ -233,18 +241,22 @@ def bench_size(name: str, batches: list[int], threads: int, iters: int, folder: 
     if not quick:
         recipes = [("int8 convs", False, "minmax"), *recipes, ("int8 mixed pct", True, "percentile")]
     for label, keep_ends, method in recipes:
+        if not (want(f"onnxruntime {label}") or want(f"openvino QDQ {label}")):
+            continue
         path = folder / f"{name}.{label.replace(' ', '_')}.onnx"
         recorded_psnr[label] = quantize_onnx_int8(fp32_path, path, calibration, heldout, keep_ends, method)
-        engines[f"onnxruntime {label}"] = ort_engine(path, threads)
-        if "openvino fp32" in engines and label == "int8 mixed":
+        if want(f"onnxruntime {label}"):
+            engines[f"onnxruntime {label}"] = ort_engine(path, threads)
+        if "openvino fp32" in engines and label == "int8 mixed" and want(f"openvino QDQ {label}"):
             engines[f"openvino QDQ {label}"] = ov_engine(path, threads, "fp32")
     try:
         if quick:
             raise ImportError("--quick leaves NNCF out")
         import nncf  # noqa: F401
         if "openvino fp32" in engines:
-            engines["openvino nncf int8"] = nncf_engine(fp32_path, calibration, d, threads, False)
-            engines["openvino nncf int8 mixed"] = nncf_engine(fp32_path, calibration, d, threads, True)
+            for label, keep_ends in (("openvino nncf int8", False), ("openvino nncf int8 mixed", True)):
+                if want(label):
+                    engines[label] = nncf_engine(fp32_path, calibration, d, threads, keep_ends)
     except ImportError:
         notes["openvino nncf"] = "left out by --quick" if quick else "nncf not installed"
 
@@ -284,9 +296,14 @@ def main(argv=None) -> int:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--engines", nargs="+", metavar="LABEL",
+                        help="keep only these engines (labels as printed; onnxruntime fp32 always runs)")
+    parser.add_argument("--calib", type=int, default=32, help="calibration images (default 32)")
+    parser.add_argument("--heldout", type=int, default=16, help="held-out PSNR images (default 16)")
     parser.add_argument("--json", default="benchmarks/results/edge_cpu.json")
     args = parser.parse_args(argv)
-    for flag, value in (("--threads", args.threads), ("--iters", args.iters), ("--batches", min(args.batches))):
+    for flag, value in (("--threads", args.threads), ("--iters", args.iters), ("--batches", min(args.batches)),
+                        ("--calib", args.calib), ("--heldout", args.heldout)):
         if value < 1:
             parser.error(f"{flag} must be >= 1, got {value}")
     if args.json:
@@ -306,8 +323,9 @@ def main(argv=None) -> int:
                "rows": [], "host_overhead": None, "gflop_per_image": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in sizes:
-            calib, held = (4, 2) if args.quick else (32, 16)
-            rows, host, gflop = bench_size(name, batches, args.threads, iters, Path(tmp), args.quick, calib, held)
+            calib, held = (4, 2) if args.quick else (args.calib, args.heldout)
+            rows, host, gflop = bench_size(name, batches, args.threads, iters, Path(tmp), args.quick, calib, held,
+                                           args.engines)
             results["rows"] += rows
             results["gflop_per_image"][name] = gflop
             if host is not None:
