@@ -150,9 +150,12 @@ class Translator:
                                                    ("channels_last", channels_last is not None)) if given]
             if torch_only:
                 raise ValueError(f"{', '.join(torch_only)} apply to backend='torch' only, not {backend!r}")
-        elif artifact is not None or export:
-            raise ValueError("artifact= and export= concern an exported file: use them with "
-                             "backend='onnxruntime', 'openvino' or 'tensorrt'")
+        elif artifact is not None:
+            raise ValueError("artifact= names an exported file: use it with backend='onnxruntime', "
+                             "'openvino' or 'tensorrt'")
+        elif export:
+            raise ValueError("export=True writes an exported file: use it with backend='onnxruntime' "
+                             "or 'openvino'")
         if providers is not None and backend != "onnxruntime":
             raise ValueError(f"providers= applies to backend='onnxruntime' only, not {backend!r}")
         ort_only = [name for name, given in (("optimization", optimization != "all"),
