@@ -1,6 +1,7 @@
 """`lanit-export`: ONNX graphs and TensorRT engines of a LANIT checkpoint's generator.
 
     lanit-export CHECKPOINT --onnx OUT.onnx [--fp16]
+    lanit-export CHECKPOINT --openvino OUT.xml      (OpenVINO IR: OUT.xml/.bin, OUT.style.xml/.bin)
     lanit-export CHECKPOINT --trt fp16|fp32 [--onnx-path P] [--min-batch N] [--opt-batch N]
                  [--max-batch N] [--out OUT.engine]   (default OUT: CHECKPOINT_DIR/model.engine)
     lanit-export CHECKPOINT --triton-repo DIR [--fp16 | --trt P] [--triton-backend B] [--max-batch N]
@@ -52,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     target = parser.add_mutually_exclusive_group(required=False)  # one of them or --triton-repo
     target.add_argument("--onnx", metavar="OUT.onnx", help="write OUT.onnx and OUT.style.onnx")
     target.add_argument("--trt", metavar="PRECISION", help="build a TensorRT engine: fp16 or fp32")
+    target.add_argument("--openvino", metavar="OUT.xml",
+                        help="write an OpenVINO IR (OUT.xml + OUT.bin, and OUT.style.xml + .bin)")
     parser.add_argument("--fp16", action="store_true", help="(--onnx) fp16 graph, fp32 norm statistics")
     parser.add_argument("--onnx-path", metavar="P", help="(--trt) build from this ONNX graph")
     parser.add_argument("--min-batch", type=_int, help="(--trt) smallest batch (default 1)")
@@ -94,8 +97,10 @@ def _run(args: argparse.Namespace) -> None:
             setattr(args, name, str(Path(getattr(args, name)).expanduser()))
     if args.triton_repo is not None:
         return _run_triton(args)
+    if args.openvino is not None:
+        return _run_openvino(args)
     if args.onnx is None and args.trt is None:
-        raise _UsageError("one of the arguments --onnx --trt is required (or --triton-repo DIR)")
+        raise _UsageError("one of the arguments --onnx --trt --openvino is required (or --triton-repo DIR)")
 
     trt_only = {"--onnx-path": args.onnx_path, "--min-batch": args.min_batch,
                 "--opt-batch": args.opt_batch, "--max-batch": args.max_batch, "--out": args.out}
@@ -233,6 +238,31 @@ def _run_triton(args: argparse.Namespace) -> None:
                 written = triton_repo.write_onnx_repository(repo, graph, options, args.triton_name)
     print(f"wrote Triton model {written.folder} ({written.config.platform or written.config.backend}, "
           f"max batch {options.max_batch}, {options.instances} x {options.kind}); config validated")
+
+
+def _run_openvino(args: argparse.Namespace) -> None:
+    from lanit_rt import load_checkpoint  # noqa: PLC0415 (keeps --help fast)
+    from lanit_rt.checkpoint import read_checkpoint_config  # noqa: PLC0415
+
+    from lanit_export.onnx_export import check_output_path  # noqa: PLC0415
+    from lanit_export.openvino_export import export_openvino, style_ir_path  # noqa: PLC0415
+
+    args.openvino = str(Path(args.openvino).expanduser())
+    used = [flag for flag, value in (("--fp16", args.fp16 or None), ("--onnx-path", args.onnx_path),
+                                     ("--min-batch", args.min_batch), ("--opt-batch", args.opt_batch),
+                                     ("--max-batch", args.max_batch), ("--out", args.out)) if value is not None]
+    if used:
+        raise _UsageError(f"{', '.join(used)} do not apply to --openvino (the IR keeps fp32 weights; "
+                          "pick the precision when loading it)")
+    if Path(args.openvino).suffix != ".xml":
+        raise _UsageError(f"--openvino needs a file name ending in .xml (e.g. model.xml), got {args.openvino!r}")
+    _check_device(args.device)
+    read_checkpoint_config(args.checkpoint)
+    for output in (Path(args.openvino), style_ir_path(args.openvino)):
+        check_output_path(output)
+    model = load_checkpoint(args.checkpoint, device=args.device)
+    for artifact in export_openvino(model, args.openvino, log=print):
+        print(f"wrote {artifact.path} and {artifact.path.with_suffix('.bin')} ({artifact.kind}, fp32 weights)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """lanit-rt runtime: config, networks, checkpoints, style tables and the Translator API.
 
-This package imports nothing from training/ or lanit_export/.
+This package imports nothing from training/ or lanit_export/ at import time (export=True in
+Translator.from_checkpoint calls the ONNX exporter lazily).
 """
 
 from lanit_rt.checkpoint import (

@@ -17,6 +17,13 @@ exported '.style.onnx' graph) and, for seed/reference, the checkpoint's networks
 Images. See lanit_rt.images: PIL / uint8 numpy / float tensors in [-1, 1], single or batched, any
 size; results come back in the same kind, at model size or (resize_back=True) the input size.
 
+Host fast path. With a host backend (onnxruntime, openvino), a call whose images are uint8 at the
+model size (one RGB PIL image, a uint8 [S, S, 3] array or a [N, S, S, 3] stack) and whose target is a
+domain spec (no seed / reference / style) skips the general conversion: it fills preallocated numpy
+buffers bound once to the engine (`Backend.host_slot`), reuses the normalised weights of a spec it
+has seen before, and turns the output into uint8 with in-place numpy ufuncs. The result is the one
+the general path gives (same formulas; `benchmarks/edge_cpu.py` measures the time outside the graph).
+
 Threads. A Translator may be called from several threads at once. Host-side conversion runs in the
 calling thread with per-thread pinned staging buffers; each backend serialises its device stage with
 one lock around its shared buffers (and CUDA-graph replay); the mapping network and style encoder
@@ -26,6 +33,7 @@ hold no mutable state.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -42,15 +50,18 @@ from lanit_rt.images import from_model_batch, load_images, to_model_batch
 from lanit_rt.networks import MappingNetwork, StyleEncoder
 from lanit_rt.style import mix_styles, normalize_domain_weights
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
 ONNX_FILE = "model.onnx"
 ENGINE_FILE = "model.engine"
+IR_FILE = "model.xml"
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
 }
 _PRECISION_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_MAX_CACHED_SLOTS = 8
+_MAX_CACHED_TARGETS = 256
 
 
 def resolve_dtype(dtype: Any, device: torch.device | str) -> torch.dtype:
@@ -104,20 +115,32 @@ class Translator:
         self.style_encoder = style_encoder
         self.style_device = torch.device(style_device)
         self._local = threading.local()
+        self._target_rows: dict[Any, np.ndarray] = {}  # hashable domain spec -> normalised [1, D]
 
     # ----------------------------------------------------------------------------- construction
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: torch.device | str = "cpu",
                         backend: str = "torch", dtype: Any = None, impl: str = "auto", *,
                         artifact: str | os.PathLike | None = None, providers: Sequence[Any] | None = None,
-                        channels_last: bool | None = None, cuda_graphs: bool = False) -> "Translator":
+                        channels_last: bool | None = None, cuda_graphs: bool = False,
+                        export: bool = False, threads: int | None = None, optimization: str = "all",
+                        spin_wait: bool | None = None, precision: str = "auto",
+                        performance_hint: str = "latency") -> "Translator":
         """Load a checkpoint folder / model.safetensors.
 
         backend="torch" runs its generator in `dtype` (None: fp16 on CUDA, fp32 on CPU) with `impl`
-        kernels. "onnxruntime" / "tensorrt" run the exported generator at `artifact` (default
-        model.onnx / model.engine in the checkpoint folder) and keep the checkpoint's mapping network
-        and style encoder (fp32, torch) for seed- and reference-guided targets; the artifact must
-        have been exported from this checkpoint's architecture.
+        kernels. "onnxruntime" / "openvino" / "tensorrt" run the exported generator at `artifact`
+        (default model.onnx / model.xml, else model.onnx / model.engine in the checkpoint folder) and
+        keep the checkpoint's mapping network and style encoder (fp32, torch) for seed- and
+        reference-guided targets; the artifact must have been exported from this checkpoint's
+        weights. With `export=True` a missing ONNX artifact is exported (and validated) to that
+        path first, instead of stopping (needs the `onnx` extra; TensorRT engines are built with
+        lanit-export).
+
+        onnxruntime: `threads` (intra-op threads), `optimization` ("all" | "extended" | "basic" |
+        "disabled"), `spin_wait`, `providers`. openvino: `precision` ("auto": bf16 where the CPU
+        has it, else fp32; "fp32" | "bf16" | "fp16"), `performance_hint` ("latency" | "throughput"),
+        `threads`.
         """
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
@@ -128,26 +151,58 @@ class Translator:
             if torch_only:
                 raise ValueError(f"{', '.join(torch_only)} apply to backend='torch' only, not {backend!r}")
         elif artifact is not None:
-            raise ValueError("artifact= names an exported file: use it with backend='onnxruntime' or "
-                             "'tensorrt'")
+            raise ValueError("artifact= names an exported file: use it with backend='onnxruntime', "
+                             "'openvino' or 'tensorrt'")
+        elif export:
+            raise ValueError("export=True writes an exported file: use it with backend='onnxruntime' "
+                             "or 'openvino'")
         if providers is not None and backend != "onnxruntime":
             raise ValueError(f"providers= applies to backend='onnxruntime' only, not {backend!r}")
+        ort_only = [name for name, given in (("optimization", optimization != "all"),
+                                             ("spin_wait", spin_wait is not None)) if given]
+        if ort_only and backend != "onnxruntime":
+            raise ValueError(f"{', '.join(ort_only)} apply to backend='onnxruntime' only, not {backend!r}")
+        ov_only = [name for name, given in (("precision", precision != "auto"),
+                                            ("performance_hint", performance_hint != "latency")) if given]
+        if ov_only and backend != "openvino":
+            raise ValueError(f"{', '.join(ov_only)} apply to backend='openvino' only (dtype= states the "
+                             f"precision elsewhere), not {backend!r}")
+        if threads is not None and backend not in ("onnxruntime", "openvino"):
+            raise ValueError(f"threads= applies to backend='onnxruntime' or 'openvino' only, not {backend!r}")
+        if backend == "openvino" and device.type != "cpu":
+            raise ValueError("the openvino backend runs on the CPU: use device='cpu'")
+        if export and backend == "tensorrt":
+            raise ValueError("export=True writes ONNX graphs; build TensorRT engines with "
+                             "`lanit-export CHECKPOINT --trt fp16`")
         model = load_checkpoint(path, device=device)
         folder = _checkpoint_folder(path)
         if backend == "torch":
             runner: Backend = TorchBackend(model, device=device, dtype=resolve_dtype(dtype, device),
                                            impl=impl, channels_last=channels_last,
                                            cuda_graphs=cuda_graphs)
-        elif backend == "onnxruntime":
-            from lanit_rt.backends.onnxruntime import OnnxRuntimeBackend
-            onnx_path = Path(artifact) if artifact is not None else folder / ONNX_FILE
-            if not onnx_path.exists():
-                raise ArtifactError(f"no ONNX artifact at {onnx_path}; export one with "
-                                    f"`lanit-export {path} --onnx {onnx_path}`")
-            runner = OnnxRuntimeBackend(onnx_path, device=device, providers=providers)
-            check_same_config(runner.config, model.config, str(onnx_path))
-            check_same_weights(runner.weights_digest, model.weights_digest(), str(onnx_path), str(path))
-            _check_precision(runner.precision, dtype, device, str(onnx_path))
+        elif backend in ("onnxruntime", "openvino"):
+            default = folder / ONNX_FILE
+            if backend == "openvino" and artifact is None and (folder / IR_FILE).exists():
+                default = folder / IR_FILE
+            artifact_path = Path(artifact) if artifact is not None else default
+            if not artifact_path.exists():
+                if not export:
+                    raise ArtifactError(f"no ONNX artifact at {artifact_path}; export one with "
+                                        f"`lanit-export {path} --onnx {artifact_path}` or pass export=True")
+                _export_onnx(model, artifact_path)
+            if backend == "onnxruntime":
+                from lanit_rt.backends.onnxruntime import OnnxRuntimeBackend
+                runner = OnnxRuntimeBackend(artifact_path, device=device, providers=providers,
+                                            threads=threads, optimization=optimization, spin_wait=spin_wait)
+                _check_precision(runner.precision, dtype, device, str(artifact_path))
+            else:
+                from lanit_rt.backends.openvino import OpenVINOBackend
+                if dtype is not None:
+                    raise ValueError("the openvino backend takes precision=, not dtype=")
+                runner = OpenVINOBackend(artifact_path, precision=precision,
+                                         performance_hint=performance_hint, threads=threads)
+            check_same_config(runner.config, model.config, str(artifact_path))
+            check_same_weights(runner.weights_digest, model.weights_digest(), str(artifact_path), str(path))
         else:
             from lanit_rt.backends.tensorrt import TensorRTBackend
             engine_path = Path(artifact) if artifact is not None else folder / ENGINE_FILE
@@ -168,6 +223,18 @@ class Translator:
         """
         from lanit_rt.backends.onnxruntime import OnnxRuntimeBackend
         runner = OnnxRuntimeBackend(path, device=check_device(device), providers=providers, threads=threads)
+        check_expected_domains(runner.config.domains, domains, str(path))
+        return cls(runner)
+
+    @classmethod
+    def from_openvino(cls, path: str | os.PathLike, *, precision: str = "auto",
+                      performance_hint: str = "latency", threads: int | None = None,
+                      domains: Sequence[str] | None = None) -> "Translator":
+        """Run an exported OUT.onnx or OUT.xml (OpenVINO IR, with OUT.style.* when present) with
+        OpenVINO on the CPU; see lanit_rt.backends.openvino for precision and hints."""
+        from lanit_rt.backends.openvino import OpenVINOBackend
+        runner = OpenVINOBackend(path, precision=precision, performance_hint=performance_hint,
+                                 threads=threads)
         check_expected_domains(runner.config.domains, domains, str(path))
         return cls(runner)
 
@@ -306,6 +373,10 @@ class Translator:
         Returns the images in the input's kind: PIL -> PIL, uint8 numpy -> uint8 numpy, tensor ->
         tensor in [-1, 1] (input dtype and device); single in -> single out, batch in -> batch out.
         """
+        if reference is None and seed is None and z is None and style is None and domains is not None:
+            result = self._translate_host(images, domains)
+            if result is not None:
+                return result
         raw = load_images(images)
         n = raw.spec.count
         latent = seed if z is None else z
@@ -348,6 +419,86 @@ class Translator:
         return from_model_batch(output, raw.spec, resize_back, host_buffer=download)
 
     __call__ = translate
+
+    def _translate_host(self, images: Any, domains: Any) -> Any:
+        """The host fast path (module docstring); None when this call does not qualify for it."""
+        size = self.config.img_size
+        kind = None
+        if isinstance(images, np.ndarray):
+            if images.dtype != np.uint8:
+                return None
+            if images.shape == (size, size, 3):
+                kind, batch = "single", images[None]
+            elif images.ndim == 4 and images.shape[1:] == (size, size, 3) and images.shape[0] > 0:
+                kind, batch = "stacked", images
+        else:
+            pil = sys.modules.get("PIL.Image")  # a PIL image implies PIL is imported
+            if pil is not None and isinstance(images, pil.Image) and images.mode == "RGB" \
+                    and images.size == (size, size):
+                try:  # lazily decoded files fail here; the general path gives the clear error
+                    batch = np.asarray(images)[None]
+                except (OSError, ValueError):
+                    return None
+                kind = "pil"
+        if kind is None:
+            return None
+        n = batch.shape[0]
+        slot = self._host_slot(n)
+        if slot is None:
+            return None
+        row = self._target_row(domains)
+        if row is not None:
+            slot.weights[...] = row
+        else:
+            slot.weights[...] = self.domain_weights(domains, n).numpy()
+        # uint8 v -> v / 127.5 - 1, as lanit_rt.images converts (float32 arithmetic).
+        np.divide(batch.transpose(0, 3, 1, 2), np.float32(127.5), out=slot.image, dtype=np.float32)
+        np.subtract(slot.image, np.float32(1.0), out=slot.image)
+        slot.run()
+        # y -> round((clamp(y, -1, 1) + 1) * 127.5), in place in the slot's output.
+        output = slot.output
+        np.maximum(output, np.float32(-1.0), out=output)
+        np.minimum(output, np.float32(1.0), out=output)
+        np.add(output, np.float32(1.0), out=output)
+        np.multiply(output, np.float32(127.5), out=output)
+        np.rint(output, out=output)
+        result = np.empty((n, size, size, 3), np.uint8)
+        np.copyto(result, output.transpose(0, 2, 3, 1), casting="unsafe")
+        if kind == "stacked":
+            return result
+        if kind == "single":
+            return result[0]
+        return sys.modules["PIL.Image"].fromarray(result[0])
+
+    def _host_slot(self, n: int):
+        """This thread's HostSlot for batch n (made on first use, at most 8 batch sizes kept)."""
+        slots = getattr(self._local, "host_slots", None)
+        if slots is None:
+            slots = self._local.host_slots = {}
+        slot = slots.get(n)
+        if slot is None:
+            if n not in slots:
+                if len(slots) >= _MAX_CACHED_SLOTS:
+                    slots.pop(next(iter(slots)))
+                slot = slots[n] = self.backend.host_slot(n)
+        return slot
+
+    def _target_row(self, domains: Any) -> np.ndarray | None:
+        """Normalised weights [1, D] of a name, an index or a list of names, cached; None for other
+        specs (dicts, arrays), which are normalised on every call."""
+        if isinstance(domains, str) or (isinstance(domains, int) and not isinstance(domains, bool)):
+            key = domains
+        elif isinstance(domains, (list, tuple)) and domains and all(isinstance(d, str) for d in domains):
+            key = ("list", tuple(domains))
+        else:
+            return None
+        row = self._target_rows.get(key)
+        if row is None:
+            row = self.domain_weights(domains, 1).numpy()  # raises for unknown names
+            if len(self._target_rows) >= _MAX_CACHED_TARGETS:
+                self._target_rows.clear()
+            self._target_rows[key] = row
+        return row
 
     def _check_style(self, style: Any, n: int) -> torch.Tensor:
         s = self.config.style_dim
@@ -397,6 +548,20 @@ class Translator:
     def __repr__(self) -> str:
         return (f"Translator({self.backend.name}, domains={list(self.domains)}, "
                 f"img_size={self.config.img_size})")
+
+
+def _export_onnx(model: Any, onnx_path: Path) -> None:
+    """export=True: write and validate OUT.onnx and OUT.style.onnx from the loaded checkpoint. The
+    exporter lives in lanit_export (imported here only, lazily: lanit_rt imports nothing from it at
+    import time)."""
+    if onnx_path.suffix != ".onnx":
+        raise ArtifactError(f"export=True writes ONNX graphs; {onnx_path} does not end in .onnx "
+                            "(write an OpenVINO IR with `lanit-export --openvino`)")
+    try:
+        from lanit_export.onnx_export import export_onnx
+    except ImportError as err:
+        raise ImportError(f"export=True needs lanit_export and the onnx extra: {err}") from None
+    export_onnx(model, onnx_path, "fp32")  # validated against the PyTorch generator before it appears
 
 
 def _check_precision(found: str, dtype: Any, device: torch.device | str, source: str) -> None:

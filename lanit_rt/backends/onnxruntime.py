@@ -6,6 +6,16 @@ The config and domain texts come from the graph's metadata_props (`lanit_config`
 host numpy arrays (onnxruntime moves them for a GPU provider itself), float32 unless the artifact's
 `io_dtype` says otherwise. `InferenceSession.run` is thread-safe and this backend holds no shared
 buffers, so it takes no lock.
+
+Host fast path: `host_slot(n)` preallocates numpy input and output buffers for batch n and binds
+them once to an onnxruntime IOBinding, so a call is one `run_with_iobinding` that writes the
+Translator's own output buffer (no feed dict, no output allocation). Each slot belongs to one
+thread (the Translator keeps them per thread).
+
+Session options: `optimization` is the graph optimisation level ("all", the default, is
+ORT_ENABLE_ALL; "extended", "basic", "disabled"), `spin_wait` turns the intra-op threads'
+spin-waiting on or off (None keeps onnxruntime's default, on): spinning lowers latency on an idle
+machine and wastes cores on a loaded one.
 """
 
 from __future__ import annotations
@@ -20,13 +30,17 @@ import torch
 from lanit_rt.backends.base import (
     ArtifactError,
     Backend,
+    HostSlot,
     artifact_style_path,
+    check_int8_quality,
     parse_artifact_metadata,
 )
 
 _IO_NUMPY = {"fp32": np.float32, "fp16": np.float16}
 _EXPECTED_INPUTS = {"domain_weights": ("image", "domain_weights"), "style": ("image", "style")}
 OUTPUT_NAME = "translated"
+OPTIMIZATION_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED",
+                       "basic": "ORT_ENABLE_BASIC", "disabled": "ORT_DISABLE_ALL"}
 
 
 def import_onnxruntime():
@@ -67,22 +81,37 @@ def check_providers(providers: Any) -> list[Any]:
     return providers
 
 
+def session_options(threads: int | None = None, optimization: str = "all",
+                    spin_wait: bool | None = None):
+    """onnxruntime SessionOptions for these settings (see the module docstring)."""
+    ort = import_onnxruntime()
+    if optimization not in OPTIMIZATION_LEVELS:
+        raise ValueError(f"unknown optimization {optimization!r}; choose one of {list(OPTIMIZATION_LEVELS)}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
+        raise ValueError(f"threads must be a non-negative int (0: onnxruntime's default), got {threads!r}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[optimization])
+    if threads:
+        options.intra_op_num_threads = threads
+    if spin_wait is not None:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
+    return options
+
+
 class _Graph:
     """One InferenceSession with its validated LANIT metadata."""
 
-    def __init__(self, path: str, providers: Sequence[Any], threads: int | None):
+    def __init__(self, path: str, providers: Sequence[Any], options):
         ort = import_onnxruntime()
         if not os.path.exists(path):
             raise ArtifactError(f"no ONNX file at {path}")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
         try:
             self.session = ort.InferenceSession(path, options, providers=list(providers))
         except Exception as err:  # onnxruntime raises its own exception types for invalid graphs
             raise ArtifactError(f"{path} is not a loadable ONNX graph: {err}") from None
         meta = dict(self.session.get_modelmeta().custom_metadata_map)
         info = parse_artifact_metadata(meta, path)
+        check_int8_quality(info, path)
         self.path = path
         self.config = info["config"]
         self.kind = info["kind"]
@@ -104,20 +133,42 @@ class _Graph:
         (out,) = self.session.run([OUTPUT_NAME], arrays)
         return torch.from_numpy(np.asarray(out, dtype=np.float32))
 
+    def host_slot(self, n: int) -> HostSlot | None:
+        if self.io_numpy is not np.float32:
+            return None
+        ort = import_onnxruntime()
+        size = self.config.img_size
+        width = self.config.num_domains
+        image = np.empty((n, 3, size, size), np.float32)
+        weights = np.empty((n, width), np.float32)
+        output = np.empty((n, 3, size, size), np.float32)
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input("image", ort.OrtValue.ortvalue_from_numpy(image))
+        binding.bind_ortvalue_input("domain_weights", ort.OrtValue.ortvalue_from_numpy(weights))
+        binding.bind_ortvalue_output(OUTPUT_NAME, ort.OrtValue.ortvalue_from_numpy(output))
+        session = self.session
+
+        def run() -> None:
+            session.run_with_iobinding(binding)
+
+        return HostSlot(image, weights, output, run)
+
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, path: str | os.PathLike, device: torch.device | str = "cpu",
-                 providers: Sequence[Any] | None = None, threads: int | None = None):
+                 providers: Sequence[Any] | None = None, threads: int | None = None,
+                 optimization: str = "all", spin_wait: bool | None = None):
         path = str(path)
         self.device = torch.device("cpu")  # host arrays in and out, whatever the provider
+        options = session_options(threads, optimization, spin_wait)
         providers = check_providers(providers) if providers is not None else default_providers(device)
-        first = _Graph(path, providers, threads)
+        first = _Graph(path, providers, options)
         graphs = {first.kind: first}
         other = artifact_style_path(path) if first.kind == "domain_weights" else None
         if other is not None and os.path.exists(other):
-            second = _Graph(other, providers, threads)
+            second = _Graph(other, providers, options)
             if second.kind != "style":
                 raise ArtifactError(f"{other} should be a 'style' graph, its metadata says {second.kind!r}")
             if second.config != first.config or (
@@ -133,10 +184,17 @@ class OnnxRuntimeBackend(Backend):
         self.weights_digest = first.weights_digest
         self.supports_weights = "domain_weights" in graphs
         self.supports_style = "style" in graphs
+        self.optimization = optimization
+        self.spin_wait = spin_wait
 
     def describe(self) -> dict:
         return {"backend": self.name, "device": "cpu-io", "providers": [str(p) for p in self.providers],
-                "precision": self.precision, "graphs": sorted(self.graphs)}
+                "precision": self.precision, "graphs": sorted(self.graphs),
+                "optimization": self.optimization, "spin_wait": self.spin_wait}
+
+    def host_slot(self, n: int) -> HostSlot | None:
+        graph = self.graphs.get("domain_weights")
+        return None if graph is None else graph.host_slot(n)
 
     def run_weights(self, images: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if not self.supports_weights:
