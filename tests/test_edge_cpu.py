@@ -4,6 +4,7 @@ backend within its precision's tolerance."""
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import numpy as np
@@ -327,3 +328,30 @@ def test_int8_graphs_run_only_above_the_psnr_line(checkpoint, reference, tmp_pat
     assert psnr_db(want.numpy(), got.numpy()) > 15  # runs the int8 graph (a quality figure, not a gate)
     assert psnr_db(want.numpy(), want.numpy()) == float("inf")
     assert psnr_db(np.zeros(4), np.full(4, 0.2)) == pytest.approx(10 * np.log10(4 / 0.04))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sigaltstack is read through Linux's libc")
+def test_capability_query_leaves_the_signal_stack_alone():
+    """OpenVINO's capability query left the thread on a signal stack that did not stay valid: a
+    later Ctrl-C in the same process (tests/test_training.py's) died with SIGSEGV."""
+    pytest.importorskip("openvino")
+    import ctypes
+    import signal
+
+    import lanit_rt.backends.openvino as backend_module
+
+    def signal_stack():
+        stack = backend_module._SignalStack()
+        assert ctypes.CDLL(None).sigaltstack(None, ctypes.byref(stack)) == 0
+        return stack.ss_sp, stack.ss_flags, stack.ss_size
+
+    before = signal_stack()
+    backend_module.cpu_capabilities()
+    assert signal_stack() == before
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *args: received.append(1))
+    try:
+        signal.raise_signal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert received == [1]

@@ -22,9 +22,12 @@ call is one `infer()` that writes the Translator's own output buffer. `performan
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +62,31 @@ def import_openvino():
     return openvino
 
 
+class _SignalStack(ctypes.Structure):
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@contextmanager
+def _kept_signal_stack():
+    """Restore the calling thread's alternate signal stack afterwards. OpenVINO's CPU capability
+    query (2026.4, Linux) leaves the thread on a ~10 KB signal stack of its own that does not stay
+    valid: the next signal handled on it (Ctrl-C, SIGTERM) killed the process with SIGSEGV."""
+    libc = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+    saved = _SignalStack()
+    if libc is None or libc.sigaltstack(None, ctypes.byref(saved)) != 0:
+        yield
+        return
+    try:
+        yield
+    finally:
+        libc.sigaltstack(ctypes.byref(saved), None)
+
+
 def cpu_capabilities(core: Any = None) -> tuple[str, ...]:
     """OpenVINO's OPTIMIZATION_CAPABILITIES of the CPU, e.g. ("FP32", "INT8", "BF16", ...)."""
     core = core if core is not None else import_openvino().Core()
-    return tuple(str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    with _kept_signal_stack():
+        return tuple(str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
 
 
 def resolve_precision(precision: str, capabilities: tuple[str, ...]) -> str:
