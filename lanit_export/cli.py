@@ -22,21 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from lanit_export.command import Parser, UsageError, run_command
 from lanit_export.errors import ExportError
-
-EXIT_USAGE = 2
-EXIT_FAILED = 1
-
-
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of printing the usage block and exiting."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise _UsageError(message)
 
 
 def _int(text: str) -> int:
@@ -48,7 +35,7 @@ def _int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lanit-export", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="lanit-export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="checkpoint folder or model.safetensors")
     target = parser.add_mutually_exclusive_group(required=False)  # one of them or --triton-repo
     target.add_argument("--onnx", metavar="OUT.onnx", help="write OUT.onnx and OUT.style.onnx")
@@ -69,20 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_device(text: str) -> None:
-    """Raise _UsageError unless `text` names a torch device that works on this machine."""
+    """Raise UsageError unless `text` names a torch device that works on this machine."""
     import torch  # noqa: PLC0415 (keeps --help fast)
 
     try:
         device = torch.device(text)
     except RuntimeError:
-        raise _UsageError(f"unknown --device {text!r}; use e.g. cpu, cuda or cuda:1") from None
+        raise UsageError(f"unknown --device {text!r}; use e.g. cpu, cuda or cuda:1") from None
     if device.type not in ("cpu", "cuda"):
-        raise _UsageError(f"--device {text} cannot run the reference model; use cpu, cuda or cuda:N")
+        raise UsageError(f"--device {text} cannot run the reference model; use cpu, cuda or cuda:N")
     try:
         torch.empty(0, device=device)
     except Exception as err:  # torch says "unusable device" as RuntimeError, AssertionError, ...
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise _UsageError(f"--device {text} is not available on this machine: {reason}") from None
+        raise UsageError(f"--device {text} is not available on this machine: {reason}") from None
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -100,21 +87,21 @@ def _run(args: argparse.Namespace) -> None:
     if args.openvino is not None:
         return _run_openvino(args)
     if args.onnx is None and args.trt is None:
-        raise _UsageError("one of the arguments --onnx --trt --openvino is required (or --triton-repo DIR)")
+        raise UsageError("one of the arguments --onnx --trt --openvino is required (or --triton-repo DIR)")
 
     trt_only = {"--onnx-path": args.onnx_path, "--min-batch": args.min_batch,
                 "--opt-batch": args.opt_batch, "--max-batch": args.max_batch, "--out": args.out}
     if args.onnx is not None:
         used = [flag for flag, value in trt_only.items() if value is not None]
         if used:
-            raise _UsageError(f"{', '.join(used)} only apply with --trt")
+            raise UsageError(f"{', '.join(used)} only apply with --trt")
         if Path(args.onnx).suffix != ".onnx":  # ".onnx" alone is a hidden file without a suffix
-            raise _UsageError(f"--onnx needs a file name ending in .onnx (e.g. model.onnx), got {args.onnx!r}")
+            raise UsageError(f"--onnx needs a file name ending in .onnx (e.g. model.onnx), got {args.onnx!r}")
     else:
         if args.trt not in PRECISIONS:
-            raise _UsageError(f"unknown precision {args.trt!r} for --trt; choose one of {list(PRECISIONS)}")
+            raise UsageError(f"unknown precision {args.trt!r} for --trt; choose one of {list(PRECISIONS)}")
         if args.fp16:
-            raise _UsageError("--fp16 applies to --onnx; use --trt fp16 for an fp16 engine")
+            raise UsageError("--fp16 applies to --onnx; use --trt fp16 for an fp16 engine")
 
     if args.trt is not None:
         from lanit_export.tensorrt import batch_profile, import_tensorrt  # noqa: PLC0415
@@ -179,20 +166,20 @@ def _run_triton(args: argparse.Namespace) -> None:
 
     backend = args.triton_backend or ("tensorrt" if args.trt is not None else "onnxruntime")
     if (backend == "tensorrt") != (args.trt is not None):
-        raise _UsageError("--triton-backend tensorrt needs --trt PRECISION, and --trt writes a tensorrt model")
+        raise UsageError("--triton-backend tensorrt needs --trt PRECISION, and --trt writes a tensorrt model")
     if args.trt is not None and args.fp16:
-        raise _UsageError("--fp16 applies to ONNX models; use --trt fp16 for an fp16 engine")
+        raise UsageError("--fp16 applies to ONNX models; use --trt fp16 for an fp16 engine")
     if backend == "python" and args.fp16:
-        raise _UsageError("--triton-backend python serves the fp32 ONNX graph; leave out --fp16")
+        raise UsageError("--triton-backend python serves the fp32 ONNX graph; leave out --fp16")
     if args.trt is None:
         used = [f for f, v in (("--onnx-path", args.onnx_path), ("--min-batch", args.min_batch),
                                ("--opt-batch", args.opt_batch), ("--out", args.out)) if v is not None]
         if used:
-            raise _UsageError(f"{', '.join(used)} only apply with --trt")
+            raise UsageError(f"{', '.join(used)} only apply with --trt")
     if args.onnx is not None and Path(args.onnx).suffix != ".onnx":
-        raise _UsageError(f"--onnx needs a file name ending in .onnx, got {args.onnx!r}")
+        raise UsageError(f"--onnx needs a file name ending in .onnx, got {args.onnx!r}")
     if args.trt is not None and args.onnx is not None:
-        raise _UsageError("--onnx and --trt exclude each other")
+        raise UsageError("--onnx and --trt exclude each other")
     kind = "KIND_GPU" if backend == "tensorrt" or args.device.startswith("cuda") else "KIND_CPU"
     try:
         if args.trt is not None:
@@ -204,10 +191,10 @@ def _run_triton(args: argparse.Namespace) -> None:
             options = triton_repo.ServingOptions(args.max_batch or triton_repo.DEFAULT_MAX_BATCH,
                                                  args.max_queue_delay_us, args.instances, kind)
     except ExportError as err:
-        raise _UsageError(str(err)) from None
+        raise UsageError(str(err)) from None
     triton_repo._check_name(args.triton_name)
     if (Path(args.triton_repo).expanduser() / args.triton_name).exists():
-        raise _UsageError(f"{Path(args.triton_repo) / args.triton_name} already exists; remove it or "
+        raise UsageError(f"{Path(args.triton_repo) / args.triton_name} already exists; remove it or "
                           "pass another --triton-name")
     triton_repo.model_config_pb2()  # fail before any export when tritonclient is missing
     if args.trt is not None:
@@ -252,10 +239,10 @@ def _run_openvino(args: argparse.Namespace) -> None:
                                      ("--min-batch", args.min_batch), ("--opt-batch", args.opt_batch),
                                      ("--max-batch", args.max_batch), ("--out", args.out)) if value is not None]
     if used:
-        raise _UsageError(f"{', '.join(used)} do not apply to --openvino (the IR keeps fp32 weights; "
+        raise UsageError(f"{', '.join(used)} do not apply to --openvino (the IR keeps fp32 weights; "
                           "pick the precision when loading it)")
     if Path(args.openvino).suffix != ".xml":
-        raise _UsageError(f"--openvino needs a file name ending in .xml (e.g. model.xml), got {args.openvino!r}")
+        raise UsageError(f"--openvino needs a file name ending in .xml (e.g. model.xml), got {args.openvino!r}")
     _check_device(args.device)
     read_checkpoint_config(args.checkpoint)
     for output in (Path(args.openvino), style_ir_path(args.openvino)):
@@ -267,28 +254,7 @@ def _run_openvino(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `lanit-export`; returns the process exit status."""
-    from lanit_rt import CheckpointError, ConfigError  # noqa: PLC0415
-
-    parser = build_parser()
-    try:
-        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-        _run(args)
-    except SystemExit as stop:  # --help
-        return int(stop.code or 0)
-    except KeyboardInterrupt:  # every output is published whole by a rename, or not at all
-        print("lanit-export: interrupted; no partial file was written", file=sys.stderr)
-        return 130
-    except _UsageError as err:
-        print(f"lanit-export: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except (ExportError, CheckpointError, ConfigError) as err:
-        print(f"lanit-export: error: {str(err).splitlines()[0]}", file=sys.stderr)
-        return EXIT_FAILED
-    except OSError as err:  # e.g. the disk filled up or permissions changed while writing
-        print(f"lanit-export: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
-              file=sys.stderr)
-        return EXIT_FAILED
-    return 0
+    return run_command("lanit-export", build_parser(), _run, argv, "interrupted; no partial file was written")
 
 
 if __name__ == "__main__":

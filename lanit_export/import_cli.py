@@ -22,22 +22,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-EXIT_USAGE = 2
-EXIT_FAILED = 1
-
-
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        raise _UsageError(message)
+from lanit_export.command import Parser, UsageError, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lanit-import", description=__doc__.split("\n\n")[0],
-                     epilog="LANIT's prompt-learner weights are not needed for inference.")
+    parser = Parser(prog="lanit-import", description=__doc__.split("\n\n")[0],
+                    epilog="LANIT's prompt-learner weights are not needed for inference.")
     parser.add_argument("checkpoint", nargs="?", help="official *_nets_ema.ckpt")
     parser.add_argument("--domains", help="comma-separated domain texts in head order, or lanit:NAME")
     parser.add_argument("--out", help="run folder to write (must not hold a checkpoint)")
@@ -58,13 +48,13 @@ def _run(args: argparse.Namespace) -> None:
             print(f"lanit:{name}: {', '.join(texts)}")
         return
     if not args.checkpoint or not args.domains or not args.out:
-        raise _UsageError("CKPT, --domains and --out are required")
+        raise UsageError("CKPT, --domains and --out are required")
     if args.num_z < 1:
-        raise _UsageError(f"--num-z must be at least 1, got {args.num_z}")
+        raise UsageError(f"--num-z must be at least 1, got {args.num_z}")
     domains = resolve_domains(args.domains)
     out = Path(args.out).expanduser()
     if (out / MODEL_FILE).exists():
-        raise _UsageError(f"{out} already holds a checkpoint; choose another --out or delete it")
+        raise UsageError(f"{out} already holds a checkpoint; choose another --out or delete it")
     check_output_file(out / MODEL_FILE)
     model = convert_official(args.checkpoint, domains)
     table = latent_style_table(model.mapping, num_z=args.num_z)
@@ -81,26 +71,7 @@ def _run(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `lanit-import`; returns the process exit status."""
-    from lanit_export.errors import ExportError
-    from lanit_rt import CheckpointError, ConfigError
-
-    parser = build_parser()
-    try:
-        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-        _run(args)
-    except SystemExit as stop:  # --help
-        return int(stop.code or 0)
-    except KeyboardInterrupt:
-        print("lanit-import: interrupted; no partial file was written", file=sys.stderr)
-        return 130
-    except _UsageError as err:
-        print(f"lanit-import: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except (ExportError, CheckpointError, ConfigError, OSError) as err:
-        text = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"lanit-import: error: {text}", file=sys.stderr)
-        return EXIT_FAILED
-    return 0
+    return run_command("lanit-import", build_parser(), _run, argv, "interrupted; no partial file was written")
 
 
 if __name__ == "__main__":

@@ -39,21 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from lanit_export.command import Parser, UsageError, run_command
 from lanit_export.errors import ExportError, MissingDependencyError
 
-EXIT_USAGE = 2
-EXIT_FAILED = 1
 SERVE_HINT = "pip install 'lanit-rt[serve]'"
 PYTHONPATH_VARIABLE = "LANIT_SERVE_PYTHONPATH"
-
-
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        raise _UsageError(message)
 
 
 @dataclass(frozen=True)
@@ -210,7 +200,7 @@ def _count(low: int):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lanit-serve", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="lanit-serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="run folder or model.safetensors")
     parser.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch"),
                         help="runtime inside the server (default onnxruntime)")
@@ -265,9 +255,9 @@ def _run(args: argparse.Namespace) -> int:
     from lanit_export.triton_repo import ServingOptions, write_python_repository  # noqa: PLC0415
 
     if args.onnx and args.backend != "onnxruntime":
-        raise _UsageError("--onnx applies to --backend onnxruntime")
+        raise UsageError("--onnx applies to --backend onnxruntime")
     if len({args.http_port, args.grpc_port, args.metrics_port}) != 3:
-        raise _UsageError("--http-port, --grpc-port and --metrics-port must differ")
+        raise UsageError("--http-port, --grpc-port and --metrics-port must differ")
     args.checkpoint = str(Path(args.checkpoint).expanduser())
     check_ports_free(args.address, (args.http_port, args.grpc_port, args.metrics_port))
     install = find_triton()
@@ -335,25 +325,7 @@ def _reap(process: subprocess.Popen) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `lanit-serve`; returns the process exit status."""
-    from lanit_rt import CheckpointError, ConfigError  # noqa: PLC0415
-
-    try:
-        args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-        return _run(args)
-    except SystemExit as stop:  # --help
-        return int(stop.code or 0)
-    except KeyboardInterrupt:
-        print("lanit-serve: interrupted", file=sys.stderr)
-        return 130
-    except _UsageError as err:
-        print(f"lanit-serve: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except (ExportError, CheckpointError, ConfigError) as err:
-        print(f"lanit-serve: error: {str(err).splitlines()[0]}", file=sys.stderr)
-        return EXIT_FAILED
-    except OSError as err:
-        print(f"lanit-serve: error: {err}", file=sys.stderr)
-        return EXIT_FAILED
+    return run_command("lanit-serve", build_parser(), _run, argv)
 
 
 if __name__ == "__main__":
