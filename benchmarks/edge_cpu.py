@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lanit_rt import Generator, LanitConfig, LanitModel, MappingNetwork, StyleEncoder, Translator  # noqa: E402
 from lanit_rt.backends.base import Backend, HostSlot  # noqa: E402
+from lanit_rt.backends.openvino import cpu_capabilities, kept_signal_stack, openvino_core  # noqa: E402
 from lanit_export.onnx_export import export_onnx  # noqa: E402
 from lanit_export.quantize import psnr_db, quantize_onnx_int8  # noqa: E402
 
@@ -127,8 +128,7 @@ def ort_engine(path: Path, threads: int):
 
 
 def ov_engine(model_or_path, threads: int, precision: str):
-    import openvino as ov
-    core = ov.Core()
+    core = openvino_core()
     model = core.read_model(str(model_or_path)) if isinstance(model_or_path, (str, Path)) else model_or_path
     hint = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}[precision]
     compiled: dict = {}
@@ -138,8 +138,10 @@ def ov_engine(model_or_path, threads: int, precision: str):
         if n not in compiled:
             clone = model.clone()
             clone.reshape({k: list(v.shape) for k, v in feeds.items()})
-            cm = core.compile_model(clone, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
-                                                   "INFERENCE_NUM_THREADS": threads})
+            with kept_signal_stack():
+                cm = core.compile_model(clone, "CPU", {"INFERENCE_PRECISION_HINT": hint,
+                                                       "PERFORMANCE_HINT": "LATENCY",
+                                                       "INFERENCE_NUM_THREADS": threads})
             compiled[n] = cm.create_infer_request()
         request = compiled[n]
         request.infer(feeds)
@@ -150,15 +152,15 @@ def ov_engine(model_or_path, threads: int, precision: str):
 
 def nncf_engine(path: Path, calibration: np.ndarray, d: int, threads: int, keep_ends: bool):
     import nncf
-    import openvino as ov
-    model = ov.Core().read_model(str(path))
+    model = openvino_core().read_model(str(path))
     calib = _float(calibration)
     targets = _targets(len(calib), d)
     items = [{"image": calib[i:i + 1], "domain_weights": targets[i:i + 1]} for i in range(len(calib))]
     convs = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "Convolution"]
     ignored = nncf.IgnoredScope(names=[convs[0], convs[-1]]) if keep_ends else None
     kwargs = {"ignored_scope": ignored} if ignored else {}
-    quantized = nncf.quantize(model, nncf.Dataset(items), subset_size=len(items), **kwargs)
+    with kept_signal_stack():  # NNCF compiles the model on a Core of its own
+        quantized = nncf.quantize(model, nncf.Dataset(items), subset_size=len(items), **kwargs)
     return ov_engine(quantized, threads, "fp32")
 
 
@@ -224,8 +226,7 @@ def bench_size(name: str, batches: list[int], threads: int, iters: int, folder: 
     notes: dict[str, str] = {}
     recorded_psnr: dict[str, float] = {}
     try:
-        import openvino as ov
-        capabilities = tuple(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+        capabilities = cpu_capabilities()
         if want("openvino fp32"):
             engines["openvino fp32"] = ov_engine(fp32_path, threads, "fp32")
         for precision, flag in (("bf16", "BF16"), ("fp16", "FP16")):

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from lanit_rt import LanitModel
+from lanit_rt.backends.openvino import kept_signal_stack, openvino_core
 from lanit_rt.checkpoint import output_file_mode
 from lanit_export.errors import ExportError, ValidationError, require
 from lanit_export.onnx_export import KINDS, _build_checked, check_output_path, read_metadata
@@ -39,8 +40,8 @@ def style_ir_path(xml_path: str | os.PathLike) -> Path:
 
 def openvino_runner(path: str | os.PathLike):
     """An OpenVINO fp32 CPU model wrapped as `run(inputs) -> translated` (reshaped per batch)."""
-    ov = require("openvino", "openvino")
-    core = ov.Core()
+    require("openvino", "openvino")
+    core = openvino_core()
     model = core.read_model(str(path))
     compiled: dict[tuple, object] = {}
 
@@ -50,7 +51,8 @@ def openvino_runner(path: str | os.PathLike):
         if key not in compiled:
             clone = model.clone()
             clone.reshape(shapes)
-            compiled[key] = core.compile_model(clone, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+            with kept_signal_stack():
+                compiled[key] = core.compile_model(clone, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         return compiled[key](inputs)["translated"]
 
     return run
@@ -80,7 +82,7 @@ def export_openvino(model: LanitModel, out_path: str | os.PathLike, validate: bo
             onnx_file = staging / f"{kind}.onnx"
             onnx.save(proto, str(onnx_file))
             metadata = read_metadata(proto)
-            ir = ov.Core().read_model(str(onnx_file))
+            ir = openvino_core().read_model(str(onnx_file))
             for key, value in metadata.items():
                 ir.set_rt_info(value, ["lanit", key])
             ov.save_model(ir, str(staging / final.name), compress_to_fp16=False)

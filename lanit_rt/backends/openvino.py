@@ -67,10 +67,13 @@ class _SignalStack(ctypes.Structure):
 
 
 @contextmanager
-def _kept_signal_stack():
-    """Restore the calling thread's alternate signal stack afterwards. OpenVINO's CPU capability
-    query (2026.4, Linux) leaves the thread on a ~10 KB signal stack of its own that does not stay
-    valid: the next signal handled on it (Ctrl-C, SIGTERM) killed the process with SIGSEGV."""
+def kept_signal_stack():
+    """Restore the calling thread's alternate signal stack afterwards.
+
+    OpenVINO's CPU plugin (2026.4, Linux), whenever a Core loads it (the first compile, capability
+    query or device listing of that Core), moves the calling thread onto a ~10 KB signal stack of
+    its own, which is freed with the plugin: the next signal handled on that thread (Ctrl-C,
+    SIGTERM) then killed the process with SIGSEGV."""
     libc = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
     saved = _SignalStack()
     if libc is None or libc.sigaltstack(None, ctypes.byref(saved)) != 0:
@@ -82,10 +85,31 @@ def _kept_signal_stack():
         libc.sigaltstack(ctypes.byref(saved), None)
 
 
+_core_lock = threading.Lock()
+_shared_core: Any = None
+
+
+def openvino_core() -> Any:
+    """The process's one OpenVINO Core, its CPU plugin loaded under `kept_signal_stack`.
+
+    One Core for everything: every new Core would load the plugin again (and move the thread onto a
+    new signal stack), and a Core that is never destroyed keeps any stack it gave a worker thread
+    valid."""
+    global _shared_core
+    with _core_lock:
+        if _shared_core is None:
+            ov = import_openvino()
+            core = ov.Core()
+            with kept_signal_stack():
+                core.get_versions("CPU")  # loads the CPU plugin now, under the guard
+            _shared_core = core
+        return _shared_core
+
+
 def cpu_capabilities(core: Any = None) -> tuple[str, ...]:
     """OpenVINO's OPTIMIZATION_CAPABILITIES of the CPU, e.g. ("FP32", "INT8", "BF16", ...)."""
-    core = core if core is not None else import_openvino().Core()
-    with _kept_signal_stack():
+    core = core if core is not None else openvino_core()
+    with kept_signal_stack():
         return tuple(str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
 
 
@@ -166,7 +190,8 @@ class _Graph:
             size = self.config.img_size
             model = self.model.clone()
             model.reshape({self.input_names[0]: [n, 3, size, size], self.input_names[1]: [n, self._width()]})
-            compiled = self.core.compile_model(model, "CPU", self.compile_config)
+            with kept_signal_stack():
+                compiled = self.core.compile_model(model, "CPU", self.compile_config)
             found = compiled.get_property("INFERENCE_PRECISION_HINT")
             if found != getattr(import_openvino().Type, _HINT_TYPES[self.precision]):
                 raise ValueError(f"OpenVINO compiled {self.path} for {found.get_type_name()} instead of the "
@@ -217,14 +242,14 @@ class OpenVINOBackend(Backend):
 
     def __init__(self, path: str | os.PathLike, precision: str = "auto",
                  performance_hint: str = "latency", threads: int | None = None):
-        ov = import_openvino()
+        import_openvino()
         path = str(path)
         if performance_hint not in PERFORMANCE_HINTS:
             raise ValueError(f"unknown performance_hint {performance_hint!r}; choose one of "
                              f"{list(PERFORMANCE_HINTS)}")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
             raise ValueError(f"threads must be a non-negative int (0: OpenVINO's default), got {threads!r}")
-        core = ov.Core()
+        core = openvino_core()
         self.capabilities = cpu_capabilities(core)
         self.precision = resolve_precision(precision, self.capabilities)
         compile_config: dict[str, Any] = {
