@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every check that needs a CUDA GPU, in ONE device call: step timeouts sum to 420 s.
+# Every check that needs a CUDA GPU, in ONE device call: step timeouts sum to 480 s.
 #   check     20 s  python3 module versions; stops here, with one line, if torch/triton/numpy or a
 #                   CUDA device is missing (nothing is ever installed)
 #   warm     120 s  every Triton launch of the matrix once, filling the Triton cache the later steps
@@ -8,6 +8,8 @@
 #   bench    110 s  256 px, fp16/bf16, batch 1/32: generator + adain_conv3x3 (+ _up), eager
 #                   channels_last, Triton, CUDA graphs (TorchBackend), with max error vs eager
 #   compile   85 s  the torch.compile rows (one fresh compile per shape; the slowest step, last)
+#   train     60 s  training steps/s and their phases on the GPU (benchmarks/train_step.py, new side
+#                   only: the GPU machine's copy has no git history), default config and 128 px
 #   summary   10 s  one table from the JSON lines every step wrote row by row
 # Results land in $OUT (benchmarks/results/gpu when OUT is unset): *.jsonl, *.txt, gpu.log,
 # summary.txt / summary.json. Copy the table into benchmarks/RESULTS.md with the GPU name.
@@ -72,6 +74,13 @@ step bench 110 python3 benchmarks/gpu_bench.py bench --out-dir "$out" "${flags[@
 
 step compile 85 python3 benchmarks/gpu_bench.py bench --out-dir "$out" "${flags[@]}" --step compile \
     --impls compile --ops adain_conv3x3_up adain_conv3x3 generator
+
+if [ "$rehearse" = 1 ]; then
+    log "train skipped in the rehearsal (benchmarks/train_step.py runs on the CPU by itself)"
+else
+    step train 60 python3 benchmarks/train_step.py --device cuda --sizes default 128 --steps 10 \
+        --warmup 3 --rounds 1 --baseline "" --json "$out/train_step.json"
+fi
 
 step summary 10 python3 benchmarks/gpu_bench.py summary --out-dir "$out"
 log "done"

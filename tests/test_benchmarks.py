@@ -1,5 +1,7 @@
 """The benchmark scripts refuse bad arguments before any timing starts."""
 
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import edge_cpu  # noqa: E402
 import onnx_cpu  # noqa: E402
 import quality  # noqa: E402
 import throughput  # noqa: E402
+import train_step  # noqa: E402
 
 
 @pytest.mark.parametrize("argv", [["--backends", "bogus"], ["--backends", ","], ["--batch-sizes", "0"],
@@ -132,7 +135,7 @@ def test_gpu_sh_fits_one_device_call_and_installs_nothing():
 
     text = GPU_SH.read_text()
     timeouts = [int(s) for s in re.findall(r"\bstep \w+ (\d+) ", text)]
-    assert len(timeouts) == 6 and sum(timeouts) <= 420
+    assert len(timeouts) == 7 and sum(timeouts) <= 480
     assert not re.search(r"\bpip3? install", text) and not re.search(r"(^|\s)python\s", text)
 
 
@@ -184,3 +187,24 @@ def test_compile_rows_get_a_fresh_compile_past_dynamo_recompile_limit():
     assert limits and min(limits) >= 64
     assert torch.equal(compiled(torch.ones(2)), torch.full((2,), 2.0))
     assert gpu_bench._graph_count() == before + 1  # what a compile row reports as dynamo_graphs
+
+
+def test_train_step_measures_both_sides_and_its_phases_add_up(tmp_path, capsys):
+    if subprocess.run(["git", "-C", str(train_step.ROOT), "rev-parse", "HEAD"], capture_output=True).returncode:
+        pytest.skip("the old side is extracted from git history; this copy has none")
+    out = tmp_path / "train_step.json"
+    argv = ["--sizes", "default", "--steps", "2", "--warmup", "1", "--rounds", "1",
+            "--baseline", "HEAD", "--json", str(out)]
+    assert train_step.main(argv) == 0
+    table = capsys.readouterr().out
+    record = json.loads(out.read_text())
+    rows = {row["side"]: row for row in record["rows"]}
+    assert set(rows) == {"old", "new"} and "| default | new |" in table
+    assert rows["old"]["code"] != rows["new"]["code"] == str(Path(train_step.ROOT))
+    new = rows["new"]
+    assert new["steps_per_s"] > 0 and new["img_size"] == 32
+    per_step = 1 / new["steps_per_s"]
+    assert sum(new["phases_s"].values()) == pytest.approx(per_step, rel=0.1)
+    assert {"d_fakes", "d_latent", "g_latent", "g_ref", "optimizer", "ema"} <= set(new["phases_s"])
+    with pytest.raises(SystemExit):
+        train_step.main(["--steps", "0"])

@@ -94,6 +94,14 @@ def test_schedules():
     assert losses.diversity_weight(150, 1.0, 100) == 0.0
     assert losses.ema_beta(0, 0.999) == pytest.approx(0.1)
     assert losses.ema_beta(10**6, 0.999) == 0.999
+    # lazy R1: every 4th step at 4x the weight, the same pull on average; every 1: each step
+    weights = [losses.lazy_r1_weight(step, 0.5, 4) for step in range(8)]
+    assert weights == [2.0, 0, 0, 0, 2.0, 0, 0, 0] and sum(weights) == 8 * 0.5
+    assert [losses.lazy_r1_weight(step, 0.5, 1) for step in range(3)] == [0.5, 0.5, 0.5]
+    with pytest.raises(ValueError, match="at least 1"):
+        losses.lazy_r1_weight(0, 1.0, 0)
+    with pytest.raises(ConfigError, match="r1_every"):
+        TrainConfig(r1_every=0)
 
 
 def test_overrides_are_typed():

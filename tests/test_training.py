@@ -74,6 +74,9 @@ def test_train_writes_a_loadable_self_describing_run(tmp_path, tiny_labeler):
     assert lines[0].split(",") == ["path", *DOMAINS] and len(lines) == 13
     grid = Image.open(out / "samples" / "step_000004.png")
     assert grid.width > 32 * 4 and grid.height > 32 * 6
+    # Labelled: a title and column captions (dark text on white) above the first row of tiles.
+    header = np.asarray(grid.convert("L"))[:20]
+    assert (header < 100).sum() > 50 and (np.asarray(grid.convert("L"))[:2] == 255).all()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     y = model.generator(x, model.domain_style(torch.tensor([[1.0, 0, 0], [0, 1.0, 1.0]])))
     assert y.shape == x.shape and torch.isfinite(y).all()
@@ -478,3 +481,75 @@ def test_a_format_one_resume_state_is_refused_with_what_to_do(tmp_path):
     trainer = SimpleNamespace(out=tmp_path / "run")  # the check reads only the run folder
     with pytest.raises(CheckpointError, match=r"'lanit-rt/1' checkpoint .* retrain it"):
         Trainer.check_resume_state(trainer, {"step": 3, "model_config": {}})  # format 1: no key
+
+
+def test_phase_clock_charges_time_to_the_innermost_phase(monkeypatch):
+    from training import train as train_module
+
+    now = iter([0.0, 1.0, 3.0, 6.0, 10.0, 15.0])
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: next(now))
+    clock = train_module.PhaseClock(enabled=True)
+    with clock("outer"):  # enters at 0
+        with clock("inner"):  # 1 .. 3
+            pass
+        with clock("inner"):  # 6 .. 10
+            pass
+    # outer: 0-1, 3-6 and 10-15; inner: 1-3 and 6-10; together the whole 15
+    assert clock.totals == {"outer": 9.0, "inner": 6.0}
+    off = train_module.PhaseClock()
+    with off("anything"):
+        pass
+    assert off.totals == {}
+
+
+def test_lazy_r1_runs_the_penalty_every_kth_step_only(tmp_path, tiny_labeler):
+    out = train(tiny_cfg(tmp_path, tiny_labeler, r1_every=2), progress=False)
+    records = read_metrics(out)
+    assert [("d_r1_latent" in r, "d_r1_ref" in r) for r in records] == [
+        (True, True), (False, False), (True, True), (False, False)]
+
+
+def test_the_run_ends_with_a_quality_table(tmp_path, tiny_labeler, capsys):
+    data = make_data(tmp_path / "data")
+    argv = ["--data", str(data), "--domains", ",".join(DOMAINS), "--out", str(tmp_path / "run"),
+            "--steps", "2", "--batch-size", "3", "--labeler", tiny_labeler, "--no-progress"]
+    for key, value in (("base_dim", 8), ("max_dim", 16), ("style_dim", 8), ("latent_dim", 4),
+                       ("mapping_dim", 16), ("num_style_z", 8), ("label_mode", "topk"),
+                       ("template_set", "face"), ("cache_dir", tmp_path / "cache")):
+        argv += ["--set", f"{key}={value}"]
+    assert run.main(argv + ["--eval"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((tmp_path / "run" / "eval.json").read_text())
+    mean = result["translation"]["mean"]
+    assert "| translations |" in printed and "| untranslated sources |" in printed
+    assert f"| {mean['domain_accuracy']:.3f} | {mean['content']:.3f} | {mean['fd']:.4f} |" in printed
+    assert run.main(argv + ["--out", str(tmp_path / "run2")]) == 0  # --data runs: off by default
+    assert "python -m training.eval" in capsys.readouterr().out
+    assert not (tmp_path / "run2" / "eval.json").exists()
+
+
+def test_freezing_the_nets_a_step_does_not_update_leaves_its_gradients_unchanged():
+    from lanit_rt.config import LanitConfig
+    from training.train import build_nets, grads_only_for
+
+    config = LanitConfig(domains=DOMAINS, img_size=32, base_dim=8, max_dim=16, style_dim=8,
+                         latent_dim=4, mapping_dim=16)
+    torch.manual_seed(0)
+    nets, _ = build_nets(config, torch.device("cpu"))
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.eye(3)[:2]
+
+    def generator_grads(names):
+        for net in nets.modules().values():
+            net.zero_grad(set_to_none=True)
+        with grads_only_for(nets, names):
+            fake = nets.generator(x, nets.style_encoder(x.flip(0), y))
+            (nets.discriminator(fake).sum() + nets.style_encoder(fake, y).abs().mean()).backward()
+        return {n: p.grad.clone() for n, p in nets.generator.named_parameters()}
+
+    everything = generator_grads(tuple(nets.modules()))
+    assert all(p.grad is not None for p in nets.discriminator.parameters())
+    alone = generator_grads(("generator",))
+    assert all(torch.equal(everything[n], alone[n]) for n in everything)
+    assert all(p.grad is None for p in nets.discriminator.parameters())
+    assert all(p.grad is None for p in nets.style_encoder.parameters())
+    assert all(p.requires_grad for net in nets.modules().values() for p in net.parameters())

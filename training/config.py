@@ -39,13 +39,14 @@ class TrainConfig:
     data: str | None = None
     domains: tuple[str, ...] | None = None
     out: str = "runs/default"
-    # architecture: the embedded default is sized to learn within minutes on 2 CPU cores;
-    # for real data pass --img-size 128/256 and --set arch=stargan-v2 (the official widths, which
-    # then replace base_dim, max_dim and mapping_dim)
+    # architecture: the embedded default is sized to learn within minutes on 2 CPU cores (stem 16,
+    # max 64: 2.5x the steps/s of 32/128, benchmarks/RESULTS.md); for real data pass
+    # --img-size 128/256 and --set arch=stargan-v2 (the official widths, which then replace
+    # base_dim, max_dim and mapping_dim)
     arch: str | None = None
     img_size: int = 32
-    base_dim: int | None = 32
-    max_dim: int = 128
+    base_dim: int | None = 16
+    max_dim: int = 64
     style_dim: int = 64
     latent_dim: int = 16
     mapping_dim: int = 256
@@ -62,6 +63,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     ema_beta: float = 0.999
     lambda_r1: float = 1.0
+    # lazy R1 (StyleGAN2): the penalty on every r1_every-th step only, weighted r1_every times
+    # (1: the official every-step R1; A/B in benchmarks/RESULTS.md)
+    r1_every: int = 16
     lambda_sty: float = 1.0
     lambda_ds: float = 1.0
     lambda_cyc: float = 1.0
@@ -135,6 +139,8 @@ class TrainConfig:
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be 0 (off) or a positive number of steps, "
                                   f"got {getattr(self, key)}")
+        if self.r1_every < 1:
+            raise ConfigError(f"r1_every must be at least 1, got {self.r1_every}")
         if self.num_style_z < 1:
             raise ConfigError(f"num_style_z must be at least 1, got {self.num_style_z}")
         if self.topk < 1:

@@ -76,6 +76,10 @@ class EvalSettings:
     progress: bool = True
 
 
+# What `python -m training.run` evaluates at its end: 50 translations per domain, fewer KID subsets.
+QUICK_SETTINGS = EvalSettings(n=50, kid_subsets=20)
+
+
 # ----------------------------------------------------------------------------- the run folder
 
 @dataclass
@@ -718,6 +722,21 @@ def markdown_report(result: dict[str, Any]) -> str:
     for name, why in tr["skipped"].items():
         lines.append(f"\nskipped {name}: {why}")
     lines.append("")
+    return "\n".join(lines)
+
+
+def headline_table(result: dict[str, Any]) -> str:
+    """The few figures a user looks at first, for the translations and for untranslated sources."""
+    tr = result["translation"]
+    rows = [("translations", tr["mean"]), ("untranslated sources", tr["identity_mean"])]
+    lines = [f"quality at step {result['step']} ({result['labeler']} features; "
+             f"{result['settings']['n']} sources per domain):", "",
+             "| | domain accuracy | content | mFD | mKID x1e3 |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {_fmt(m['domain_accuracy'])} | {_fmt(m['content'])} | {_fmt(m['fd'], 4)} | "
+              f"{_fmt(m['kid'], 3, 1e3)} |" for name, m in rows]
+    f1 = result["summary"].get("macro_f1_stage1")
+    if f1 is not None:
+        lines += ["", f"pseudo-labels vs ground truth: macro F1 {f1:.3f} (adaptive)"]
     return "\n".join(lines)
 
 

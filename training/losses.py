@@ -49,6 +49,14 @@ def r1_penalty(logits: torch.Tensor, active: torch.Tensor, images: torch.Tensor,
     return 0.5 * grad.pow(2).flatten(1).sum(dim=1).mean()
 
 
+def lazy_r1_weight(step: int, weight: float, every: int) -> float:
+    """R1's weight at `step` when it is computed only every `every` steps (StyleGAN2's lazy
+    regularisation): `weight * every` on those steps, so its average pull is unchanged, else 0."""
+    if every < 1:
+        raise ValueError(f"every must be at least 1, got {every}")
+    return weight * every if step % every == 0 else 0.0
+
+
 def style_reconstruction_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (predicted - target).abs().mean()
 

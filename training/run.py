@@ -7,6 +7,7 @@ package) with hair / beard domain texts, labelled offline by the packaged `lanit
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -42,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any training config key (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=None,
+                   help="evaluate the model at the end (quick settings; default: on for the "
+                        "embedded data, off with --data)")
     return p
 
 
@@ -125,6 +129,30 @@ def _main(args: argparse.Namespace) -> int:
         print(f"error: {describe(err)}", file=sys.stderr)
         return 2
     print(f"done: checkpoint in {out}")
+    if args.eval if args.eval is not None else cfg.data is None:
+        return report_quality(out, progress=not args.no_progress)
+    print(f"evaluate it with: python -m training.eval {out}")
+    return 0
+
+
+def report_quality(out: Path, progress: bool) -> int:
+    """Evaluate the finished run with quick settings and print the headline figures; the
+    checkpoint is kept whatever happens here (exit code 0 with a warning on failure)."""
+    from training.eval import QUICK_SETTINGS, evaluate_run, headline_table
+
+    print(f"evaluating (python -m training.eval {out} --n {QUICK_SETTINGS.n}) ...", flush=True)
+    try:
+        result = evaluate_run(out, settings=dataclasses.replace(QUICK_SETTINGS, progress=progress))
+    except KeyboardInterrupt:
+        print("evaluation interrupted; the checkpoint is saved: python -m training.eval "
+              f"{out} evaluates it", file=sys.stderr)
+        return 130
+    except USER_ERRORS + (RuntimeError,) as err:
+        print(f"warning: the evaluation failed ({describe(err)}); the checkpoint is saved",
+              file=sys.stderr)
+        return 0
+    print(headline_table(result))
+    print(f"full report: {out / 'eval.md'}, samples: {out / 'eval_samples.png'}")
     return 0
 
 

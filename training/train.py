@@ -102,6 +102,43 @@ def stop_requests() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
+class PhaseClock:
+    """Wall time per phase of the training step, summed over steps (benchmarks/train_step.py).
+
+    `with clock("name"):` times a phase; phases nest, and time is counted to the innermost one, so
+    the phases add up to the step. Off (`enabled=False`, the default) it costs one branch. On a GPU
+    each boundary synchronises the device, so kernels are charged to the phase that queued them."""
+
+    def __init__(self, enabled: bool = False, device: torch.device | None = None):
+        self.enabled = enabled
+        self.sync = enabled and device is not None and device.type == "cuda"
+        self.totals: dict[str, float] = {}
+        self._stack: list[str] = []
+        self._since = 0.0
+
+    def _charge(self) -> None:
+        if self.sync:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if self._stack:
+            name = self._stack[-1]
+            self.totals[name] = self.totals.get(name, 0.0) + now - self._since
+        self._since = now
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        self._charge()
+        self._stack.append(name)
+        try:
+            yield
+        finally:
+            self._charge()
+            self._stack.pop()
+
+
 # ----------------------------------------------------------------------------- processes
 
 @dataclass(frozen=True)
@@ -234,6 +271,21 @@ def make_optimizers(nets: Nets, cfg: TrainConfig) -> dict[str, torch.optim.Optim
             "discriminator": adam(nets.discriminator, cfg.lr)}
 
 
+@contextlib.contextmanager
+def grads_only_for(nets: Nets, names: tuple[str, ...]) -> Iterator[None]:
+    """Within: only the nets in `names` (those the step updates) build weight gradients. The others
+    still pass gradients through to their inputs, but autograd skips their weight gradients, which
+    no optimiser step would read (each D step clears them first): the same update, less work."""
+    frozen = [net for name, net in nets.modules().items() if name not in names]
+    for net in frozen:
+        net.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for net in frozen:
+            net.requires_grad_(True)
+
+
 def step_optimizers(optims: dict[str, torch.optim.Optimizer], names: tuple[str, ...], world: int):
     for name in names:
         params = [p for group in optims[name].param_groups for p in group["params"]]
@@ -279,24 +331,31 @@ def official(cfg: TrainConfig) -> bool:
     return cfg.recipe == "lanit-official"
 
 
-def discriminator_step(nets: Nets, x_real, y_org, y_trg, s_trg, cfg: TrainConfig):
+def discriminator_step(nets: Nets, x_real, y_org, y_trg, x_fake, cfg: TrainConfig,
+                       r1_weight: float | None = None):
+    """One D objective on real images and a given (detached) fake. `r1_weight`: the R1 term's weight
+    this step (None: `cfg.lambda_r1`; 0: R1 skipped, as lazy R1 does between its steps)."""
     average = "pairs" if official(cfg) else "samples"
-    x_real = x_real.detach().requires_grad_(True)
+    r1_weight = cfg.lambda_r1 if r1_weight is None else r1_weight
+    x_real = x_real.detach().requires_grad_(r1_weight > 0)
     out_real = nets.discriminator(x_real)
     loss_real = losses.adversarial_loss(out_real, y_org, real=True, average=average)
-    loss_r1 = losses.r1_penalty(out_real, y_org, x_real, score="sum" if official(cfg) else "mean")
-    with torch.no_grad():
-        x_fake = nets.generator(x_real, s_trg)
     loss_fake = losses.adversarial_loss(nets.discriminator(x_fake), y_trg, real=False, average=average)
-    loss = loss_real + loss_fake + cfg.lambda_r1 * loss_r1
-    return loss, {"d_real": loss_real.item(), "d_fake": loss_fake.item(), "d_r1": loss_r1.item()}
+    loss = loss_real + loss_fake
+    logs = {"d_real": loss_real.item(), "d_fake": loss_fake.item()}
+    if r1_weight > 0:
+        loss_r1 = losses.r1_penalty(out_real, y_org, x_real, score="sum" if official(cfg) else "mean")
+        loss = loss + r1_weight * loss_r1
+        logs["d_r1"] = loss_r1.item()
+    return loss, logs
 
 
 def generator_step(nets: Nets, labeler: Labeler | None, x_real, y_org, y_trg, y_abl, removed,
                    style_of, cfg: TrainConfig, lambda_ds: float, learn_prompts: bool = False,
-                   latent: bool = True):
+                   latent: bool = True, clock: PhaseClock | None = None, x_fake2=None):
     """One G objective. `style_of(targets, which)` gives the style for `which` in (1, 2) (two
     latents or two references) mixed over the `targets` rows, with gradients; `latent` says which.
+    `x_fake2`: the diversity term's second translation, when already made (without gradients).
 
     lanit-official: diversity and the domain-regularisation loss in the latent step only, the
     latter only while prompts are learned; lanit-rt: diversity in both steps, the domain loss
@@ -309,8 +368,9 @@ def generator_step(nets: Nets, labeler: Labeler | None, x_real, y_org, y_trg, y_
     loss = loss_adv + cfg.lambda_sty * loss_sty
     logs = {"g_adv": loss_adv.item(), "g_sty": loss_sty.item()}
     if latent or not official(cfg):
-        with torch.no_grad():  # the diversity term pushes only x_fake away from x_fake2
-            x_fake2 = nets.generator(x_real, style_of(y_trg, 2))
+        if x_fake2 is None:
+            with torch.no_grad():  # the diversity term pushes only x_fake away from x_fake2
+                x_fake2 = nets.generator(x_real, style_of(y_trg, 2))
         loss_ds = losses.diversity_loss(x_fake, x_fake2)
         loss = loss - lambda_ds * loss_ds
         logs["g_ds"] = loss_ds.item()
@@ -320,6 +380,14 @@ def generator_step(nets: Nets, labeler: Labeler | None, x_real, y_org, y_trg, y_
     logs["g_cyc"] = loss_cyc.item()
     if labeler is None or not cfg.lambda_dl > 0:
         return loss, logs
+    with clock("dl") if clock is not None else contextlib.nullcontext():
+        return _add_domain_loss(nets, labeler, x_real, x_fake, y_trg, y_abl, removed, style_of, cfg,
+                                learn_prompts, latent, loss, logs)
+
+
+def _add_domain_loss(nets: Nets, labeler: Labeler, x_real, x_fake, y_trg, y_abl, removed, style_of,
+                     cfg: TrainConfig, learn_prompts: bool, latent: bool, loss, logs):
+    """`loss` plus the recipe's domain-regularisation loss (see generator_step)."""
     if official(cfg):
         if latent and learn_prompts:
             cosines = labeler.scores(x_fake, learn_prompts, relative=False)
@@ -459,6 +527,7 @@ class Trainer:
         self.optims = make_optimizers(self.nets, cfg)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1000 * self.dist.rank)
         self.step = 0
+        self.clock = PhaseClock()  # benchmarks/train_step.py turns it on
 
         self.labeler = self._build_labeler(vl, scan.paths)
         self.prompt_optim = None
@@ -671,19 +740,29 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------
 
     def train_step(self) -> dict[str, float]:
-        cfg, nets, optims = self.cfg, self.nets, self.optims
-        x_real, x_ref, x_ref2, y_org, y_trg, y_abl, removed, z1, z2 = self._batch()
+        cfg, nets, optims, clock = self.cfg, self.nets, self.optims, self.clock
+        with clock("data"):
+            x_real, x_ref, x_ref2, y_org, y_trg, y_abl, removed, z1, z2 = self._batch()
         world = self.dist.world
         learn_prompts = self.prompt_optim is not None and self.step >= cfg.prompt_start_step
         logs: dict[str, float] = {}
 
-        for kind in ("latent", "ref"):
-            with torch.no_grad():
-                s_trg = nets.mapping(z1, y_trg) if kind == "latent" else nets.style_encoder(x_ref, y_trg)
-            d_loss, d_logs = discriminator_step(nets, x_real, y_org, y_trg, s_trg, cfg)
-            optims["discriminator"].zero_grad(set_to_none=True)
-            d_loss.backward()
-            step_optimizers(optims, ("discriminator",), world)
+        # One generator pass, without gradients, makes both D steps' fakes and the diversity
+        # terms' second translations: G, F and E do not change until the first G update.
+        with clock("d_fakes"), torch.no_grad():
+            styles = [nets.mapping(z1, y_trg), nets.style_encoder(x_ref, y_trg), nets.mapping(z2, y_trg)]
+            if not official(cfg):  # lanit-rt: diversity in the reference step too
+                styles.append(nets.style_encoder(x_ref2, y_trg))
+            made = nets.generator(x_real.repeat(len(styles), 1, 1, 1), torch.cat(styles)).chunk(len(styles))
+            fakes, second = made[:2], {"latent": made[2], "ref": made[3] if len(made) > 3 else None}
+        r1_weight = losses.lazy_r1_weight(self.step, cfg.lambda_r1, cfg.r1_every)
+        for kind, x_fake in zip(("latent", "ref"), fakes):
+            with clock(f"d_{kind}"):
+                d_loss, d_logs = discriminator_step(nets, x_real, y_org, y_trg, x_fake, cfg, r1_weight)
+                optims["discriminator"].zero_grad(set_to_none=True)
+                d_loss.backward()
+                with clock("optimizer"):
+                    step_optimizers(optims, ("discriminator",), world)
             logs.update({f"{k}_{kind}": v for k, v in d_logs.items()})
 
         lambda_ds = losses.diversity_weight(self.step, cfg.lambda_ds, cfg.ds_decay_steps or cfg.steps)
@@ -698,26 +777,31 @@ class Trainer:
                 def style_of(targets, which):
                     return nets.style_encoder(refs[which], targets)
                 names = ("generator",)
-            g_loss, g_logs = generator_step(nets, self.labeler, x_real, y_org, y_trg, y_abl, removed,
-                                            style_of, cfg, lambda_ds, learn_prompts,
-                                            latent=kind == "latent")
-            for name in optims:
-                optims[name].zero_grad(set_to_none=True)
-            if learn_prompts:
-                self.prompt_optim.zero_grad(set_to_none=True)
-            g_loss.backward()
-            step_optimizers(optims, names, world)
-            if learn_prompts:
-                prompt_params = [p for g in self.prompt_optim.param_groups for p in g["params"]]
-                average_gradients(prompt_params, world)
-                self.prompt_optim.step()
+            with clock(f"g_{kind}"), grads_only_for(nets, names):
+                g_loss, g_logs = generator_step(nets, self.labeler, x_real, y_org, y_trg, y_abl, removed,
+                                                style_of, cfg, lambda_ds, learn_prompts,
+                                                latent=kind == "latent", clock=clock,
+                                                x_fake2=second[kind])
+                for name in optims:
+                    optims[name].zero_grad(set_to_none=True)
+                if learn_prompts:
+                    self.prompt_optim.zero_grad(set_to_none=True)
+                g_loss.backward()
+                with clock("optimizer"):
+                    step_optimizers(optims, names, world)
+                    if learn_prompts:
+                        prompt_params = [p for g in self.prompt_optim.param_groups for p in g["params"]]
+                        average_gradients(prompt_params, world)
+                        self.prompt_optim.step()
             logs.update({f"{k}_{kind}": v for k, v in g_logs.items()})
 
-        update_ema(self.ema, nets, losses.ema_beta(self.step, cfg.ema_beta))
+        with clock("ema"):
+            update_ema(self.ema, nets, losses.ema_beta(self.step, cfg.ema_beta))
         self.step += 1
         if learn_prompts and every(self.step, cfg.relabel_every):
-            self.labels, self.scores = self.labeler.label()
-            self.pool = self._active_pool()
+            with clock("relabel"):
+                self.labels, self.scores = self.labeler.label()
+                self.pool = self._active_pool()
         logs["lambda_ds"] = lambda_ds
         return logs
 
@@ -750,7 +834,7 @@ class Trainer:
             return None
         path = self.out / "samples" / f"step_{self.step:06d}.png"
         save_sample_grid(path, self.ema, self.images, self.pool, self.labels, self.domains,
-                         seed=self.cfg.seed, device=self.device)
+                         seed=self.cfg.seed, device=self.device, step=self.step)
         return path
 
     def run(self) -> Path:
