@@ -1,5 +1,5 @@
 """`python -m training.eval` end to end on a tiny run folder built here, with a tiny random open_clip
-labeler on disk (loaded through training.vl like any local checkpoint)."""
+labeler on disk (loaded through training.labeling.vl like any local checkpoint)."""
 
 import csv
 import json
@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 
 from lanit_rt import Generator, LanitConfig, MappingNetwork, StyleEncoder, save_checkpoint
 from lanit_rt.style import latent_style_table
-from training import eval as lanit_eval
-from training import metrics
+from training.evaluation import eval as lanit_eval
+from training.evaluation import metrics
 
 DOMAINS = ("red", "green", "blue")
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 210)}
@@ -87,8 +87,8 @@ def run_dir(tmp_path_factory) -> dict:
         for path, name in gt_rows:
             writer.writerow([str(path), int(name == "red"), int(name == "green"), 0])
     # Learned prompts: the stage-1 context moved a little.
-    from training.prompts import PromptBank
-    from training.vl import load_vision_language
+    from training.labeling.prompts import PromptBank
+    from training.labeling.vl import load_vision_language
 
     vl = load_vision_language(str(vl_dir))
     bank = PromptBank(vl, list(DOMAINS), templates=TEMPLATES, learnable=True)
@@ -143,8 +143,8 @@ def test_trainer_labels_scored_against_ground_truth(run_dir):
 
 def test_pseudo_label_quality_matches_direct_computation(run_dir):
     """Stage-1 and learned-prompt F1 equal labelling the images ourselves with the same pieces."""
-    from training.prompts import PromptBank
-    from training.pseudo_labels import image_features, pseudo_labels
+    from training.labeling.prompts import PromptBank
+    from training.labeling.pseudo_labels import image_features, pseudo_labels
 
     vl, result = run_dir["vl"], run_dir["result"]
     paths = sorted(run_dir["data"].rglob("*.png"))
@@ -270,7 +270,7 @@ def test_ground_truth_from_spreadsheets_and_multi_label_folders(run_dir, tmp_pat
 
 
 def test_emoji_ground_truth_from_names():
-    from training.emoji import PERSON_DOMAINS, default_dataset, twemoji_entries
+    from training.labeling.emoji import PERSON_DOMAINS, default_dataset, twemoji_entries
 
     paths, _ = default_dataset()
     truth = lanit_eval.emoji_ground_truth(paths, PERSON_DOMAINS + ("kitten",))
@@ -398,7 +398,7 @@ def test_data_with_other_images_than_the_run_trained_on_is_flagged(run_dir, tmp_
 
 
 def _no_image_features(monkeypatch) -> None:
-    import training.pseudo_labels as pl
+    import training.labeling.pseudo_labels as pl
 
     def refuse(*args, **kwargs):
         raise AssertionError("image features computed before the settings were checked")

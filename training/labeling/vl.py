@@ -3,7 +3,7 @@
 `load_vision_language(name)` resolves a labeler name to a frozen `VisionLanguage`:
 
 - ``"lanit-lite"``: the offline labeler packaged with this project
-  (`training.lanit_lite.create_lanit_lite()`); ``"lanit-lite:none"`` gives it untrained heads
+  (`training.labeling.lanit_lite.create_lanit_lite()`); ``"lanit-lite:none"`` gives it untrained heads
   (chance level, for comparisons) and ``"lanit-lite:/path/heads.safetensors"`` other heads.
 - ``"ViT-B-32"`` (any open_clip model name): its default pretrained tag (``"openai"`` for
   ViT-B-32, else the first tag open_clip lists for the model).
@@ -47,7 +47,7 @@ class VisionLanguageError(RuntimeError):
 
 # Input views whose embeddings a labeler may average when it labels (`VisionLanguage.label_views`).
 # "thin-outlines": a grey-scale dilation (max filter) that thins dark outlines and strokes, the
-# 3x3 max filter of align's training restyle (`training.align._restyle`) on 72-pixel emoji,
+# 3x3 max filter of align's training restyle (`training.labeling.align._restyle`) on 72-pixel emoji,
 # scaled to the input size.
 IMAGE_VIEWS = ("plain", "thin-outlines")
 
@@ -100,14 +100,14 @@ class VisionLanguage(nn.Module):
     100 for OpenAI CLIP): `logits = logit_scale * cos`.
 
     `label_views` (names from `IMAGE_VIEWS`): labels are made from the mean of the model's
-    embeddings of these views of each image (`training.pseudo_labels.image_features`); the DL loss
+    embeddings of these views of each image (`training.labeling.pseudo_labels.image_features`); the DL loss
     and evaluation encode the plain view. CLIP models label the plain view; lanit-lite adds
-    "thin-outlines" (see `training.lanit_lite.LanitLiteArch`).
+    "thin-outlines" (see `training.labeling.lanit_lite.LanitLiteArch`).
 
     Text towers: the native CLIP text transformer (top-level attributes of `open_clip.CLIP`, or
     `open_clip.transformer.TextTransformer` as `model.text`) and `open_clip.hf_model.HFTextEncoder`.
     `embed_tokens` and `encode_token_embeddings` split text encoding at the token embeddings so that
-    prompt learning (training/prompts.py) can substitute learnable context vectors.
+    prompt learning (training/labeling/prompts.py) can substitute learnable context vectors.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, image_size: int | Sequence[int],
@@ -418,7 +418,7 @@ def load_vision_language(name: str = LANIT_LITE, device: str | torch.device = "c
 
 def _load_lanit_lite(name: str, device) -> VisionLanguage:
     try:
-        from training.lanit_lite import create_lanit_lite
+        from training.labeling.lanit_lite import create_lanit_lite
     except ImportError as err:
         raise VisionLanguageError(f"the {LANIT_LITE} labeler is not available ({err})") from None
     heads: Any = "default"
