@@ -1,4 +1,5 @@
-"""The offline lanit-lite labeler (training/labeling/lanit_lite.py) and its head training (training/labeling/align.py)."""
+"""The offline lanit-lite labeler (training/labeling/lanit_lite.py) and its head training
+(training/labeling/align.py)."""
 
 import json
 
@@ -351,7 +352,8 @@ def test_pyramid_pooling_concatenates_head_and_stage_features(lite):
 
 
 def test_set_centre_weight_mixes_the_set_mean_with_the_training_centre(lite):
-    from training.labeling.vl import VisionLanguage, VisionLanguageError
+    from training.labeling.views import VisionLanguageError
+    from training.labeling.vl import VisionLanguage
 
     model, tokenizer, pre = lite
     assert 0.0 < pre["set_centre_weight"] < 1.0
@@ -373,7 +375,8 @@ def test_labels_average_the_embeddings_of_the_label_views(lite, tmp_path):
     from PIL import Image
 
     from training.labeling.pseudo_labels import image_features, load_image
-    from training.labeling.vl import VisionLanguage, VisionLanguageError, load_vision_language
+    from training.labeling.views import VisionLanguageError
+    from training.labeling.vl import VisionLanguage, load_vision_language
 
     model, tokenizer, pre = lite
     assert pre["label_views"] == ("plain", "thin-outlines")  # the committed heads' labelling views

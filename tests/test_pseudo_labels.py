@@ -31,7 +31,8 @@ from training.labeling.pseudo_labels import (  # noqa: E402
     scores_json_path,
     write_labels_csv,
 )
-from training.labeling.vl import VisionLanguage, VisionLanguageError, load_vision_language  # noqa: E402
+from training.labeling.views import VisionLanguageError  # noqa: E402
+from training.labeling.vl import VisionLanguage, load_vision_language  # noqa: E402
 
 DOMAINS = ["blond hair", "beard", "golden retriever"]
 _VISION = {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32}
@@ -454,7 +455,7 @@ def test_image_features_encode_in_cpu_micro_batches(clip_vl, tmp_path, monkeypat
 
 
 def test_thin_outlines_view_scales_with_the_input():
-    from training.labeling.vl import image_view, outline_kernel
+    from training.labeling.views import image_view, outline_kernel
 
     assert [outline_kernel(s) for s in (32, 72, 128, 224)] == [1, 3, 5, 9]
     white = torch.ones(1, 3, 72, 72)

@@ -16,7 +16,7 @@ from training.cli import one_line_warnings
 from training.config import TrainConfig, parse_override
 from training.data import DataError
 from training.train import RunError, TrainingInterrupted, train
-from training.labeling.vl import VisionLanguageError
+from training.labeling.views import VisionLanguageError
 
 # Problems with the user's arguments, data, labeler, files or machine: one line and exit code 2,
 # no traceback. ImportError: a missing optional extra, whose message names what to install.

@@ -858,7 +858,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = EvalSettings(n=args.n, seed=args.seed, batch_size=args.batch_size, topk=args.topk,
                             threshold=args.threshold, progress=not args.no_progress)
     from training.labeling.pseudo_labels import ImageFeatureError
-    from training.labeling.vl import VisionLanguageError
+    from training.labeling.views import VisionLanguageError
 
     try:
         with one_line_warnings():

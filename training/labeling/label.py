@@ -181,7 +181,7 @@ def _one_line(err: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from training.data import DataError
-    from training.labeling.vl import VisionLanguageError
+    from training.labeling.views import VisionLanguageError
 
     try:
         run(build_parser().parse_args(argv))
