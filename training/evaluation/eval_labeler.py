@@ -82,22 +82,22 @@ def _vendor_entries(vendor: str, render_dir: str | Path | None) -> list:
     import random
     from types import SimpleNamespace
 
-    from training.labeling import align
+    from training.labeling import align_data
 
     if render_dir is None:
         raise ValueError(f"evaluating on {vendor} needs a folder to render its emoji into")
     folder = Path(render_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    wanted = [g for g in align.vendor_glyphs(vendor)
+    wanted = [g for g in align_data.vendor_glyphs(vendor)
               if emoji_data.is_person(g.name) or emoji_data.animal_face_class(g.name)
               or emoji_data.food_class(g.name)]
-    font = align.vendor_font(vendor)
+    font = align_data.vendor_font(vendor)
     entries = []
     for glyph in wanted:
         path = folder / f"{vendor}-{emoji_data.codepoint_key(glyph.sequence)}.png"
         if not path.is_file():
-            ink = align.render_glyph(font, glyph.sequence)
-            align.layout_glyph(ink, random.Random(0), augment=False).save(path)
+            ink = align_data.render_glyph(font, glyph.sequence)
+            align_data.layout_glyph(ink, random.Random(0), augment=False).save(path)
         entries.append(SimpleNamespace(name=glyph.name, path=path))
     return entries
 

@@ -18,7 +18,7 @@ class VisionLanguageError(RuntimeError):
 
 # Input views whose embeddings a labeler may average when it labels (`VisionLanguage.label_views`).
 # "thin-outlines": a grey-scale dilation (max filter) that thins dark outlines and strokes, the
-# 3x3 max filter of align's training restyle (`training.labeling.align._restyle`) on 72-pixel emoji,
+# 3x3 max filter of align's training restyle (`training.labeling.align_data._restyle`) on 72-pixel emoji,
 # scaled to the input size.
 IMAGE_VIEWS = ("plain", "thin-outlines")
 
