@@ -27,9 +27,9 @@ ROOM_IMPORTS = {
     "lanit_kernels": set(),
     "lanit_rt": {"lanit_kernels"},
     "lanit_export": {"lanit_rt", "lanit_kernels"},
-    "training": {"lanit_rt", "lanit_kernels", "training.labeling"},
-    "training.labeling": {"lanit_rt", "lanit_kernels", "training.data"},
-    "training.evaluation": {"lanit_rt", "lanit_kernels", "training", "training.labeling"},
+    "training": {"lanit_rt", "training.labeling"},
+    "training.labeling": {"lanit_rt", "training.data"},
+    "training.evaluation": {"lanit_rt", "training", "training.labeling"},
 }
 # The thin entry modules that keep the commands' paths (`python -m training.eval`) belong to the
 # room whose code they start.
