@@ -4,7 +4,7 @@ Translator's host overhead.
 Models (random initialisation, seeded; no trained checkpoint is needed or downloaded):
 - "64-small": 64 px at the training defaults' widths (base_dim 32, max_dim 128, mapping_dim 256);
 - "256-stargan": 256 px at StarGAN v2 widths (base_dim None -> 64, max_dim 512, mapping_dim 512).
-Real images: the embedded default data (Twemoji people, `training.emoji.default_dataset`), resized
+Real images: the embedded default data (Twemoji people, `training.labeling.emoji.default_dataset`), resized
 to the model size; the first images calibrate INT8, the last ones (never seen by calibration) are
 the held-out set for PSNR.
 
@@ -64,7 +64,7 @@ def real_images(size: int, count: int) -> np.ndarray:
     from PIL import Image
 
     from lanit_rt.images import to_rgb
-    from training.emoji import default_dataset
+    from training.labeling.emoji import default_dataset
 
     paths, _ = default_dataset()
     rng = np.random.default_rng(0)

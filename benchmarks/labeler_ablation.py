@@ -46,11 +46,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training import align as A  # noqa: E402
-from training import emoji as emoji_data  # noqa: E402
-from training.eval_labeler import eval_sets, f1_scores, top1_accuracy  # noqa: E402
-from training.lanit_lite import create_lanit_lite  # noqa: E402
-from training.vl import VisionLanguage  # noqa: E402
+from training.labeling import align as A  # noqa: E402
+from training.labeling import align_data as AD  # noqa: E402
+from training.labeling import emoji as emoji_data  # noqa: E402
+from training.evaluation.eval_labeler import eval_sets, f1_scores, top1_accuracy  # noqa: E402
+from training.labeling.lanit_lite import create_lanit_lite  # noqa: E402
+from training.labeling.vl import VisionLanguage  # noqa: E402
 
 POOLS = {
     "avg": ("avg",),
@@ -90,7 +91,7 @@ def vendor_parts(vl, cache_dir: Path, vendor: str = "twemoji") -> dict[str, dict
     """Pooled parts of the three evaluation sets of `vendor` (and, for Twemoji, of all its images,
     for name retrieval), from the images as labelling loads and preprocesses them. Training vendors
     are rendered as `eval_sets` renders them (validation for heads trained without that vendor)."""
-    from training.pseudo_labels import load_image
+    from training.labeling.pseudo_labels import load_image
 
     tower = A.SplitImageTower(vl.model.visual, 0)
 
@@ -178,8 +179,8 @@ def nuisance_projection(feats: torch.Tensor, glyphs, views: int, k: int) -> Fixe
 def scores(vl, proj: nn.Module, feats: torch.Tensor, domains) -> torch.Tensor:
     """Adaptive scores of one set's pooled features, as labelling makes them: projected, centred
     by the labeler's own set centre (`VisionLanguage.set_image_centre`), then `pseudo_labels`."""
-    from training.prompts import PromptBank
-    from training.pseudo_labels import pseudo_labels
+    from training.labeling.prompts import PromptBank
+    from training.labeling.pseudo_labels import pseudo_labels
 
     with torch.no_grad():
         raw = proj(feats)
@@ -240,7 +241,7 @@ def main(argv=None) -> int:
         layers["proj"] = nn.Linear(feats.shape[1], arch.embed_dim, bias=False)
     # `proj` below is the whole map from centred features to the embedding.
     proj = model.visual.head = nn.Sequential(layers)
-    index = A.build_captions([g.name for g in glyphs], [emoji_data.aliases(g.sequence) for g in glyphs])
+    index = AD.build_captions([g.name for g in glyphs], [emoji_data.aliases(g.sequence) for g in glyphs])
     text_feats = A.cached_text_features(cache_dir, model, tokenizer, index.captions)
     data = A.AlignData(model, A.SplitImageTower(model.visual, 0), glyphs, feats.half(), centre, index,
                        text_feats, time.time())
@@ -295,7 +296,7 @@ def name_retrieval(vl, proj, feats, names, glyphs) -> float:
     keep = torch.tensor([b in set(known) for b in base])
     target = torch.tensor([known.index(b) for b in base if b in set(known)])
     with torch.no_grad():
-        texts = torch.cat([vl.encode_texts([f"an emoji of {A.caption_phrase(n)}." for n in known[i:i + 512]])
+        texts = torch.cat([vl.encode_texts([f"an emoji of {AD.caption_phrase(n)}." for n in known[i:i + 512]])
                            for i in range(0, len(known), 512)])
         x = F.normalize(proj(feats[keep] - feats[keep].mean(0)), dim=-1)
     return float(((x @ texts.t()).argmax(1) == target).float().mean())

@@ -48,13 +48,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import labeler_ablation as ablation  # noqa: E402
-from training import align as A  # noqa: E402
-from training import emoji as emoji_data  # noqa: E402
-from training.eval_labeler import f1_scores, top1_accuracy  # noqa: E402
-from training.lanit_lite import DEFAULT_HEADS, IMAGE_CENTRE_KEY, heads_vendors, read_heads  # noqa: E402
-from training.prompts import PromptBank  # noqa: E402
-from training.pseudo_labels import pseudo_labels  # noqa: E402
-from training.vl import load_vision_language  # noqa: E402
+from training.labeling import align as A  # noqa: E402
+from training.labeling import emoji as emoji_data  # noqa: E402
+from training.evaluation.eval_labeler import f1_scores, top1_accuracy  # noqa: E402
+from training.labeling.lanit_lite import DEFAULT_HEADS, IMAGE_CENTRE_KEY, heads_vendors, read_heads  # noqa: E402
+from training.labeling.prompts import PromptBank  # noqa: E402
+from training.labeling.pseudo_labels import pseudo_labels  # noqa: E402
+from training.labeling.vl import load_vision_language  # noqa: E402
 
 REDUCTIONS = ("max", "top3", "mean")
 WEIGHTS = (0.3, 0.4, 0.5, 0.6, 0.7)

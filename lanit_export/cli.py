@@ -77,7 +77,8 @@ def _run(args: argparse.Namespace) -> None:
     from lanit_rt.checkpoint import read_checkpoint_config  # noqa: PLC0415
     from lanit_rt.translator import ENGINE_FILE  # noqa: PLC0415
 
-    from lanit_export.onnx_export import PRECISIONS, check_output_path, style_graph_path  # noqa: PLC0415
+    from lanit_export.graph_spec import PRECISIONS  # noqa: PLC0415
+    from lanit_export.onnx_export import check_output_path, style_graph_path  # noqa: PLC0415
 
     for name in ("checkpoint", "onnx", "onnx_path", "out"):  # "~/x" from a quoted or --flag=~ path
         if getattr(args, name) is not None:

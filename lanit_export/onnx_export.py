@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -39,37 +38,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import lanit_rt
-from lanit_rt import Generator, LanitConfig, LanitModel
-from lanit_rt.checkpoint import OutputPathError, check_output_file, publish_file, temp_file_beside
+from lanit_rt.checkpoint import LanitModel, OutputPathError, check_output_file, publish_file, temp_file_beside
+from lanit_rt.config import LanitConfig
+from lanit_rt.networks import Generator
+from lanit_rt.version import __version__ as lanit_rt_version
 from lanit_export.errors import ExportError, ValidationError, require
+from lanit_export.graph_spec import (BATCH_AXIS, KINDS, OUTPUT_NAME, artifact_metadata, check_kind, check_precision,
+                                     input_names)
 
 MIN_OPSET = 18
 DEFAULT_OPSET = 18
-PRECISIONS = ("fp32", "fp16")
-KINDS = ("domain_weights", "style")
-OUTPUT_NAME = "translated"
-BATCH_AXIS = "batch"
-IO_DTYPE = "float32"
-METADATA_KEYS = ("lanit_config", "domains", "lanit_rt_version", "precision", "kind", "io_dtype")
 _MAX_EXPORT_BATCH = 4096
 # ONNX TensorProto element types used in the checks (values fixed by the ONNX spec).
 _FLOAT, _FLOAT16 = 1, 10
-
-
-def input_names(kind: str) -> tuple[str, str]:
-    check_kind(kind)
-    return ("image", "domain_weights") if kind == "domain_weights" else ("image", "style")
-
-
-def check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise ExportError(f"unknown export kind {kind!r}; choose one of {list(KINDS)}")
-
-
-def check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ExportError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
 
 
 def check_output_path(path: str | os.PathLike) -> None:
@@ -180,44 +161,6 @@ def export_module(model: LanitModel, kind: str, precision: str) -> nn.Module:
     return StyleGenerator(model.generator, precision).eval()
 
 
-def artifact_metadata(config: LanitConfig, precision: str, kind: str,
-                      weights_digest: str | None = None) -> dict[str, str]:
-    """The metadata_props of an exported graph (also the keys of a TensorRT sidecar);
-    `weights_digest` is LanitModel.weights_digest() of the exported model."""
-    check_precision(precision)
-    check_kind(kind)
-    meta = {
-        "lanit_config": config.to_json(),
-        "domains": json.dumps(list(config.domains)),
-        "lanit_rt_version": lanit_rt.__version__,
-        "precision": precision,
-        "kind": kind,
-        "io_dtype": IO_DTYPE,
-    }
-    if weights_digest is not None:
-        meta["weights_digest"] = weights_digest
-    return meta
-
-
-def read_metadata(model_or_path: Any) -> dict[str, str]:
-    """metadata_props of an ONNX ModelProto or file as a dict."""
-    onnx = require("onnx", "onnx")
-    proto = model_or_path
-    if isinstance(model_or_path, (str, os.PathLike)):
-        try:
-            proto = onnx.load(str(model_or_path), load_external_data=False)
-        except Exception as err:  # protobuf decode errors have no common public type
-            raise ExportError(f"{model_or_path} is not an ONNX file: {type(err).__name__}") from None
-    return {p.key: p.value for p in proto.metadata_props}
-
-
-def config_from_metadata(metadata: dict[str, str]) -> LanitConfig:
-    missing = [k for k in METADATA_KEYS if k not in metadata]
-    if missing:
-        raise ExportError(f"not a lanit-rt artifact: metadata lacks {missing}")
-    return LanitConfig.from_json(metadata["lanit_config"])
-
-
 def _example_inputs(config: LanitConfig, kind: str, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     image = torch.rand(batch, 3, config.img_size, config.img_size) * 2 - 1
     if kind == "domain_weights":
@@ -265,7 +208,7 @@ def _trace(model: LanitModel, kind: str, precision: str, opset: int):
     onnx.helper.set_model_props(proto, artifact_metadata(model.config, precision, kind,
                                                          model.weights_digest()))
     proto.producer_name = "lanit-rt"
-    proto.producer_version = lanit_rt.__version__
+    proto.producer_version = lanit_rt_version
     return proto
 
 
@@ -401,7 +344,7 @@ def export_onnx(model: LanitModel, out_path: str | os.PathLike, precision: str =
     if out_path.suffix != ".onnx":
         raise ExportError(f"the ONNX output must end in .onnx, got {out_path}")
     if validate:
-        from lanit_export.validate import validate_onnx  # noqa: PLC0415 (lanit_export.validate imports this module)
+        from lanit_export.validate import validate_onnx  # noqa: PLC0415 (looked up when validating)
         require("onnxruntime", "onnx")
     for kind in kinds:
         check_kind(kind)

@@ -21,7 +21,8 @@ from lanit_rt import LanitModel
 from lanit_rt.backends.openvino import kept_signal_stack, openvino_core
 from lanit_rt.checkpoint import output_file_mode
 from lanit_export.errors import ExportError, ValidationError, require
-from lanit_export.onnx_export import KINDS, _build_checked, check_output_path, read_metadata
+from lanit_export.graph_spec import KINDS, read_metadata
+from lanit_export.onnx_export import _build_checked, check_output_path
 from lanit_export.validate import ValidationReport, validate_artifact
 
 

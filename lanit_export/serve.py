@@ -229,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _serving_graph(args, scratch: Path) -> Path:
     """The ONNX graph to serve: --onnx, a current RUN/model.onnx, or a fresh validated export."""
     from lanit_rt import load_checkpoint  # noqa: PLC0415
-    from lanit_export.onnx_export import config_from_metadata, export_onnx, read_metadata  # noqa: PLC0415
+    from lanit_export.graph_spec import config_from_metadata, read_metadata  # noqa: PLC0415
+    from lanit_export.onnx_export import export_onnx  # noqa: PLC0415
 
     model = load_checkpoint(args.checkpoint)
     run = Path(args.checkpoint)

@@ -37,8 +37,9 @@ from lanit_rt import LanitConfig, LanitModel
 from lanit_rt.checkpoint import atomic_write, publish_file
 from lanit_export.errors import ExportError, ValidationError, require
 from lanit_export.validate import VALIDATION_BATCHES, validate_artifact
-from lanit_export.onnx_export import (OUTPUT_NAME, artifact_metadata, check_output_path, check_precision,
-                                config_from_metadata, export_onnx, input_names, read_metadata)
+from lanit_export.graph_spec import (OUTPUT_NAME, artifact_metadata, check_precision,
+                                     config_from_metadata, input_names, read_metadata)
+from lanit_export.onnx_export import check_output_path, export_onnx
 
 ENGINE_KIND = "domain_weights"
 DEFAULT_MIN_BATCH = 1

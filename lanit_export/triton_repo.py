@@ -341,7 +341,7 @@ def write_onnx_repository(repo: str | os.PathLike, onnx_path: str | os.PathLike,
 
     The config's tensors are read from the graph itself and compared with the parsed config.
     """
-    from lanit_export.onnx_export import config_from_metadata, read_metadata  # noqa: PLC0415
+    from lanit_export.graph_spec import config_from_metadata, read_metadata  # noqa: PLC0415
 
     onnx_path = Path(onnx_path)
     metadata = read_metadata(onnx_path)
@@ -428,7 +428,8 @@ def write_python_repository(repo: str | os.PathLike, artifact: str | os.PathLike
     default) bounds its intra-op threads per instance.
     """
     from lanit_rt.checkpoint import read_checkpoint_config, resolve_model_file  # noqa: PLC0415
-    from lanit_export.onnx_export import config_from_metadata, read_metadata, style_graph_path  # noqa: PLC0415
+    from lanit_export.graph_spec import config_from_metadata, read_metadata  # noqa: PLC0415
+    from lanit_export.onnx_export import style_graph_path  # noqa: PLC0415
 
     if runtime not in PYTHON_RUNTIMES:
         raise ExportError(f"unknown Python-backend runtime {runtime!r}; choose one of {list(PYTHON_RUNTIMES)}")

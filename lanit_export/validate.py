@@ -17,10 +17,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from lanit_rt import LanitConfig, LanitModel
+from lanit_rt.checkpoint import LanitModel
+from lanit_rt.config import LanitConfig
 from lanit_export.errors import ExportError, require
-from lanit_export.onnx_export import (OUTPUT_NAME, check_kind, check_precision, input_names,
-                                read_metadata)
+from lanit_export.graph_spec import OUTPUT_NAME, check_kind, check_precision, input_names, read_metadata
 
 TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2}
 VALIDATION_BATCHES = (1, 3, 8)

@@ -15,8 +15,7 @@ from lanit_rt.config import ConfigError, LanitConfig
 from lanit_rt.networks import Discriminator, Generator, MappingNetwork, StyleEncoder
 from lanit_rt.style import latent_style_table, mix_styles, normalize_domain_weights, reference_style_table
 from lanit_rt.translator import Translator
-
-__version__ = "0.1.0"
+from lanit_rt.version import __version__  # noqa: F401 (lanit_rt.__version__)
 
 __all__ = [
     "CheckpointError",

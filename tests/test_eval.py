@@ -1,5 +1,5 @@
 """`python -m training.eval` end to end on a tiny run folder built here, with a tiny random open_clip
-labeler on disk (loaded through training.vl like any local checkpoint)."""
+labeler on disk (loaded through training.labeling.vl like any local checkpoint)."""
 
 import csv
 import json
@@ -15,8 +15,10 @@ from safetensors.torch import save_file
 
 from lanit_rt import Generator, LanitConfig, MappingNetwork, StyleEncoder, save_checkpoint
 from lanit_rt.style import latent_style_table
-from training import eval as lanit_eval
-from training import metrics
+from training.evaluation import eval as lanit_eval
+from training.evaluation import inputs as eval_inputs
+from training.evaluation import report as eval_report
+from training.evaluation import metrics
 
 DOMAINS = ("red", "green", "blue")
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 210)}
@@ -87,8 +89,8 @@ def run_dir(tmp_path_factory) -> dict:
         for path, name in gt_rows:
             writer.writerow([str(path), int(name == "red"), int(name == "green"), 0])
     # Learned prompts: the stage-1 context moved a little.
-    from training.prompts import PromptBank
-    from training.vl import load_vision_language
+    from training.labeling.prompts import PromptBank
+    from training.labeling.vl import load_vision_language
 
     vl = load_vision_language(str(vl_dir))
     bank = PromptBank(vl, list(DOMAINS), templates=TEMPLATES, learnable=True)
@@ -133,7 +135,7 @@ def test_trainer_labels_scored_against_ground_truth(run_dir):
     assert trainer["macro_f1"] == pytest.approx(2 / 3)
     assert labels["ground_truth"]["positives"] == {d: PER_DOMAIN for d in DOMAINS}
     for prompts in ("stage1", "learned"):
-        for mode in lanit_eval.MODES:
+        for mode in eval_inputs.MODES:
             f1 = labels[prompts][mode]["macro_f1"]
             assert 0.0 <= f1 <= 1.0
     # top-1 labels exactly one domain per image: predicted counts sum to the image count.
@@ -143,8 +145,8 @@ def test_trainer_labels_scored_against_ground_truth(run_dir):
 
 def test_pseudo_label_quality_matches_direct_computation(run_dir):
     """Stage-1 and learned-prompt F1 equal labelling the images ourselves with the same pieces."""
-    from training.prompts import PromptBank
-    from training.pseudo_labels import image_features, pseudo_labels
+    from training.labeling.prompts import PromptBank
+    from training.labeling.pseudo_labels import image_features, pseudo_labels
 
     vl, result = run_dir["vl"], run_dir["result"]
     paths = sorted(run_dir["data"].rglob("*.png"))
@@ -220,8 +222,8 @@ def test_eval_is_deterministic_per_seed(run_dir, tmp_path):
 
 def test_ground_truth_formats_agree(run_dir, tmp_path):
     paths = sorted(run_dir["data"].rglob("*.png"))
-    from_csv = lanit_eval.read_ground_truth(run_dir["gt"], paths, DOMAINS)
-    from_folders = lanit_eval.read_ground_truth(run_dir["data"], paths, DOMAINS)
+    from_csv = eval_inputs.read_ground_truth(run_dir["gt"], paths, DOMAINS)
+    from_folders = eval_inputs.read_ground_truth(run_dir["data"], paths, DOMAINS)
     assert torch.equal(from_csv.labels, from_folders.labels)
     assert from_csv.labels.sum(dim=0).tolist() == [PER_DOMAIN] * 3
     # path,domains form with ';' lists, an unknown extra domain, and one domain missing.
@@ -231,7 +233,7 @@ def test_ground_truth_formats_agree(run_dir, tmp_path):
         writer.writerow(["path", "domains"])
         for p in paths:
             writer.writerow([str(p), "red;shiny" if p.parent.name == "red" else p.parent.name])
-    only = lanit_eval.read_ground_truth(listed, paths, ("red", "green", "purple"))
+    only = eval_inputs.read_ground_truth(listed, paths, ("red", "green", "purple"))
     assert only.known == [True, True, False]
     assert only.known_domains == [0, 1]
     assert only.labels[:, 0].sum() == PER_DOMAIN and only.labels[:, 2].sum() == 0
@@ -241,16 +243,16 @@ def test_ground_truth_from_spreadsheets_and_multi_label_folders(run_dir, tmp_pat
     import shutil
 
     paths = sorted(run_dir["data"].rglob("*.png"))
-    expected = lanit_eval.read_ground_truth(run_dir["gt"], paths, DOMAINS).labels
+    expected = eval_inputs.read_ground_truth(run_dir["gt"], paths, DOMAINS).labels
     # "CSV UTF-8" from a spreadsheet: a byte-order mark, and a space after each comma of the header.
     lines = run_dir["gt"].read_text().splitlines()
     excel = tmp_path / "excel.csv"
     excel.write_text("\ufeff" + ", ".join(lines[0].split(",")) + "\n" + "\n".join(lines[1:]) + "\n",
                      encoding="utf-8")
-    assert torch.equal(lanit_eval.read_ground_truth(excel, paths, DOMAINS).labels, expected)
-    with pytest.raises(lanit_eval.EvalError, match=r"names the domains \['blue', 'green', 'red'\], none "
+    assert torch.equal(eval_inputs.read_ground_truth(excel, paths, DOMAINS).labels, expected)
+    with pytest.raises(eval_inputs.EvalError, match=r"names the domains \['blue', 'green', 'red'\], none "
                                                   r"of the run's \['teal', 'pink'\]"):
-        lanit_eval.read_ground_truth(excel, paths, ("teal", "pink"))
+        eval_inputs.read_ground_truth(excel, paths, ("teal", "pink"))
 
     # A folder per domain where an image with two domains is copied into both folders; an empty
     # domain folder means no image has that domain.
@@ -259,21 +261,21 @@ def test_ground_truth_from_spreadsheets_and_multi_label_folders(run_dir, tmp_pat
         shutil.copytree(run_dir["data"] / name, gt / name)
     shutil.copy(run_dir["data"] / "red" / "red_0.png", gt / "blue" / "red_0.png")
     (gt / "purple").mkdir()
-    truth = lanit_eval.read_ground_truth(gt, paths, (*DOMAINS, "purple"))
+    truth = eval_inputs.read_ground_truth(gt, paths, (*DOMAINS, "purple"))
     red_0 = paths.index(run_dir["data"] / "red" / "red_0.png")
     assert truth.labels[red_0].tolist() == [1.0, 0.0, 1.0, 0.0]
     assert truth.labels.sum(dim=0).tolist() == [PER_DOMAIN, PER_DOMAIN, PER_DOMAIN + 1, 0]
     # Two different images of one name in two folders stay two images: matched by path only.
     Image.new("RGB", (8, 8), "white").save(gt / "green" / "red_1.png")
-    with pytest.raises(lanit_eval.EvalError, match="misses 1 of the run's images"):
-        lanit_eval.read_ground_truth(gt, paths, DOMAINS)
+    with pytest.raises(eval_inputs.EvalError, match="misses 1 of the run's images"):
+        eval_inputs.read_ground_truth(gt, paths, DOMAINS)
 
 
 def test_emoji_ground_truth_from_names():
-    from training.emoji import PERSON_DOMAINS, default_dataset, twemoji_entries
+    from training.labeling.emoji import PERSON_DOMAINS, default_dataset, twemoji_entries
 
     paths, _ = default_dataset()
-    truth = lanit_eval.emoji_ground_truth(paths, PERSON_DOMAINS + ("kitten",))
+    truth = eval_inputs.emoji_ground_truth(paths, PERSON_DOMAINS + ("kitten",))
     assert truth.known == [True] * len(PERSON_DOMAINS) + [False]
     names = {str(e.path): e.name for e in twemoji_entries()}
     k = PERSON_DOMAINS.index("red hair")
@@ -301,17 +303,17 @@ def test_helpers_on_hand_made_inputs(tmp_path):
     file = tmp_path / "metrics.jsonl"
     file.write_text('{"step": 1, "time": 0.5, "loss": {"g": 2.0, "d": 1}, "note": "x"}\n\n'
                     '{"step": 2, "time": 1.0, "loss": {"g": 1.5, "d": 0.5}}\n')
-    curves = lanit_eval.read_curves(file)
+    curves = eval_report.read_curves(file)
     assert curves == {"loss/g": [(1.0, 2.0), (2.0, 1.5)], "loss/d": [(1.0, 1.0), (2.0, 0.5)]}
     file.write_text('{"time": 1}\n')
-    with pytest.raises(lanit_eval.EvalError, match="no 'step'"):
-        lanit_eval.read_curves(file)
+    with pytest.raises(eval_inputs.EvalError, match="no 'step'"):
+        eval_report.read_curves(file)
     file.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')  # a run killed while logging
     with pytest.warns(UserWarning, match="metrics.jsonl:2 is cut short"):
-        assert lanit_eval.read_curves(file) == {"loss": [(1.0, 2.0)]}
+        assert eval_report.read_curves(file) == {"loss": [(1.0, 2.0)]}
     file.write_text('{"step": 1, "lo\n{"step": 2, "loss": 1.0}\n')
-    with pytest.raises(lanit_eval.EvalError, match="metrics.jsonl:1 is not JSON"):
-        lanit_eval.read_curves(file)
+    with pytest.raises(eval_inputs.EvalError, match="metrics.jsonl:1 is not JSON"):
+        eval_report.read_curves(file)
 
 
 # ----------------------------------------------------------------------------- where the data and outputs are
@@ -329,7 +331,7 @@ def _project(run_dir, tmp_path: Path) -> tuple[Path, Path]:
             rows.append((f"data/{name}/{i}.png", name))
     run = project / "runs" / "base"
     shutil.copytree(run_dir["run"], run)
-    for name in lanit_eval.OUTPUT_FILES:
+    for name in eval_inputs.OUTPUT_FILES:
         (run / name).unlink(missing_ok=True)
     config = json.loads((run / "train_config.json").read_text())
     (run / "train_config.json").write_text(json.dumps({**config, "data": "data", "out": "runs/base"}))
@@ -358,7 +360,7 @@ def test_a_relative_data_folder_is_found_from_another_folder(run_dir, tmp_path, 
     # With no usable --out, the folders above the run are searched.
     config = json.loads((run / "train_config.json").read_text())
     (run / "train_config.json").write_text(json.dumps({**config, "out": str(tmp_path / "gone")}))
-    assert lanit_eval.read_run(run, progress=False).data_dir == project / "data"
+    assert eval_inputs.read_run(run, progress=False).data_dir == project / "data"
 
 
 def test_a_missing_data_folder_names_the_places_tried_and_data_overrides_it(run_dir, tmp_path, monkeypatch,
@@ -391,14 +393,14 @@ def test_data_with_other_images_than_the_run_trained_on_is_flagged(run_dir, tmp_
     shutil.copytree(run_dir["data"] / "red", other)
     with pytest.warns(UserWarning, match=f"holds {PER_DOMAIN} readable images, the run trained on "
                                          f"{3 * PER_DOMAIN}"):
-        lanit_eval.read_run(run, progress=False, data=other)
+        eval_inputs.read_run(run, progress=False, data=other)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        lanit_eval.read_run(run, progress=False, data=run_dir["data"])
+        eval_inputs.read_run(run, progress=False, data=run_dir["data"])
 
 
 def _no_image_features(monkeypatch) -> None:
-    import training.pseudo_labels as pl
+    import training.labeling.pseudo_labels as pl
 
     def refuse(*args, **kwargs):
         raise AssertionError("image features computed before the settings were checked")
@@ -428,7 +430,7 @@ def test_an_unwritable_run_folder_fails_before_any_feature_is_computed(run_dir, 
                                                                         refuse_new_files, blocked):
     copy = tmp_path / "run"
     shutil.copytree(run_dir["run"], copy)
-    for name in lanit_eval.OUTPUT_FILES:
+    for name in eval_inputs.OUTPUT_FILES:
         (copy / name).unlink(missing_ok=True)
     if blocked == "an output is a folder":
         (copy / "eval.md").mkdir()

@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from training import emoji as E
-from training.eval_labeler import eval_sets, evaluate_labeler, f1_scores, main, top1_accuracy
-from training.lanit_lite import heads_vendors
+from training.labeling import emoji as E
+from training.evaluation.eval_labeler import eval_sets, evaluate_labeler, f1_scores, main, top1_accuracy
+from training.labeling.lanit_lite import heads_vendors
 
 
 def test_f1_scores_by_hand():
@@ -31,7 +31,7 @@ def test_twemoji_sets_follow_the_names():
 
 
 def test_a_vendor_the_heads_were_trained_on_is_refused(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("training.eval_labeler.eval_sets", lambda *a: pytest.fail("sets rendered"))
+    monkeypatch.setattr("training.evaluation.eval_labeler.eval_sets", lambda *a: pytest.fail("sets rendered"))
     assert main(["--vendor", "noto", "--out", str(tmp_path / "e.json")]) == 1
     err = capsys.readouterr().err.strip()
     assert "the heads of lanit-lite were trained on noto's drawings" in err and len(err.splitlines()) == 1
@@ -80,7 +80,7 @@ def test_a_training_vendor_renders_the_same_sets(tmp_path):
 @pytest.mark.slow
 def test_evaluate_labeler_reports_consistent_numbers():
     pytest.importorskip("open_clip")
-    from training.vl import load_vision_language
+    from training.labeling.vl import load_vision_language
 
     paths, domains, truth = eval_sets()["persons"]
     keep = list(range(0, 144, 6))  # 24 persons, every skin tone and attribute mix
@@ -128,7 +128,7 @@ def test_ablation_ranking_helpers():
 def test_ablation_pooled_parts_match_the_pyramid_pooling():
     timm = pytest.importorskip("timm")
     ablation = _bench_module("labeler_ablation")
-    from training.lanit_lite import pyramid_pool
+    from training.labeling.lanit_lite import pyramid_pool
 
     trunk = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=0).eval()
     h = torch.randn(2, 192, 7, 7)
@@ -158,7 +158,7 @@ def test_ablation_locked_projection_keeps_the_feature_geometry():
 
 
 def test_ablation_nuisance_projection_removes_the_vendor_difference():
-    from training.align import Glyph
+    from training.labeling.align_data import Glyph
 
     ablation = _bench_module("labeler_ablation")
     gen = torch.Generator().manual_seed(0)

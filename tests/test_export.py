@@ -23,8 +23,9 @@ from lanit_rt import (Generator, LanitConfig, MappingNetwork, StyleEncoder,  # n
 from lanit_export import ExportError, MissingDependencyError, ValidationError  # noqa: E402
 from lanit_export import tensorrt as trt_export  # noqa: E402
 from lanit_export.cli import main  # noqa: E402
-from lanit_export.onnx_export import (METADATA_KEYS, build_onnx_model, check_graph,  # noqa: E402
-                                export_onnx, fp32_compute_nodes, read_metadata, style_graph_path)
+from lanit_export.graph_spec import METADATA_KEYS, read_metadata  # noqa: E402
+from lanit_export.onnx_export import (build_onnx_model, check_graph, export_onnx,  # noqa: E402
+                                      fp32_compute_nodes, style_graph_path)
 from lanit_export.validate import (TOLERANCES, reference_output, validate_artifact,  # noqa: E402
                              validate_onnx, validation_targets)
 

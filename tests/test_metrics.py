@@ -1,4 +1,4 @@
-"""training.metrics on constructed cases whose answers are worked out by hand or in closed form."""
+"""training.evaluation.metrics on constructed cases whose answers are worked out by hand or in closed form."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from training import metrics
+from training.evaluation import metrics
 
 
 # --------------------------------------------------------------------------- F1

@@ -80,7 +80,7 @@ def test_transformers_loads_the_text_tower_beside_our_kernel_package():
         "import json, torch, lanit_kernels, kernels\n"
         "import transformers.integrations.hub_kernels\n"
         "from transformers import AutoModel, AutoTokenizer\n"
-        "from training.lanit_lite import text_tower_path\n"
+        "from training.labeling.lanit_lite import text_tower_path\n"
         "path = text_tower_path()\n"
         "tokens = AutoTokenizer.from_pretrained(path)(['blond hair'], return_tensors='pt')\n"
         "with torch.no_grad():\n"

@@ -17,9 +17,9 @@ from PIL import Image
 
 open_clip = pytest.importorskip("open_clip")
 
-from training import label as label_cli  # noqa: E402
-from training.prompts import TEMPLATE_SETS, PromptBank, base_prompt_of  # noqa: E402
-from training.pseudo_labels import (  # noqa: E402
+from training.labeling import label as label_cli  # noqa: E402
+from training.labeling.prompts import TEMPLATE_SETS, PromptBank, base_prompt_of  # noqa: E402
+from training.labeling.pseudo_labels import (  # noqa: E402
     ImageFeatureError,
     domain_scores,
     feature_cache_path,
@@ -31,7 +31,8 @@ from training.pseudo_labels import (  # noqa: E402
     scores_json_path,
     write_labels_csv,
 )
-from training.vl import VisionLanguage, VisionLanguageError, load_vision_language  # noqa: E402
+from training.labeling.views import VisionLanguageError  # noqa: E402
+from training.labeling.vl import VisionLanguage, load_vision_language  # noqa: E402
 
 DOMAINS = ["blond hair", "beard", "golden retriever"]
 _VISION = {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32}
@@ -442,7 +443,7 @@ def test_image_features_values_and_cache(clip_vl, tmp_path, monkeypatch):
 
 
 def test_image_features_encode_in_cpu_micro_batches(clip_vl, tmp_path, monkeypatch):
-    import training.pseudo_labels as pl
+    import training.labeling.pseudo_labels as pl
 
     paths = make_images(tmp_path / "imgs", n=5)
     whole = image_features(clip_vl, paths, None, batch_size=5, progress=False)
@@ -454,7 +455,7 @@ def test_image_features_encode_in_cpu_micro_batches(clip_vl, tmp_path, monkeypat
 
 
 def test_thin_outlines_view_scales_with_the_input():
-    from training.vl import image_view, outline_kernel
+    from training.labeling.views import image_view, outline_kernel
 
     assert [outline_kernel(s) for s in (32, 72, 128, 224)] == [1, 3, 5, 9]
     white = torch.ones(1, 3, 72, 72)
@@ -701,7 +702,7 @@ def test_label_cli_empty_folder(tmp_path, capsys):
 def test_lanit_lite_text_tower_and_prompt_learning():
     """The packaged labeler's tower layout (timm image tower, MiniLM HFTextEncoder) through the same
     code; untrained heads, so nothing depends on the committed head weights."""
-    pytest.importorskip("training.lanit_lite")
+    pytest.importorskip("training.labeling.lanit_lite")
     vl = load_vision_language("lanit-lite:none")
     assert vl.name == "lanit-lite:none" and isinstance(vl.embed_dim, int)
     ids = vl.tokenize(["an emoji of a man with a beard."])

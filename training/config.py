@@ -192,7 +192,7 @@ class TrainConfig:
         """`dl_image_size` resolved for a labeler whose own input size is `labeler_size`."""
         if self.dl_image_size is not None:
             return self.dl_image_size
-        from training.vl import is_lanit_lite
+        from training.labeling.vl import is_lanit_lite
 
         return min(labeler_size, LANIT_LITE_DL_SIZE) if is_lanit_lite(self.labeler) else labeler_size
 

@@ -17,7 +17,7 @@ from training.cli import one_line_warnings
 from training.config import TrainConfig, parse_override
 from training.data import DataError
 from training.train import RunError, TrainingInterrupted, train
-from training.vl import VisionLanguageError
+from training.labeling.views import VisionLanguageError
 
 # Problems with the user's arguments, data, labeler, files or machine: one line and exit code 2,
 # no traceback. ImportError: a missing optional extra, whose message names what to install.
@@ -138,7 +138,8 @@ def _main(args: argparse.Namespace) -> int:
 def report_quality(out: Path, progress: bool) -> int:
     """Evaluate the finished run with quick settings and print the headline figures; the
     checkpoint is kept whatever happens here (exit code 0 with a warning on failure)."""
-    from training.eval import QUICK_SETTINGS, evaluate_run, headline_table
+    from training.evaluation.eval import QUICK_SETTINGS, evaluate_run
+    from training.evaluation.report import headline_table
 
     print(f"evaluating (python -m training.eval {out} --n {QUICK_SETTINGS.n}) ...", flush=True)
     try:

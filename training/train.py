@@ -306,7 +306,7 @@ class Labeler:
 
     def label(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(labels [N, D] float 0/1, scores [N, D]) with the current prompts."""
-        from training.pseudo_labels import pseudo_labels
+        from training.labeling.pseudo_labels import pseudo_labels
 
         with torch.no_grad():
             domain_feats, base_feat = self.prompt_bank()
@@ -410,7 +410,7 @@ def _add_domain_loss(nets: Nets, labeler: Labeler, x_real, x_fake, y_trg, y_abl,
 def resolve_data(cfg: TrainConfig) -> tuple[list[Path], tuple[str, ...], str]:
     """(image paths, domain texts, template set) for the config, before any heavy work."""
     if cfg.data is None:
-        from training.emoji import default_dataset
+        from training.labeling.emoji import default_dataset
 
         paths, default_domains = default_dataset()
         domains = cfg.domains or tuple(default_domains)
@@ -423,7 +423,7 @@ def resolve_data(cfg: TrainConfig) -> tuple[list[Path], tuple[str, ...], str]:
 
 
 def read_templates(cfg: TrainConfig, template_set: str) -> list[str]:
-    from training.prompts import TEMPLATE_SETS
+    from training.labeling.prompts import TEMPLATE_SETS
 
     if cfg.templates_file:
         try:
@@ -539,11 +539,11 @@ class Trainer:
         self.pool = self._active_pool()
 
     def _build_labeler(self, vl, paths: list[Path]) -> Labeler:
-        from training.prompts import PromptBank, check_distinct_domains
-        from training.pseudo_labels import image_features
+        from training.labeling.prompts import PromptBank, check_distinct_domains
+        from training.labeling.pseudo_labels import image_features
 
         if vl is None:
-            from training.vl import load_vision_language
+            from training.labeling.vl import load_vision_language
 
             vl = load_vision_language(self.cfg.labeler, device=self.device)
         bank = PromptBank(vl, list(self.domains), templates=self.templates,
@@ -709,7 +709,7 @@ class Trainer:
     def write_run_files(self) -> None:
         if not self.dist.main:
             return
-        from training.pseudo_labels import write_labels_csv
+        from training.labeling.pseudo_labels import write_labels_csv
 
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out / TRAIN_CONFIG_FILE, json.dumps(

@@ -34,10 +34,11 @@ import torch
 import torch.nn as nn
 
 from lanit_rt.checkpoint import atomic_write, atomic_write_text
-from training.vl import check_views
+from training.labeling.views import check_views
 
 LANIT_LITE = "lanit-lite"
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+# training/assets: the package data of training/ (pyproject.toml), outside the labeler's folder.
+ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_HEADS = ASSETS_DIR / "lanit_lite_heads.safetensors"
 IMAGE_TRUNK = "efficientnet_lite0"
 IMAGE_FEATURES = 1280  # efficientnet_lite0 trunk width after conv_head
@@ -71,7 +72,7 @@ class LanitLiteArch:
     # best, but also the content that the whole set shares (every image is a person), so that each
     # domain becomes active on about half of any set; a part of the training centre keeps it.
     set_centre_weight: float = 1.0
-    # Input views whose embeddings are averaged when images are labelled (`training.vl.IMAGE_VIEWS`).
+    # Input views whose embeddings are averaged when images are labelled (`training.labeling.views.IMAGE_VIEWS`).
     # The committed heads add "thin-outlines", the training restyle's max filter: plain +
     # thin-outlines raised persons macro F1 on both held-out training vendors (Noto 0.389 -> 0.443,
     # OpenMoji 0.316 -> 0.405, heads trained on the other vendor; benchmarks/RESULTS.md), for twice

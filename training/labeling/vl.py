@@ -3,7 +3,7 @@
 `load_vision_language(name)` resolves a labeler name to a frozen `VisionLanguage`:
 
 - ``"lanit-lite"``: the offline labeler packaged with this project
-  (`training.lanit_lite.create_lanit_lite()`); ``"lanit-lite:none"`` gives it untrained heads
+  (`training.labeling.lanit_lite.create_lanit_lite()`); ``"lanit-lite:none"`` gives it untrained heads
   (chance level, for comparisons) and ``"lanit-lite:/path/heads.safetensors"`` other heads.
 - ``"ViT-B-32"`` (any open_clip model name): its default pretrained tag (``"openai"`` for
   ViT-B-32, else the first tag open_clip lists for the model).
@@ -35,47 +35,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from training.labeling.views import VisionLanguageError, check_views, image_view
+
 LANIT_LITE = "lanit-lite"
 DEFAULT_PRETRAINED = {"ViT-B-32": "openai"}
 RANDOM_TAGS = ("random", "none")
 OPEN_CLIP_CONFIG = "open_clip_config.json"
-
-
-class VisionLanguageError(RuntimeError):
-    """A labeler name cannot be resolved or its weights cannot be loaded."""
-
-
-# Input views whose embeddings a labeler may average when it labels (`VisionLanguage.label_views`).
-# "thin-outlines": a grey-scale dilation (max filter) that thins dark outlines and strokes, the
-# 3x3 max filter of align's training restyle (`training.align._restyle`) on 72-pixel emoji,
-# scaled to the input size.
-IMAGE_VIEWS = ("plain", "thin-outlines")
-
-
-def outline_kernel(size: int) -> int:
-    """Odd max-filter width at input side `size` that matches a 3-pixel filter at 72 pixels
-    (3 at 72, 5 at 128, 9 at 224)."""
-    return 2 * max(0, round((3 * size / 72 - 1) / 2)) + 1
-
-
-def image_view(x: torch.Tensor, view: str) -> torch.Tensor:
-    """One input view of square images x [N, 3, S, S] (any monotone pixel scale)."""
-    if view == "plain":
-        return x
-    if view == "thin-outlines":
-        k = outline_kernel(x.shape[-1])
-        # Separable: the same maximum as one k x k window, ~1.5x faster on CPU.
-        return F.max_pool2d(F.max_pool2d(x, (k, 1), 1, (k // 2, 0)), (1, k), 1, (0, k // 2))
-    raise VisionLanguageError(f"unknown image view {view!r}; known: {IMAGE_VIEWS}")
-
-
-def check_views(views: Sequence[str], name: str,
-                error: type[Exception] = VisionLanguageError) -> tuple[str, ...]:
-    """`views` as a tuple of distinct `IMAGE_VIEWS` names; raises `error` otherwise."""
-    views = tuple(str(v) for v in views)
-    if not views or len(set(views)) != len(views) or not set(views) <= set(IMAGE_VIEWS):
-        raise error(f"{name}: views must be distinct names from {IMAGE_VIEWS}, got {views}")
-    return views
 
 
 def import_open_clip():
@@ -99,15 +64,15 @@ class VisionLanguage(nn.Module):
     `logit_scale` is the model's temperature as a plain multiplier (exp of the stored log scale,
     100 for OpenAI CLIP): `logits = logit_scale * cos`.
 
-    `label_views` (names from `IMAGE_VIEWS`): labels are made from the mean of the model's
-    embeddings of these views of each image (`training.pseudo_labels.image_features`); the DL loss
+    `label_views` (names from `views.IMAGE_VIEWS`): labels are made from the mean of the model's
+    embeddings of these views of each image (`training.labeling.pseudo_labels.image_features`); the DL loss
     and evaluation encode the plain view. CLIP models label the plain view; lanit-lite adds
-    "thin-outlines" (see `training.lanit_lite.LanitLiteArch`).
+    "thin-outlines" (see `training.labeling.lanit_lite.LanitLiteArch`).
 
     Text towers: the native CLIP text transformer (top-level attributes of `open_clip.CLIP`, or
     `open_clip.transformer.TextTransformer` as `model.text`) and `open_clip.hf_model.HFTextEncoder`.
     `embed_tokens` and `encode_token_embeddings` split text encoding at the token embeddings so that
-    prompt learning (training/prompts.py) can substitute learnable context vectors.
+    prompt learning (training/labeling/prompts.py) can substitute learnable context vectors.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, image_size: int | Sequence[int],
@@ -226,7 +191,7 @@ class VisionLanguage(nn.Module):
         raw=True returns the model's unnormalised, uncentred embeddings (what feature caches keep);
         `normalize_features` turns them into what raw=False returns. `size`: encode at this input
         size instead of `image_size` (see `preprocess`). `views`: the mean embedding of these views
-        of each image (`IMAGE_VIEWS`; labelling passes `label_views`), encoded in one batch."""
+        of each image (`views.IMAGE_VIEWS`; labelling passes `label_views`), encoded in one batch."""
         views = check_views(views, self.name)
         x = self._pixels(images.to(self.device), size)
         # One view (the DL loss, every step) goes straight through: no copy, no mean.
@@ -418,7 +383,7 @@ def load_vision_language(name: str = LANIT_LITE, device: str | torch.device = "c
 
 def _load_lanit_lite(name: str, device) -> VisionLanguage:
     try:
-        from training.lanit_lite import create_lanit_lite
+        from training.labeling.lanit_lite import create_lanit_lite
     except ImportError as err:
         raise VisionLanguageError(f"the {LANIT_LITE} labeler is not available ({err})") from None
     heads: Any = "default"
