@@ -387,7 +387,7 @@ def test_zero_periods_turn_periodic_work_off(tmp_path, tiny_labeler):
 
 
 def test_a_new_run_refuses_a_folder_that_holds_a_run(tmp_path, tiny_labeler, capsys):
-    from training.train import RunError
+    from training.run_folder import RunError
 
     cfg = tiny_cfg(tmp_path, tiny_labeler, steps=1)
     out = Path(cfg.out)
@@ -435,7 +435,7 @@ def test_resume_with_other_data_or_domains_fails_before_writing(tmp_path, tiny_l
 
 def test_a_failed_save_names_the_file_and_keeps_the_previous_one(tmp_path, tiny_labeler, monkeypatch,
                                                                  capsys):
-    from training.train import RunError
+    from training.run_folder import RunError
 
     cfg = tiny_cfg(tmp_path, tiny_labeler, max_minutes=0.0)  # saves at step 0: no training needed
     out = train(cfg, progress=False)
@@ -456,7 +456,7 @@ def test_a_failed_save_names_the_file_and_keeps_the_previous_one(tmp_path, tiny_
 
 
 def test_cuda_device_without_a_gpu_is_a_clear_error(tmp_path, tiny_labeler, monkeypatch, capsys):
-    from training.train import cuda_index, init_distributed
+    from training.distributed import cuda_index, init_distributed
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="needs a CUDA GPU"):

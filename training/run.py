@@ -16,7 +16,8 @@ from lanit_rt.config import ConfigError
 from training.cli import one_line_warnings
 from training.config import TrainConfig, parse_override
 from training.data import DataError
-from training.train import RunError, TrainingInterrupted, train
+from training.run_folder import RunError
+from training.train import TrainingInterrupted, train
 from training.labeling.views import VisionLanguageError
 
 # Problems with the user's arguments, data, labeler, files or machine: one line and exit code 2,

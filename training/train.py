@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import errno
-import hashlib
 import json
 import math
 import os
@@ -24,11 +22,10 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
 from tqdm import tqdm
 
 from lanit_rt.checkpoint import (
@@ -37,21 +34,21 @@ from lanit_rt.checkpoint import (
     OLDER_FORMATS,
     TRAIN_STATE_FILE,
     CheckpointError,
-    OutputPathError,
     atomic_write_text,
-    check_output_file,
     load_train_state,
     older_format_message,
     save_checkpoint,
     save_train_state,
 )
-from lanit_rt.config import ConfigError, LanitConfig
+from lanit_rt.config import LanitConfig
 from lanit_rt.networks import Discriminator, Generator, MappingNetwork, StyleEncoder
 from lanit_rt.style import latent_style_table, reference_style_table
 from training import losses
 from training.config import TrainConfig
 from training.data import DataError, ImageSet, check_images, find_images
+from training.distributed import average_gradients, init_distributed
 from training.grid import save_sample_grid
+from training.run_folder import images_digest, logged_step, prepare_out_folder, saving
 
 TRAIN_CONFIG_FILE = "train_config.json"
 # Settings a resumed run may change: when and where it stops, logs and saves, and where the same
@@ -62,11 +59,6 @@ RESUMABLE_CHANGES = ("steps", "max_minutes", "log_every", "sample_every", "save_
 METRICS_FILE = "metrics.jsonl"
 LABELS_FILE = "pseudo_labels.csv"
 PROMPTS_FILE = "prompts.safetensors"
-
-
-class RunError(RuntimeError):
-    """The run folder cannot be used as asked: not creatable or writable, already holding a run, or
-    a save that failed part-way (disk full)."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -137,71 +129,6 @@ class PhaseClock:
         finally:
             self._charge()
             self._stack.pop()
-
-
-# ----------------------------------------------------------------------------- processes
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_pref: str) -> tuple[Dist, torch.device]:
-    """Read torchrun's environment; start a process group when there is more than one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref.startswith("cuda")
-    device = torch.device("cpu")
-    if use_cuda:
-        device = torch.device("cuda", cuda_index(device_pref, local_rank if world > 1 else None))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    return Dist(rank, world, local_rank), device
-
-
-def cuda_index(device_pref: str, local_rank: int | None) -> int:
-    """The GPU index for `device_pref` ("auto", "cuda" or "cuda:N"); torchrun's LOCAL_RANK wins when
-    given. Raises ConfigError when PyTorch sees no such GPU. Always an explicit index: set_device
-    rejects a bare "cuda"."""
-    if not torch.cuda.is_available():
-        raise ConfigError(f"device={device_pref} needs a CUDA GPU, but PyTorch sees none "
-                          "(torch.cuda.is_available() is False); use --set device=cpu or device=auto")
-    _, _, given = device_pref.partition(":")
-    index = local_rank if local_rank is not None else int(given) if given else torch.cuda.current_device()
-    count = torch.cuda.device_count()
-    if index >= count:
-        raise ConfigError(f"device cuda:{index} does not exist: PyTorch sees {count} GPU(s)")
-    return index
-
-
-def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
-    """Average .grad across processes with one flat all-reduce (what DDP's buckets do).
-
-    The GAN step runs G three or four times before each backward, which DistributedDataParallel's
-    one-forward-per-backward contract does not allow without extra machinery; averaging the
-    gradients explicitly gives the same update.
-    """
-    if world == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset: offset + g.numel()].view_as(g))
-        offset += g.numel()
 
 
 # ----------------------------------------------------------------------------- networks
@@ -447,51 +374,6 @@ def cache_root(cfg: TrainConfig) -> Path:
     return Path(cfg.cache_dir or os.environ.get("LANIT_CACHE", Path.home() / ".cache" / "lanit-rt"))
 
 
-def prepare_out_folder(out: Path, resume: bool) -> None:
-    """Create the run folder and check that it takes files, before any heavy work. A new run refuses
-    a folder that holds a saved run (resume state or checkpoint); `resume` needs the resume state.
-    A folder with only the files of a run that never saved is started over. Raises RunError or
-    CheckpointError."""
-    if out.exists() and not out.is_dir():
-        raise RunError(f"output folder {out} is an existing file; choose another --out")
-    if resume and not (out / TRAIN_STATE_FILE).is_file():
-        raise CheckpointError(f"no resume state in {out} ({TRAIN_STATE_FILE} is missing); "
-                              "run without --resume to start a new run")
-    if not resume and (out / TRAIN_STATE_FILE).exists():
-        raise RunError(f"{out} already holds a training run; pass --resume to continue it, "
-                       "choose another --out, or delete the folder to start over")
-    if not resume and (out / MODEL_FILE).exists():
-        raise RunError(f"{out} already holds a checkpoint ({MODEL_FILE}) and no resume state; "
-                       "choose another --out, or delete the folder to start over")
-    try:
-        check_output_file(out / MODEL_FILE)
-    except OutputPathError as err:
-        raise RunError(f"unusable output folder: {err}") from None
-
-
-@contextlib.contextmanager
-def saving(file: Path):
-    """Turn a failed write of `file` (disk full, folder gone or read-only) into a RunError that names
-    it. atomic_write renames a file into place only once it is complete, so whatever was at `file`
-    before is still there, whole."""
-    existed = file.exists()
-    try:
-        yield
-    except CheckpointError:
-        raise
-    except (OSError, RuntimeError, SafetensorError) as err:
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            reason = "no space left on device"
-        elif isinstance(err, OSError) and err.strerror:
-            reason = err.strerror
-        else:  # torch.save on a full disk: "[enforce fail at inline_container.cc:...] . unexpected pos"
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        kept = (f"the previous {file.name} there is intact" if existed
-                else f"no {file.name} was written")
-        raise RunError(f"could not save {file} ({reason}); is the disk full or the folder read-only? "
-                       f"{kept}") from err
-
-
 # ----------------------------------------------------------------------------- the run
 
 class Trainer:
@@ -652,7 +534,7 @@ class Trainer:
         metrics = self.out / METRICS_FILE
         if metrics.exists():  # drop lines logged after the saved step
             kept = [line for line in metrics.read_text().splitlines()
-                    if line.strip() and _logged_step(line) <= self.step]
+                    if line.strip() and logged_step(line) <= self.step]
             atomic_write_text(metrics, "".join(line + "\n" for line in kept))
 
     def check_replicas(self) -> None:
@@ -890,24 +772,6 @@ class Trainer:
         if not every(self.step, cfg.sample_every):
             self.sample()
         return self.out
-
-
-def _logged_step(line: str) -> float:
-    """The step of one metrics.jsonl line; a line cut short (the run was killed while writing it)
-    counts as logged after any saved state, so a resume drops it."""
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
-
-
-def images_digest(paths: Sequence[Path]) -> str:
-    """A digest of the training images' file names and sizes, in order: what a resume must find
-    again (contents are not read; a folder of the same files moved elsewhere still matches)."""
-    h = hashlib.sha256()
-    for path in paths:
-        h.update(f"{Path(path).name}\0{os.stat(path).st_size}\n".encode())
-    return h.hexdigest()[:16]
 
 
 def every(step: int, period: int) -> bool:

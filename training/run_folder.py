@@ -1,0 +1,91 @@
+"""The run folder's bookkeeping outside the step: checked before any heavy work, saved into with
+one-line errors, and the facts a resume must find again (the images' digest, the logged steps)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+from safetensors import SafetensorError
+
+from lanit_rt.checkpoint import (
+    MODEL_FILE,
+    TRAIN_STATE_FILE,
+    CheckpointError,
+    OutputPathError,
+    check_output_file,
+)
+
+
+class RunError(RuntimeError):
+    """The run folder cannot be used as asked: not creatable or writable, already holding a run, or
+    a save that failed part-way (disk full)."""
+
+
+def prepare_out_folder(out: Path, resume: bool) -> None:
+    """Create the run folder and check that it takes files, before any heavy work. A new run refuses
+    a folder that holds a saved run (resume state or checkpoint); `resume` needs the resume state.
+    A folder with only the files of a run that never saved is started over. Raises RunError or
+    CheckpointError."""
+    if out.exists() and not out.is_dir():
+        raise RunError(f"output folder {out} is an existing file; choose another --out")
+    if resume and not (out / TRAIN_STATE_FILE).is_file():
+        raise CheckpointError(f"no resume state in {out} ({TRAIN_STATE_FILE} is missing); "
+                              "run without --resume to start a new run")
+    if not resume and (out / TRAIN_STATE_FILE).exists():
+        raise RunError(f"{out} already holds a training run; pass --resume to continue it, "
+                       "choose another --out, or delete the folder to start over")
+    if not resume and (out / MODEL_FILE).exists():
+        raise RunError(f"{out} already holds a checkpoint ({MODEL_FILE}) and no resume state; "
+                       "choose another --out, or delete the folder to start over")
+    try:
+        check_output_file(out / MODEL_FILE)
+    except OutputPathError as err:
+        raise RunError(f"unusable output folder: {err}") from None
+
+
+@contextlib.contextmanager
+def saving(file: Path):
+    """Turn a failed write of `file` (disk full, folder gone or read-only) into a RunError that names
+    it. atomic_write renames a file into place only once it is complete, so whatever was at `file`
+    before is still there, whole."""
+    existed = file.exists()
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (OSError, RuntimeError, SafetensorError) as err:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            reason = "no space left on device"
+        elif isinstance(err, OSError) and err.strerror:
+            reason = err.strerror
+        else:  # torch.save on a full disk: "[enforce fail at inline_container.cc:...] . unexpected pos"
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        kept = (f"the previous {file.name} there is intact" if existed
+                else f"no {file.name} was written")
+        raise RunError(f"could not save {file} ({reason}); is the disk full or the folder read-only? "
+                       f"{kept}") from err
+
+
+def logged_step(line: str) -> float:
+    """The step of one metrics.jsonl line; a line cut short (the run was killed while writing it)
+    counts as logged after any saved state, so a resume drops it."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
+def images_digest(paths: Sequence[Path]) -> str:
+    """A digest of the training images' file names and sizes, in order: what a resume must find
+    again (contents are not read; a folder of the same files moved elsewhere still matches)."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(f"{Path(path).name}\0{os.stat(path).st_size}\n".encode())
+    return h.hexdigest()[:16]
