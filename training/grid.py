@@ -30,14 +30,15 @@ def tile(rows: Sequence[Sequence[np.ndarray | None]], size: int, pad: int = 2) -
     return Image.fromarray(canvas)
 
 
-def _font(size: int):
+def text_font(size: int = 11):
+    """Pillow's default font at `size` px (its fixed bitmap font on Pillow < 10.1)."""
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has no sized default font
         return ImageFont.load_default()
 
 
-def _wrapped(draw: ImageDraw.ImageDraw, text: str, font, width: int, max_lines: int = 2) -> list[str]:
+def wrap_text(draw: ImageDraw.ImageDraw, text: str, font, width: int, max_lines: int = 2) -> list[str]:
     """`text` broken at spaces into lines no wider than `width` (a long word stays whole)."""
     lines = [""]
     for word in text.split(" "):
@@ -53,7 +54,7 @@ def labelled(grid: Image.Image, title: str, columns: Sequence[str], cell: int, p
              row_label: str | None = None) -> Image.Image:
     """`grid` (tiles `cell` px wide, `pad` apart) under a title line and one caption per column;
     `row_label` is written into the empty top-left tile, if any."""
-    font, title_font = _font(max(11, cell // 9)), _font(max(12, cell // 7))
+    font, title_font = text_font(max(11, cell // 9)), text_font(max(12, cell // 7))
     line = font.size + 3 if hasattr(font, "size") else 14
     header = (title_font.size + 8 if hasattr(title_font, "size") else 18) + 2 * line + 4
     out = Image.new("RGB", (grid.width, grid.height + header), "white")
@@ -61,11 +62,11 @@ def labelled(grid: Image.Image, title: str, columns: Sequence[str], cell: int, p
     draw = ImageDraw.Draw(out)
     draw.text((pad, 2), title, fill="black", font=title_font)
     for c, caption in enumerate(columns):
-        for k, text in enumerate(_wrapped(draw, caption, font, cell)):
+        for k, text in enumerate(wrap_text(draw, caption, font, cell)):
             draw.text((pad + c * (cell + pad), header - 2 * line - 2 + k * line), text, fill="black",
                       font=font)
     if row_label:
-        for k, text in enumerate(_wrapped(draw, row_label, font, cell, 3)):
+        for k, text in enumerate(wrap_text(draw, row_label, font, cell, 3)):
             draw.text((pad, header + pad + cell // 3 + k * line), text, fill="gray", font=font)
     return out
 

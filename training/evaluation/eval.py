@@ -48,7 +48,8 @@ from training.evaluation.inputs import (LABELS_FILE, METRICS_FILE, MODES, PROMPT
                                         RunInfo, check_device, default_cache_dir, emoji_ground_truth,
                                         read_ground_truth, read_labels_csv, read_run, resolve_templates,
                                         train_config_object)
-from training.evaluation.report import curves_plot, markdown_report, read_curves, text_font
+from training.evaluation.report import curves_plot, markdown_report, read_curves
+from training.grid import text_font, wrap_text
 
 DC_NEIGHBOURS = 5  # Density & Coverage k, as in Naeem et al. and the LANIT paper
 
@@ -266,14 +267,7 @@ def sample_sheet(path: Path, model: LanitModel, images: ImageSet, members: torch
     font = text_font()
     for c, title in enumerate(titles):
         left = pad + c * (cell + pad)
-        words, lines = title.split(" "), [""]
-        for word in words:  # wrap the title to the cell width, two lines at most
-            trial = (lines[-1] + " " + word).strip()
-            if draw.textlength(trial, font=font) <= cell or not lines[-1]:
-                lines[-1] = trial
-            else:
-                lines.append(word)
-        for li, line in enumerate(lines[:2]):
+        for li, line in enumerate(wrap_text(draw, title, font, cell)):  # two lines at most
             draw.text((left, 2 + 12 * li), line, fill="black", font=font)
         for r in range(len(rows)):
             sheet.paste(_to_pil(columns[c][r], cell), (left, header + r * (cell + pad)))

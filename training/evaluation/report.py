@@ -10,17 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from lanit_rt.checkpoint import atomic_write
 from training.evaluation.inputs import MODES, EvalError
-
-
-def text_font(size: int = 11):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has no sized default font
-        return ImageFont.load_default()
+from training.grid import text_font
 
 
 def read_curves(file: Path) -> dict[str, list[tuple[float, float]]]:
