@@ -175,10 +175,19 @@ class Generator(nn.Module):
         if params.shape != (x.shape[0], self.adain_dim):
             raise ValueError(f"AdaIN params must be [{x.shape[0]}, {self.adain_dim}], "
                              f"got {tuple(params.shape)}")
-        chunks = torch.split(params, self._adain_sizes, dim=1)
+        return self.render(self.content(x, impl), params, impl)
+
+    def content(self, x: torch.Tensor, impl: str = "ref") -> torch.Tensor:
+        """The encoder alone: images [N, 3, H, W] -> content features [N, C, h, w]. No style enters
+        before the decoder, so one content pass can be rendered in several styles."""
         h = self.from_rgb(x)
         for block in self.encode:
             h = block(h, impl=impl)
+        return h
+
+    def render(self, h: torch.Tensor, adain_params: torch.Tensor, impl: str = "ref") -> torch.Tensor:
+        """The decoder alone: content features [N, C, h, w] and AdaIN params [N, P] -> images."""
+        chunks = torch.split(adain_params, self._adain_sizes, dim=1)
         for i, block in enumerate(self.decode):
             h = block(h, chunks[4 * i: 4 * i + 4], impl=impl)
         if impl == "ref":

@@ -11,7 +11,7 @@ from PIL import Image
 from lanit_rt.config import ConfigError
 from lanit_rt.images import wide_grey_to_l
 from training import losses
-from training.config import TrainConfig, parse_override
+from training.config import DEFAULT_DATA_LR, TrainConfig, parse_override
 from training.data import DataError, ImageSet, augment_batch, check_images, find_images, load_rgb
 
 
@@ -118,10 +118,15 @@ def test_overrides_are_typed():
 
 
 def test_recipe_and_arch_resolve_their_settings():
-    official, ours = TrainConfig(), TrainConfig(recipe="lanit-rt")
+    folder = {"data": "images", "domains": ("a", "b")}
+    official, ours = TrainConfig(**folder), TrainConfig(recipe="lanit-rt", **folder)
     assert (official.lr, official.mapping_lr, official.lambda_dl) == (1e-4, 1e-4, 0.5)
     assert (ours.lr, ours.mapping_lr, ours.lambda_dl) == (2e-4, 2e-4, 1.0)
-    assert TrainConfig(lr=3e-4).lr == 3e-4 and TrainConfig(lr=3e-4).mapping_lr == 1e-4
+    assert TrainConfig(lr=3e-4, **folder).lr == 3e-4 and TrainConfig(lr=3e-4, **folder).mapping_lr == 1e-4
+    # the embedded default data: its short-budget learning rates wherever none is given
+    assert (TrainConfig().lr, TrainConfig().mapping_lr) == (DEFAULT_DATA_LR, DEFAULT_DATA_LR) != (1e-4, 1e-4)
+    assert (TrainConfig(lr=3e-4).lr, TrainConfig(lr=3e-4).mapping_lr) == (3e-4, DEFAULT_DATA_LR)
+    assert TrainConfig(recipe="lanit-rt").lambda_dl == 1.0
     wide = TrainConfig(arch="stargan-v2", img_size=128)
     assert (wide.base_dim, wide.max_dim, wide.mapping_dim) == (None, 512, 512)
     model = wide.model_config(("a", "b"))

@@ -553,3 +553,78 @@ def test_freezing_the_nets_a_step_does_not_update_leaves_its_gradients_unchanged
     assert all(p.grad is None for p in nets.discriminator.parameters())
     assert all(p.grad is None for p in nets.style_encoder.parameters())
     assert all(p.requires_grad for net in nets.modules().values() for p in net.parameters())
+
+
+def _plain_official_step(trainer: Trainer) -> None:
+    """The released LANIT / StarGAN v2 stage-1 iteration written pass by pass, as the official code
+    runs it: D on reals and on a latent fake, D on reals and on a reference fake, then the latent
+    G step (G, F and E updated) and the reference G step (G only), then the EMA."""
+    from training import losses
+
+    nets, cfg, optims = trainer.nets, trainer.cfg, trainer.optims
+    x_real, x_ref, _, y_org, y_trg, _, _, z1, z2 = trainer._batch()
+    r1_weight = losses.lazy_r1_weight(trainer.step, cfg.lambda_r1, cfg.r1_every)
+    for make_style in (lambda: nets.mapping(z1, y_trg), lambda: nets.style_encoder(x_ref, y_trg)):
+        with torch.no_grad():
+            x_fake = nets.generator(x_real, make_style())
+        x_in = x_real.detach().requires_grad_(True)
+        out_real = nets.discriminator(x_in)
+        loss = (losses.adversarial_loss(out_real, y_org, real=True)
+                + losses.adversarial_loss(nets.discriminator(x_fake), y_trg, real=False))
+        if r1_weight > 0:
+            loss = loss + r1_weight * losses.r1_penalty(out_real, y_org, x_in, score="sum")
+        optims["discriminator"].zero_grad()
+        loss.backward()
+        optims["discriminator"].step()
+    lambda_ds = losses.diversity_weight(trainer.step, cfg.lambda_ds, cfg.ds_decay_steps or cfg.steps)
+    for latent in (True, False):
+        s_trg = nets.mapping(z1, y_trg) if latent else nets.style_encoder(x_ref, y_trg)
+        x_fake = nets.generator(x_real, s_trg)
+        loss = (losses.adversarial_loss(nets.discriminator(x_fake), y_trg, real=True)
+                + cfg.lambda_sty * losses.style_reconstruction_loss(nets.style_encoder(x_fake, y_trg), s_trg))
+        if latent:
+            with torch.no_grad():
+                x_fake2 = nets.generator(x_real, nets.mapping(z2, y_trg))
+            loss = loss - lambda_ds * losses.diversity_loss(x_fake, x_fake2)
+        x_rec = nets.generator(x_fake, nets.style_encoder(x_real, y_org))
+        loss = loss + cfg.lambda_cyc * losses.cycle_loss(x_rec, x_real)
+        for optim in optims.values():
+            optim.zero_grad()
+        loss.backward()
+        for name in ("generator", "mapping", "style_encoder") if latent else ("generator",):
+            optims[name].step()
+    from training.train import update_ema
+
+    update_ema(trainer.ema, nets, losses.ema_beta(trainer.step, cfg.ema_beta))
+    trainer.step += 1
+
+
+def test_the_training_step_is_the_official_iteration(tmp_path, tiny_labeler):
+    """The trainer's step shares passes (one content pass for every fake, reals and fakes in one D
+    pass, the reference step's styles without gradients) but must update every net as the plain
+    official iteration does. SGD instead of Adam, so a difference in any gradient shows. Noise
+    images and each step started from the same weights on both sides: on flat colours, the L1
+    terms' signs at tied pixels and instance norm turn float rounding into visible differences."""
+    folder = tmp_path / "noise"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    cfg = tiny_cfg(tmp_path, tiny_labeler, r1_every=2, steps=10, data=str(folder))
+    fast, plain = (Trainer(cfg, progress=False) for _ in range(2))
+    start = {name: {k: v.clone() for k, v in net.state_dict().items()}
+             for name, net in fast.nets.modules().items()}
+    for trainer in (fast, plain):
+        trainer.optims = {name: torch.optim.SGD(net.parameters(), lr=0.05)
+                          for name, net in trainer.nets.modules().items()}
+        trainer.labels = torch.eye(3)[torch.arange(12) % 3]  # noise gets one label: give them all three
+    for step in range(3):  # steps 0 and 2 with R1, step 1 without
+        fast.train_step()
+        _plain_official_step(plain)
+        for nets, other in ((fast.nets, plain.nets), (fast.ema, plain.ema)):
+            for name, net in nets.modules().items():
+                for (key, a), b in zip(net.state_dict().items(), other.modules()[name].state_dict().values()):
+                    torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5, msg=f"step {step}: {name}.{key}")
+                other.modules()[name].load_state_dict(net.state_dict())
+    moved = [not torch.equal(p, start["generator"][k]) for k, p in fast.nets.generator.state_dict().items()]
+    assert sum(moved) > 10  # the comparison is between trained nets

@@ -30,6 +30,10 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 # The embedded default must finish within 15 minutes on 2 CPU cores, labelling and saving included.
 DEFAULT_DATA_MAX_MINUTES = 12.0
+# The embedded default's learning rates: twenty times the official 1e-4, which is tuned for 100 k
+# steps; in the default run's ~1,000 steps 1e-4 leaves blurred generic faces (A/B at equal steps in
+# benchmarks/RESULTS.md). Used wherever lr / mapping_lr are not given; other data keep the recipe's.
+DEFAULT_DATA_LR = 2e-3
 LANIT_LITE_DL_SIZE = 128
 
 
@@ -53,7 +57,8 @@ class TrainConfig:
     # the objective: "lanit-official" follows the released LANIT code (RECIPES), "lanit-rt" is
     # this package's earlier variant, kept for A/B comparisons (benchmarks/RESULTS.md)
     recipe: str = "lanit-official"
-    # optimisation: LANIT / StarGAN v2 values; None -> the recipe's value (RECIPES)
+    # optimisation: LANIT / StarGAN v2 values; None -> the recipe's value (RECIPES), or
+    # DEFAULT_DATA_LR for the embedded default data
     steps: int = 1000
     batch_size: int = 8
     lr: float | None = None
@@ -124,6 +129,10 @@ class TrainConfig:
                 raise ConfigError(f"arch must be one of {sorted(ARCHS)} (or none), got {self.arch!r}")
             for key, value in ARCHS[self.arch].items():  # the named architecture sets its widths
                 object.__setattr__(self, key, value)
+        if self.data is None:
+            for key in ("lr", "mapping_lr"):
+                if getattr(self, key) is None:
+                    object.__setattr__(self, key, DEFAULT_DATA_LR)
         for key, value in RECIPES[self.recipe].items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)

@@ -42,7 +42,7 @@ from lanit_rt.checkpoint import (
 )
 from lanit_rt.config import LanitConfig
 from lanit_rt.networks import Discriminator, Generator, MappingNetwork, StyleEncoder
-from lanit_rt.style import latent_style_table, reference_style_table
+from lanit_rt.style import latent_style_table, mix_styles, reference_style_table
 from training import losses
 from training.config import TrainConfig
 from training.data import DataError, ImageSet, check_images, find_images
@@ -191,8 +191,11 @@ def update_ema(ema: Nets, nets: Nets, beta: float) -> None:
 
 def make_optimizers(nets: Nets, cfg: TrainConfig) -> dict[str, torch.optim.Optimizer]:
     def adam(module: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+        # The fused kernel (one pass per parameter, CPU and CUDA) does the same update as the
+        # default multi-tensor one, with fewer passes over the weights.
+        fused = next(module.parameters()).device.type in ("cpu", "cuda")
         return torch.optim.Adam(module.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2),
-                                weight_decay=cfg.weight_decay)
+                                weight_decay=cfg.weight_decay, fused=fused)
     return {"generator": adam(nets.generator, cfg.lr), "mapping": adam(nets.mapping, cfg.mapping_lr),
             "style_encoder": adam(nets.style_encoder, cfg.lr),
             "discriminator": adam(nets.discriminator, cfg.lr)}
@@ -265,9 +268,12 @@ def discriminator_step(nets: Nets, x_real, y_org, y_trg, x_fake, cfg: TrainConfi
     average = "pairs" if official(cfg) else "samples"
     r1_weight = cfg.lambda_r1 if r1_weight is None else r1_weight
     x_real = x_real.detach().requires_grad_(r1_weight > 0)
-    out_real = nets.discriminator(x_real)
+    # One pass over reals and fakes together (D has no batch statistics): the same logits, half
+    # the calls. R1's gradient reaches x_real through the concatenation.
+    out_real, out_fake = nets.discriminator(torch.cat([x_real, x_fake])).split(
+        [len(x_real), len(x_fake)])
     loss_real = losses.adversarial_loss(out_real, y_org, real=True, average=average)
-    loss_fake = losses.adversarial_loss(nets.discriminator(x_fake), y_trg, real=False, average=average)
+    loss_fake = losses.adversarial_loss(out_fake, y_trg, real=False, average=average)
     loss = loss_real + loss_fake
     logs = {"d_real": loss_real.item(), "d_fake": loss_fake.item()}
     if r1_weight > 0:
@@ -279,10 +285,11 @@ def discriminator_step(nets: Nets, x_real, y_org, y_trg, x_fake, cfg: TrainConfi
 
 def generator_step(nets: Nets, labeler: Labeler | None, x_real, y_org, y_trg, y_abl, removed,
                    style_of, cfg: TrainConfig, lambda_ds: float, learn_prompts: bool = False,
-                   latent: bool = True, clock: PhaseClock | None = None, x_fake2=None):
+                   latent: bool = True, clock: PhaseClock | None = None, x_fake2=None, s_org=None):
     """One G objective. `style_of(targets, which)` gives the style for `which` in (1, 2) (two
     latents or two references) mixed over the `targets` rows, with gradients; `latent` says which.
-    `x_fake2`: the diversity term's second translation, when already made (without gradients).
+    `x_fake2`: the diversity term's second translation, when already made (without gradients);
+    `s_org`: the sources' own style for the cycle term, when already made (E not trained here).
 
     lanit-official: diversity and the domain-regularisation loss in the latent step only, the
     latter only while prompts are learned; lanit-rt: diversity in both steps, the domain loss
@@ -301,7 +308,7 @@ def generator_step(nets: Nets, labeler: Labeler | None, x_real, y_org, y_trg, y_
         loss_ds = losses.diversity_loss(x_fake, x_fake2)
         loss = loss - lambda_ds * loss_ds
         logs["g_ds"] = loss_ds.item()
-    x_rec = nets.generator(x_fake, nets.style_encoder(x_real, y_org))
+    x_rec = nets.generator(x_fake, nets.style_encoder(x_real, y_org) if s_org is None else s_org)
     loss_cyc = losses.cycle_loss(x_rec, x_real)
     loss = loss + cfg.lambda_cyc * loss_cyc
     logs["g_cyc"] = loss_cyc.item()
@@ -630,12 +637,16 @@ class Trainer:
         logs: dict[str, float] = {}
 
         # One generator pass, without gradients, makes both D steps' fakes and the diversity
-        # terms' second translations: G, F and E do not change until the first G update.
+        # terms' second translations: G, F and E do not change until the first G update. The
+        # sources' content features are computed once and rendered in every style.
         with clock("d_fakes"), torch.no_grad():
-            styles = [nets.mapping(z1, y_trg), nets.style_encoder(x_ref, y_trg), nets.mapping(z2, y_trg)]
+            latent1, latent2 = nets.mapping(torch.cat([z1, z2]), y_trg.repeat(2, 1)).chunk(2)
+            styles = [latent1, nets.style_encoder(x_ref, y_trg), latent2]
             if not official(cfg):  # lanit-rt: diversity in the reference step too
                 styles.append(nets.style_encoder(x_ref2, y_trg))
-            made = nets.generator(x_real.repeat(len(styles), 1, 1, 1), torch.cat(styles)).chunk(len(styles))
+            generator = nets.generator
+            content = generator.content(x_real).repeat(len(styles), 1, 1, 1)
+            made = generator.render(content, generator.adain_params(torch.cat(styles))).chunk(len(styles))
             fakes, second = made[:2], {"latent": made[2], "ref": made[3] if len(made) > 3 else None}
         r1_weight = losses.lazy_r1_weight(self.step, cfg.lambda_r1, cfg.r1_every)
         for kind, x_fake in zip(("latent", "ref"), fakes):
@@ -651,19 +662,28 @@ class Trainer:
         latents = {1: z1, 2: z2}
         refs = {1: x_ref, 2: x_ref2}
         for kind in ("latent", "ref"):
+            s_org = None
             if kind == "latent":
                 def style_of(targets, which):
                     return nets.mapping(latents[which], targets)
                 names = ("generator", "mapping", "style_encoder")
             else:
+                # E is not trained in this step: the references' and the sources' per-domain
+                # styles in one pass, without gradients.
+                with torch.no_grad():
+                    ref_styles, own_styles = nets.style_encoder.all_styles(torch.cat([x_ref, x_real])).chunk(2)
+                s_org = mix_styles(own_styles, y_org)
+
                 def style_of(targets, which):
+                    if which == 1:
+                        return mix_styles(ref_styles, targets)
                     return nets.style_encoder(refs[which], targets)
                 names = ("generator",)
             with clock(f"g_{kind}"), grads_only_for(nets, names):
                 g_loss, g_logs = generator_step(nets, self.labeler, x_real, y_org, y_trg, y_abl, removed,
                                                 style_of, cfg, lambda_ds, learn_prompts,
                                                 latent=kind == "latent", clock=clock,
-                                                x_fake2=second[kind])
+                                                x_fake2=second[kind], s_org=s_org)
                 for name in optims:
                     optims[name].zero_grad(set_to_none=True)
                 if learn_prompts:
