@@ -17,6 +17,7 @@ import onnx_cpu  # noqa: E402
 import quality  # noqa: E402
 import throughput  # noqa: E402
 import train_step  # noqa: E402
+import translation_probe  # noqa: E402
 
 
 @pytest.mark.parametrize("argv", [["--backends", "bogus"], ["--backends", ","], ["--batch-sizes", "0"],
@@ -208,3 +209,26 @@ def test_train_step_measures_both_sides_and_its_phases_add_up(tmp_path, capsys):
     assert {"d_fakes", "d_latent", "g_latent", "g_ref", "optimizer", "ema"} <= set(new["phases_s"])
     with pytest.raises(SystemExit):
         train_step.main(["--steps", "0"])
+
+
+def test_translation_probe_measures_the_face_centre_and_pairs_hair_variants():
+    import torch
+
+    from training.labeling.emoji import default_dataset
+
+    a = torch.full((2, 3, 32, 32), -1.0)
+    b = a.clone()
+    b[:, :, :12] = 1.0  # above the patch (rows 12-18 of 32): no difference
+    b[:, :, :, 23:] = 1.0  # right of it (columns 8-22): none either
+    assert translation_probe.colour_error(a, b) == 0.0
+    b[:, 0, 15, 10] = 1.0  # one of the patch's 7 x 15 pixels, red channel, by 255
+    assert translation_probe.colour_error(a, b) == pytest.approx(255 / 105 / 3)
+    paths, _ = default_dataset()
+    pairs = translation_probe.variant_pairs(paths)
+    names = [p.stem for p in paths]
+    assert len(pairs) > 100
+    for src, trg in pairs.tolist():  # one person and skin tone, only the hair component differs
+        one, other = names[src], names[trg]
+        person = [{p for p in name.split("-") if p != "200d" and not p.startswith("1f9b")} for name in (one, other)]
+        hair = [{p for p in name.split("-") if p.startswith("1f9b")} for name in (one, other)]
+        assert person[0] == person[1] and hair[0] != hair[1]

@@ -11,7 +11,7 @@ from PIL import Image
 from lanit_rt.config import ConfigError
 from lanit_rt.images import wide_grey_to_l
 from training import losses
-from training.config import DEFAULT_DATA_LR, TrainConfig, parse_override
+from training.config import DEFAULT_DATA_LAMBDA_ID, DEFAULT_DATA_LR, TrainConfig, parse_override
 from training.data import DataError, ImageSet, augment_batch, check_images, find_images, load_rgb
 
 
@@ -127,6 +127,11 @@ def test_recipe_and_arch_resolve_their_settings():
     assert (TrainConfig().lr, TrainConfig().mapping_lr) == (DEFAULT_DATA_LR, DEFAULT_DATA_LR) != (1e-4, 1e-4)
     assert (TrainConfig(lr=3e-4).lr, TrainConfig(lr=3e-4).mapping_lr) == (3e-4, DEFAULT_DATA_LR)
     assert TrainConfig(recipe="lanit-rt").lambda_dl == 1.0
+    # the identity term: on for the embedded default data only, unless set
+    assert (TrainConfig().lambda_id, official.lambda_id) == (DEFAULT_DATA_LAMBDA_ID, 0.0)
+    assert TrainConfig(lambda_id=0.0).lambda_id == 0.0 and TrainConfig(lambda_id=2.0, **folder).lambda_id == 2.0
+    with pytest.raises(ConfigError, match="lambda_id must be 0 .off. or more, got -1"):
+        TrainConfig(lambda_id=-1.0)
     wide = TrainConfig(arch="stargan-v2", img_size=128)
     assert (wide.base_dim, wide.max_dim, wide.mapping_dim) == (None, 512, 512)
     model = wide.model_config(("a", "b"))

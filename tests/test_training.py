@@ -428,6 +428,12 @@ def test_resume_with_other_data_or_domains_fails_before_writing(tmp_path, tiny_l
     with pytest.raises(CheckpointError, match="no resume state"):
         train(cfg.replace(out=str(tmp_path / "new")), resume=True, progress=False)
     assert not (tmp_path / "new").exists()
+    state_file = out / "train_state.pt"  # a state saved before the identity term existed
+    state = torch.load(state_file, weights_only=True)
+    del state["train_config"]["lambda_id"]
+    torch.save(state, state_file)
+    with pytest.raises(CheckpointError, match=r"other settings \(lambda_id 0.0 -> 2.0\)"):
+        train(cfg.replace(lambda_id=2.0), resume=True, progress=False)
     moved = make_data(tmp_path / "moved")  # the same files in another folder do resume
     train(cfg.replace(data=str(moved), steps=1, max_minutes=None), resume=True, progress=False)
     assert load_checkpoint(out).metadata["step"] == 1
@@ -555,10 +561,11 @@ def test_freezing_the_nets_a_step_does_not_update_leaves_its_gradients_unchanged
     assert all(p.requires_grad for net in nets.modules().values() for p in net.parameters())
 
 
-def _plain_official_step(trainer: Trainer) -> None:
+def _plain_official_step(trainer: Trainer, lambda_id: float = 0.0) -> None:
     """The released LANIT / StarGAN v2 stage-1 iteration written pass by pass, as the official code
     runs it: D on reals and on a latent fake, D on reals and on a reference fake, then the latent
-    G step (G, F and E updated) and the reference G step (G only), then the EMA."""
+    G step (G, F and E updated) and the reference G step (G only), then the EMA. `lambda_id`: our
+    identity term in the latent step, the sources rendered in a latent style of their own domains."""
     from training import losses
 
     nets, cfg, optims = trainer.nets, trainer.cfg, trainer.optims
@@ -586,6 +593,9 @@ def _plain_official_step(trainer: Trainer) -> None:
             with torch.no_grad():
                 x_fake2 = nets.generator(x_real, nets.mapping(z2, y_trg))
             loss = loss - lambda_ds * losses.diversity_loss(x_fake, x_fake2)
+            if lambda_id:
+                x_id = nets.generator(x_real, nets.mapping(z1, y_org))
+                loss = loss + lambda_id * (x_id - x_real).abs().mean()
         x_rec = nets.generator(x_fake, nets.style_encoder(x_real, y_org))
         loss = loss + cfg.lambda_cyc * losses.cycle_loss(x_rec, x_real)
         for optim in optims.values():
@@ -599,10 +609,12 @@ def _plain_official_step(trainer: Trainer) -> None:
     trainer.step += 1
 
 
-def test_the_training_step_is_the_official_iteration(tmp_path, tiny_labeler):
+@pytest.mark.parametrize("lambda_id", [0.0, 2.0])
+def test_the_training_step_is_the_official_iteration(tmp_path, tiny_labeler, lambda_id):
     """The trainer's step shares passes (one content pass for every fake, reals and fakes in one D
     pass, the reference step's styles without gradients) but must update every net as the plain
-    official iteration does. SGD instead of Adam, so a difference in any gradient shows. Noise
+    official iteration does (with the identity term written as its own G call where it is on).
+    SGD instead of Adam, so a difference in any gradient shows. Noise
     images and each step started from the same weights on both sides: on flat colours, the L1
     terms' signs at tied pixels and instance norm turn float rounding into visible differences."""
     folder = tmp_path / "noise"
@@ -610,7 +622,7 @@ def test_the_training_step_is_the_official_iteration(tmp_path, tiny_labeler):
     rng = np.random.default_rng(0)
     for i in range(12):
         Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
-    cfg = tiny_cfg(tmp_path, tiny_labeler, r1_every=2, steps=10, data=str(folder))
+    cfg = tiny_cfg(tmp_path, tiny_labeler, r1_every=2, steps=10, data=str(folder), lambda_id=lambda_id)
     fast, plain = (Trainer(cfg, progress=False) for _ in range(2))
     start = {name: {k: v.clone() for k, v in net.state_dict().items()}
              for name, net in fast.nets.modules().items()}
@@ -619,8 +631,9 @@ def test_the_training_step_is_the_official_iteration(tmp_path, tiny_labeler):
                           for name, net in trainer.nets.modules().items()}
         trainer.labels = torch.eye(3)[torch.arange(12) % 3]  # noise gets one label: give them all three
     for step in range(3):  # steps 0 and 2 with R1, step 1 without
-        fast.train_step()
-        _plain_official_step(plain)
+        logs = fast.train_step()
+        assert ("g_id_latent" in logs) == (lambda_id > 0) and "g_id_ref" not in logs
+        _plain_official_step(plain, lambda_id)
         for nets, other in ((fast.nets, plain.nets), (fast.ema, plain.ema)):
             for name, net in nets.modules().items():
                 for (key, a), b in zip(net.state_dict().items(), other.modules()[name].state_dict().values()):

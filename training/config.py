@@ -34,6 +34,10 @@ DEFAULT_DATA_MAX_MINUTES = 12.0
 # steps; in the default run's ~1,000 steps 1e-4 leaves blurred generic faces (A/B at equal steps in
 # benchmarks/RESULTS.md). Used wherever lr / mapping_lr are not given; other data keep the recipe's.
 DEFAULT_DATA_LR = 2e-3
+# The embedded default's identity weight: without the term every latent translation comes out in
+# one skin tone per domain (the style sets it), so no source is recognisable; with it the sources
+# keep theirs (A/B at equal steps in benchmarks/RESULTS.md). Other data keep the official 0.
+DEFAULT_DATA_LAMBDA_ID = 5.0
 LANIT_LITE_DL_SIZE = 128
 
 
@@ -74,6 +78,10 @@ class TrainConfig:
     lambda_sty: float = 1.0
     lambda_ds: float = 1.0
     lambda_cyc: float = 1.0
+    # identity term (CycleGAN's; not in LANIT or StarGAN v2): in the latent step, a source rendered
+    # in a random latent style of its own domain(s) must reproduce itself (L1). 0: off, the
+    # official objective; None -> DEFAULT_DATA_LAMBDA_ID for the embedded default data, else 0
+    lambda_id: float | None = None
     lambda_dl: float | None = None  # None -> the recipe's (LANIT's lambda_p 0.5 / lanit-rt 1.0)
     ds_decay_steps: int | None = None  # None -> decay the diversity weight to 0 over all steps
     # pseudo-labels
@@ -133,6 +141,10 @@ class TrainConfig:
             for key in ("lr", "mapping_lr"):
                 if getattr(self, key) is None:
                     object.__setattr__(self, key, DEFAULT_DATA_LR)
+        if self.lambda_id is None:
+            object.__setattr__(self, "lambda_id", DEFAULT_DATA_LAMBDA_ID if self.data is None else 0.0)
+        if self.lambda_id < 0:
+            raise ConfigError(f"lambda_id must be 0 (off) or more, got {self.lambda_id}")
         for key, value in RECIPES[self.recipe].items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)

@@ -70,6 +70,11 @@ def cycle_loss(reconstructed: torch.Tensor, source: torch.Tensor) -> torch.Tenso
     return (reconstructed - source).abs().mean()
 
 
+def identity_loss(own_domain: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """CycleGAN's identity term, L1: a source translated to its own domain(s) is left as it is."""
+    return (own_domain - source).abs().mean()
+
+
 def diversity_weight(step: int, base: float, decay_steps: int) -> float:
     """The diversity weight decays linearly from `base` to 0 over `decay_steps`."""
     if decay_steps <= 0:

@@ -295,7 +295,14 @@ def generator_step(nets: Nets, labeler: Labeler | None, x_real, y_org, y_trg, y_
     latter only while prompts are learned; lanit-rt: diversity in both steps, the domain loss
     whenever a labeler is given."""
     s_trg = style_of(y_trg, 1)
-    x_fake = nets.generator(x_real, s_trg)
+    if latent and cfg.lambda_id > 0:
+        # The identity term's render in a latent style of the sources' own domains shares the
+        # translation's encoder pass (G has no batch statistics: the same as two G calls).
+        generator = nets.generator
+        params = generator.adain_params(torch.cat([s_trg, style_of(y_org, 1)]))
+        x_fake, x_id = generator.render(generator.content(x_real).repeat(2, 1, 1, 1), params).chunk(2)
+    else:
+        x_fake, x_id = nets.generator(x_real, s_trg), None
     loss_adv = losses.adversarial_loss(nets.discriminator(x_fake), y_trg, real=True,
                                        average="pairs" if official(cfg) else "samples")
     loss_sty = losses.style_reconstruction_loss(nets.style_encoder(x_fake, y_trg), s_trg)
@@ -312,6 +319,10 @@ def generator_step(nets: Nets, labeler: Labeler | None, x_real, y_org, y_trg, y_
     loss_cyc = losses.cycle_loss(x_rec, x_real)
     loss = loss + cfg.lambda_cyc * loss_cyc
     logs["g_cyc"] = loss_cyc.item()
+    if x_id is not None:
+        loss_id = losses.identity_loss(x_id, x_real)
+        loss = loss + cfg.lambda_id * loss_id
+        logs["g_id"] = loss_id.item()
     if labeler is None or not cfg.lambda_dl > 0:
         return loss, logs
     with clock("dl") if clock is not None else contextlib.nullcontext():
@@ -497,6 +508,8 @@ class Trainer:
             raise CheckpointError(f"resume state in {self.out} was trained with a different model "
                                   f"({changed}); resume with the same settings or choose another --out")
         saved_cfg = json.loads(json.dumps(state.get("train_config", {})))  # tuples as lists, like now
+        if saved_cfg:
+            saved_cfg.setdefault("lambda_id", 0.0)  # states saved before the identity term had none
         now_cfg = json.loads(json.dumps(self.cfg.to_dict()))
         changed = [f"{key} {saved_cfg[key]!r} -> {now_cfg[key]!r}" for key in now_cfg
                    if key in saved_cfg and key not in RESUMABLE_CHANGES and saved_cfg[key] != now_cfg[key]]
