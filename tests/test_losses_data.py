@@ -127,6 +127,7 @@ def test_recipe_and_arch_resolve_their_settings():
     assert (TrainConfig().lr, TrainConfig().mapping_lr) == (DEFAULT_DATA_LR, DEFAULT_DATA_LR) != (1e-4, 1e-4)
     assert (TrainConfig(lr=3e-4).lr, TrainConfig(lr=3e-4).mapping_lr) == (3e-4, DEFAULT_DATA_LR)
     assert TrainConfig(recipe="lanit-rt").lambda_dl == 1.0
+    assert (TrainConfig().steps, official.steps, TrainConfig(steps=7).steps) == (3000, 1000, 7)
     # the identity term: on for the embedded default data only, unless set
     assert (TrainConfig().lambda_id, official.lambda_id) == (DEFAULT_DATA_LAMBDA_ID, 0.0)
     assert TrainConfig(lambda_id=0.0).lambda_id == 0.0 and TrainConfig(lambda_id=2.0, **folder).lambda_id == 2.0
