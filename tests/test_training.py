@@ -226,7 +226,7 @@ def test_time_budget_stops_cleanly_with_a_checkpoint(tmp_path, tiny_labeler, cap
     assert "time budget of 0.0 min reached at step 0" in printed.out
     model = load_checkpoint(out)
     assert model.metadata["step"] == 0 and model.metadata["final"] is True
-    assert cfg.replace(max_minutes=None, data=None).time_budget_s == 12 * 60
+    assert cfg.replace(max_minutes=None, data=None).time_budget_s == 11 * 60
     assert cfg.replace(max_minutes=None).time_budget_s is None
 
 
