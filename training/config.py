@@ -37,7 +37,7 @@ DEFAULT_DATA_MAX_MINUTES = 11.0
 DEFAULT_DATA_STEPS = 3000
 STEPS = 1000
 # The embedded default's learning rates: twenty times the official 1e-4, which is tuned for 100 k
-# steps; in the default run's ~1,000 steps 1e-4 leaves blurred generic faces (A/B at equal steps in
+# steps; in the default run's 1,000-3,000 steps 1e-4 leaves blurred generic faces (A/B at equal steps in
 # benchmarks/RESULTS.md). Used wherever lr / mapping_lr are not given; other data keep the recipe's.
 DEFAULT_DATA_LR = 2e-3
 # The embedded default's identity weight: without the term every latent translation comes out in
