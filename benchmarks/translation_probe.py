@@ -64,7 +64,7 @@ def probe_run(run_dir: str, vl, n: int, seed: int) -> dict:
     images = ImageSet(run.paths, model.config.img_size, progress=False)
     truth = emoji_ground_truth(run.paths, domains).labels
     rows = {"content": [], "colour": [], "chance_colour": [], "recon_content": [], "recon_colour": []}
-    sources_all = []
+    sources_all, features_all = [], []
     for k in range(len(domains)):  # the sources and latents training.eval draws for domain k
         candidates = torch.nonzero(truth[:, k] <= 0).flatten()
         gen = torch.Generator().manual_seed(seed * 1009 + k)
@@ -84,6 +84,7 @@ def probe_run(run_dir: str, vl, n: int, seed: int) -> dict:
         rows["recon_content"].append(metrics.content_preservation(f_src[keep], f_recon))
         rows["recon_colour"].append(colour_error(recon, x[keep]))
         sources_all.append(x)
+        features_all.append(f_src)
     out = {key: sum(v) / len(v) for key, v in rows.items()}
     out["per_domain_colour"] = dict(zip(domains, rows["colour"]))
     out["step"] = model.metadata.get("step")
@@ -91,11 +92,12 @@ def probe_run(run_dir: str, vl, n: int, seed: int) -> dict:
     if eval_file.exists():
         summary = json.loads(eval_file.read_text())["summary"]
         out["eval"] = {k: summary[k] for k in ("domain_accuracy", "content", "mFD")}
-    return out, torch.cat(sources_all)
+    return out, torch.cat(sources_all), torch.cat(features_all), images
 
 
-def degraded_references(vl, sources: torch.Tensor, seed: int) -> dict:
-    """The content cosine (and centre-colour error) of the sources against degraded copies."""
+def degraded_references(vl, sources: torch.Tensor, source_features: torch.Tensor, seed: int) -> dict:
+    """The content cosine (and centre-colour error) of the sources (and their features, from
+    `probe_run`) against degraded copies."""
     from training.evaluation import metrics
     from training.evaluation.eval import encode
 
@@ -107,8 +109,7 @@ def degraded_references(vl, sources: torch.Tensor, seed: int) -> dict:
         "source + noise (sigma 0.05)": (sources + 0.05 * torch.randn(sources.shape, generator=gen)).clamp(-1, 1),
         "another random source": sources[torch.randperm(len(sources), generator=gen)],
     }
-    f_src = encode(vl, sources, 64, "features", False)
-    return {name: {"content": metrics.content_preservation(f_src, encode(vl, v, 64, "features", False)),
+    return {name: {"content": metrics.content_preservation(source_features, encode(vl, v, 64, "features", False)),
                    "colour": colour_error(v, sources)} for name, v in variants.items()}
 
 
@@ -120,19 +121,16 @@ def variant_pairs(paths) -> torch.Tensor:
     return torch.tensor([(a, b) for members in groups.values() for a in members for b in members if a != b])
 
 
-def hair_variants(vl, run_dir: str) -> dict:
+def hair_variants(vl, images) -> dict:
     """The ideal translation's figures: Twemoji draws each person in several hair variants (file
     names `<person>[-<skin tone>]-200d-1f9b0..3`: red, curly, bald, white hair, and the plain one),
-    identical but for the hair. Every ordered pair of variants of one person, as source and target."""
-    from training.data import ImageSet
+    identical but for the hair. Every ordered pair of variants of one person, as source and target.
+    `images`: the embedded set's ImageSet, from `probe_run` (which also set lanit-lite's centre)."""
     from training.evaluation import metrics
     from training.evaluation.eval import encode
-    from training.evaluation.inputs import read_run
 
-    run = read_run(run_dir, "cpu", progress=False)
-    pairs = variant_pairs(run.paths)
-    images = ImageSet(run.paths, run.model.config.img_size, progress=False)
-    x = images.batch(torch.arange(len(run.paths)))
+    pairs = variant_pairs(images.paths)
+    x = images.batch(torch.arange(len(images.paths)))
     f = encode(vl, x, 64, "features", False)
     return {"content": metrics.content_preservation(f[pairs[:, 0]], f[pairs[:, 1]]),
             "colour": colour_error(x[pairs[:, 1]], x[pairs[:, 0]]), "pairs": len(pairs)}
@@ -150,13 +148,13 @@ def main(argv: list[str] | None = None) -> int:
 
     vl = load_vision_language("lanit-lite", device="cpu")
     vl.eval()
-    results, sources = {}, None
+    results = {}
     with torch.no_grad():
-        for run_dir in args.runs:
-            results[run_dir], sources = probe_run(run_dir, vl, args.n, args.seed)
-        references = degraded_references(vl, sources, args.seed)
+        for run_dir in args.runs:  # every run is on the embedded set: the last one's sources serve
+            results[run_dir], sources, source_features, images = probe_run(run_dir, vl, args.n, args.seed)
+        references = degraded_references(vl, sources, source_features, args.seed)
         references["the same person with other hair (Twemoji's variants: the ideal translation)"] = \
-            hair_variants(vl, args.runs[-1])
+            hair_variants(vl, images)
     print("\n| run | step | domain acc (eval) | content (eval) | mFD (eval) | content here | "
           "own-domain reconstruction content | face-centre colour error | reconstruction colour error |")
     print("|---|---|---|---|---|---|---|---|---|")

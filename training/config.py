@@ -29,9 +29,9 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 # The embedded default must finish within 13 minutes on 2 CPU cores, labelling and the closing
-# evaluation included (about 1.5 minutes of it on the slower machines measured).
+# evaluation included (those took about 1.5-2 minutes on the slower machine measured).
 DEFAULT_DATA_MAX_MINUTES = 11.0
-# Its steps: as many as a fast 2-core machine makes in that budget (about 4.7 steps/s on a Xeon
+# Its steps: as many as a fast 2-core machine makes in that budget (4.5-4.7 steps/s on a Xeon
 # with AMX). Slower machines stop at the budget, about 1,000 steps, no worse off than a 1,000-step
 # run (A/B in benchmarks/RESULTS.md). Other data default to STEPS.
 DEFAULT_DATA_STEPS = 3000
