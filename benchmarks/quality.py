@@ -40,6 +40,8 @@ ROWS = [
     ("content preservation (cosine)", ("summary", "content"), 1, 3),
     ("identity mFD (untranslated sources)", ("translation", "identity_mean", "fd"), 1, 4),
     ("identity domain accuracy", ("translation", "identity_mean", "domain_accuracy"), 1, 3),
+    ("real images of the targets: domain accuracy", ("translation", "real_mean", "domain_accuracy"), 1, 3),
+    ("real images of the targets: top-1 accuracy", ("translation", "real_mean", "top1_accuracy"), 1, 3),
 ]
 
 

@@ -184,6 +184,46 @@ def test_translation_metrics_are_consistent(run_dir):
     summary = run_dir["result"]["summary"]
     assert summary["mFD"] == tr["mean"]["fd"] and summary["mKID"] == tr["mean"]["kid"]
     assert tr["identity_mean"]["content"] == 1.0
+    # The real images of each target: the labeler's reading of genuine members, accuracies only.
+    assert set(tr["real"]) == set(DOMAINS)
+    for name, row in tr["real"].items():
+        assert row["num_real"] == PER_DOMAIN
+        assert 0 <= row["domain_accuracy"] <= 1 and 0 <= row["top1_accuracy"] <= 1
+    for key in ("domain_accuracy", "top1_accuracy"):
+        assert tr["real_mean"][key] == pytest.approx(np.mean([r[key] for r in tr["real"].values()]))
+    assert tr["real_mean"]["fd"] is None and tr["real_mean"]["content"] is None
+
+
+class _ColourReader(torch.nn.Module):
+    """A labeler that reads an image's mean colour: features = the normalised mean RGB, domain
+    texts = the red / green / blue axes, base prompt = grey. On the test's colour-coded images the
+    adaptive rule turns exactly the image's own colour on."""
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(images.float().mean(dim=(2, 3)), dim=1)
+
+    @staticmethod
+    def bank():
+        return torch.eye(3), torch.nn.functional.normalize(torch.ones(3), dim=0)
+
+
+def test_real_image_row_reads_the_targets_own_members(run_dir):
+    """The "real images of the target" accuracies come from the target's members: a labeler that
+    reads colours finds every red image red (1.0), where the sources (other colours) and an
+    untrained generator's translations are not."""
+    from training.data import ImageSet
+
+    run = eval_inputs.read_run(run_dir["run"], "cpu", progress=False)
+    images = ImageSet(run.paths, 32, progress=False)
+    vl = _ColourReader()
+    feats = lanit_eval.encode(vl, images, 16, "features", False)
+    members = torch.tensor([[float(Path(p).parent.name == d) for d in DOMAINS] for p in run.paths])
+    settings = lanit_eval.EvalSettings(n=6, kid_subsets=2, kid_subset_size=4, progress=False)
+    tr = lanit_eval.translation_quality(vl, run, images, feats, members, _ColourReader.bank, settings)
+    for name in DOMAINS:
+        assert tr["real"][name] == {"num_real": PER_DOMAIN, "domain_accuracy": 1.0, "top1_accuracy": 1.0}
+        assert tr["identity"][name]["domain_accuracy"] == 0.0
+    assert tr["real_mean"]["domain_accuracy"] == 1.0 and tr["real_mean"]["top1_accuracy"] == 1.0
 
 
 def test_identity_baseline_matches_direct_fd(run_dir):

@@ -528,7 +528,11 @@ def test_the_run_ends_with_a_quality_table(tmp_path, tiny_labeler, capsys):
     result = json.loads((tmp_path / "run" / "eval.json").read_text())
     mean = result["translation"]["mean"]
     assert "| translations |" in printed and "| untranslated sources |" in printed
-    assert f"| {mean['domain_accuracy']:.3f} | {mean['content']:.3f} | {mean['fd']:.4f} |" in printed
+    assert (f"| translations | {mean['domain_accuracy']:.3f} | {mean['top1_accuracy']:.3f} | "
+            f"{mean['content']:.3f} | {mean['fd']:.4f} |") in printed
+    real = result["translation"]["real_mean"]
+    assert (f"| real images of the target | {real['domain_accuracy']:.3f} | {real['top1_accuracy']:.3f} "
+            "| - | - | - |") in printed
     assert run.main(argv + ["--out", str(tmp_path / "run2")]) == 0  # --data runs: off by default
     assert "python -m training.eval" in capsys.readouterr().out
     assert not (tmp_path / "run2" / "eval.json").exists()
