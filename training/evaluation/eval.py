@@ -133,6 +133,16 @@ def label_with(bank, feats: torch.Tensor, mode: str, topk: int, threshold: float
     return labels.float().cpu(), scores.float().cpu()
 
 
+def target_accuracies(bank, feats: torch.Tensor, k: int) -> dict[str, float]:
+    """How the stage-1 labeler reads images [N, E] as domain k: domain accuracy (the adaptive rule
+    turns k on) and top-1 accuracy (k scores highest)."""
+    labels, scores = label_with(bank, feats, "adaptive", 1, 0.0)
+    wanted = torch.zeros_like(labels)
+    wanted[:, k] = 1.0
+    return {"domain_accuracy": metrics.domain_accuracy(labels, wanted),
+            "top1_accuracy": metrics.top1_accuracy(scores, torch.full((len(feats),), k))}
+
+
 def label_quality(labels: torch.Tensor, gt: GroundTruth, domains: Sequence[str]) -> dict[str, Any]:
     cols = gt.known_domains
     return metrics.multilabel_scores(labels[:, cols], gt.labels[:, cols], [domains[k] for k in cols])
@@ -194,31 +204,19 @@ def translation_quality(vl, run: RunInfo, images: ImageSet, feats: torch.Tensor,
         fakes = translate(model, images.batch(src), weights, z, settings.batch_size)
         fake_feats = encode(vl, fakes, settings.batch_size, f"features {name}", False)
         real_feats, src_feats = feats[reals], feats[src]
-        fake_labels, fake_scores = label_with(stage1_bank, fake_feats, "adaptive", 1, 0.0)
-        src_labels, src_scores = label_with(stage1_bank, src_feats, "adaptive", 1, 0.0)
-        real_labels, real_scores = label_with(stage1_bank, real_feats, "adaptive", 1, 0.0)
-        target = torch.full((len(src),), k)
         per_domain[name] = {
             "num_real": len(reals), "num_translated": len(src),
             **set_metrics(real_feats, fake_feats, settings, settings.seed + k),
-            "domain_accuracy": metrics.domain_accuracy(fake_labels, weights),
-            "top1_accuracy": metrics.top1_accuracy(fake_scores, target),
+            **target_accuracies(stage1_bank, fake_feats, k),
             "content": metrics.content_preservation(src_feats, fake_feats),
             "sources": [str(images.paths[i]) for i in src.tolist()],
         }
         identity[name] = {
             **set_metrics(real_feats, src_feats, settings, settings.seed + k),
-            "domain_accuracy": metrics.domain_accuracy(src_labels, weights),
-            "top1_accuracy": metrics.top1_accuracy(src_scores, target),
+            **target_accuracies(stage1_bank, src_feats, k),
             "content": 1.0,
         }
-        real_weights = torch.zeros(len(reals), d)
-        real_weights[:, k] = 1.0
-        real[name] = {
-            "num_real": len(reals),
-            "domain_accuracy": metrics.domain_accuracy(real_labels, real_weights),
-            "top1_accuracy": metrics.top1_accuracy(real_scores, torch.full((len(reals),), k)),
-        }
+        real[name] = {"num_real": len(reals), **target_accuracies(stage1_bank, real_feats, k)}
     if not per_domain:
         raise EvalError(f"no domain could be evaluated: {skipped}")
     return {"per_domain": per_domain, "mean": _means(per_domain), "identity": identity,

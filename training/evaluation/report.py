@@ -142,8 +142,7 @@ def markdown_report(result: dict[str, Any]) -> str:
         lines.append(row(name, m))
     lines.append(row("**mean (mFD, mKID)**", tr["mean"]))
     lines.append(row("identity (untranslated sources)", tr["identity_mean"]))
-    if "real_mean" in tr:  # absent from eval.json files written before it
-        lines.append(row("real images of the target", tr["real_mean"]))
+    lines.append(row("real images of the target", tr["real_mean"]))
     for name, why in tr["skipped"].items():
         lines.append(f"\nskipped {name}: {why}")
     lines.append("")
@@ -155,9 +154,8 @@ def headline_table(result: dict[str, Any]) -> str:
     floor) and, for the two accuracies, for the real images of each target (the labeler's reading
     of genuine members)."""
     tr = result["translation"]
-    rows = [("translations", tr["mean"]), ("untranslated sources", tr["identity_mean"])]
-    if "real_mean" in tr:
-        rows.append(("real images of the target", tr["real_mean"]))
+    rows = [("translations", tr["mean"]), ("untranslated sources", tr["identity_mean"]),
+            ("real images of the target", tr["real_mean"])]
     lines = [f"quality at step {result['step']} ({result['labeler']} features; "
              f"{result['settings']['n']} sources per domain):", "",
              "| | domain accuracy | top-1 accuracy | content | mFD | mKID x1e3 |",
