@@ -118,7 +118,8 @@ def worker(args: argparse.Namespace) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "config": {k: v for k, v in cfg.to_dict().items()
                        if k in ("img_size", "base_dim", "max_dim", "mapping_dim", "batch_size",
-                                "recipe", "r1_every", "lambda_r1")}}
+                                "recipe", "r1_every", "lambda_r1", "lambda_id")},
+            "compiled": getattr(trainer, "compiled", False)}
 
 
 # ----------------------------------------------------------------------------- driver

@@ -20,6 +20,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -44,18 +45,21 @@ from lanit_rt.config import LanitConfig
 from lanit_rt.networks import Discriminator, Generator, MappingNetwork, StyleEncoder
 from lanit_rt.style import latent_style_table, mix_styles, reference_style_table
 from training import losses
+from training.acceleration import (compile_blocks, compile_unusable_reason, keep_freed_memory,
+                                   should_compile)
 from training.config import TrainConfig
 from training.data import DataError, ImageSet, check_images, find_images
 from training.distributed import average_gradients, init_distributed
 from training.grid import save_sample_grid
-from training.run_folder import images_digest, logged_step, prepare_out_folder, saving
+from training.run_folder import (RunError, images_digest, logged_step, prepare_out_folder,
+                                 saving)
 
 TRAIN_CONFIG_FILE = "train_config.json"
 # Settings a resumed run may change: when and where it stops, logs and saves, and where the same
 # data lives (the images themselves are checked by count and digest). Any other change would make
 # train_config.json and the saved labels describe another run than the one resumed.
 RESUMABLE_CHANGES = ("steps", "max_minutes", "log_every", "sample_every", "save_every", "device",
-                     "cache_dir", "out", "data")
+                     "cache_dir", "out", "data", "compile")
 METRICS_FILE = "metrics.jsonl"
 LABELS_FILE = "pseudo_labels.csv"
 PROMPTS_FILE = "prompts.safetensors"
@@ -425,6 +429,7 @@ class Trainer:
         self.nets, self.ema = build_nets(self.model_config, self.device,
                                          init="he" if official(cfg) else "default")
         self.optims = make_optimizers(self.nets, cfg)
+        self.compiled = self._accelerate()
         self.gen = torch.Generator().manual_seed(cfg.seed + 1000 * self.dist.rank)
         self.step = 0
         self.clock = PhaseClock()  # benchmarks/train_step.py turns it on
@@ -437,6 +442,24 @@ class Trainer:
                 lr=cfg.prompt_lr, betas=(cfg.beta1, cfg.beta2))
         self.labels, self.scores = self.labeler.label()
         self.pool = self._active_pool()
+
+    def _accelerate(self) -> bool:
+        """Keep freed memory on CPUs and compile the nets' blocks where the config says (see
+        training.acceleration); True when they are compiled."""
+        if self.device.type == "cpu":
+            keep_freed_memory()
+        if not should_compile(self.cfg.compile, self.device, self.cfg.steps, self.dist.world):
+            return False
+        reason = compile_unusable_reason(self.device)
+        if reason is not None:
+            if self.cfg.compile:
+                raise RunError(f"compile=true, but torch.compile does not work here ({reason}); "
+                               "pass --set compile=false")
+            warnings.warn(f"training without torch.compile, which does not work here ({reason}); "
+                          "each step takes about 1.3x longer", stacklevel=2)
+            return False
+        compile_blocks(self.nets)
+        return True
 
     def _build_labeler(self, vl, paths: list[Path]) -> Labeler:
         from training.labeling.prompts import PromptBank, check_distinct_domains
@@ -765,6 +788,9 @@ class Trainer:
                    disable=not (self.progress and self.dist.main), dynamic_ncols=True)
         started, start_step = time.perf_counter(), self.step
         logs = None
+        if self.compiled and self.dist.main and self.progress and self.step < cfg.steps:
+            tqdm.write("the first steps compile the generator and style encoder (torch.compile: "
+                       "30-45 s on 2 CPU cores the first time, seconds once cached)")
         if self.step >= cfg.steps and self.dist.main:
             tqdm.write(f"the run is already at step {self.step} of --steps {cfg.steps}: nothing to "
                        "train; pass a larger --steps to continue it")
