@@ -132,6 +132,17 @@ def extract(rev: str, into: Path) -> Path:
     return into
 
 
+def commit_of(rev: str) -> str | None:
+    """The commit a revision names (HEAD moves, so the JSON records what it was), or None."""
+    if not rev:
+        return None
+    done = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        return None
+    return done.stdout.strip() or None
+
+
 def run_worker(code: Path, size: str, args: argparse.Namespace, images: Path, phases: bool) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--size", size,
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
@@ -210,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {r['size']} | " + " | ".join(f"{r['phases_s'].get(n, 0.0):.3f}" for n in names) + " |")
     record = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                           "cpus": os.cpu_count(), "device": args.device},
-              "baseline": args.baseline, "new_overrides": args.set, "steps": args.steps,
+              "baseline": args.baseline, "baseline_commit": commit_of(args.baseline),
+              "new_commit": commit_of("HEAD"), "new_overrides": args.set, "steps": args.steps,
               "warmup": args.warmup, "rounds": args.rounds, "rows": rows}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -190,9 +190,12 @@ def test_compile_rows_get_a_fresh_compile_past_dynamo_recompile_limit():
     assert gpu_bench._graph_count() == before + 1  # what a compile row reports as dynamo_graphs
 
 
-def test_train_step_measures_both_sides_and_its_phases_add_up(tmp_path, capsys):
+def test_train_step_measures_both_sides_and_its_phases_add_up(tmp_path, capsys, monkeypatch):
     if subprocess.run(["git", "-C", str(train_step.ROOT), "rev-parse", "HEAD"], capture_output=True).returncode:
         pytest.skip("the old side is extracted from git history; this copy has none")
+    # The workers train as the default does, compile included (a 10**6-step config); dynamo off
+    # keeps a cold compile out of the test's time.
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
     out = tmp_path / "train_step.json"
     argv = ["--sizes", "default", "--steps", "2", "--warmup", "1", "--rounds", "1",
             "--baseline", "HEAD", "--json", str(out)]
@@ -207,6 +210,8 @@ def test_train_step_measures_both_sides_and_its_phases_add_up(tmp_path, capsys):
     per_step = 1 / new["steps_per_s"]
     assert sum(new["phases_s"].values()) == pytest.approx(per_step, rel=0.1)
     assert {"d_fakes", "d_latent", "g_latent", "g_ref", "optimizer", "ema"} <= set(new["phases_s"])
+    assert new["compiled"] is True and new["config"]["lambda_id"] == 0
+    assert record["new_commit"] and record["baseline_commit"] == record["new_commit"]
     with pytest.raises(SystemExit):
         train_step.main(["--steps", "0"])
 

@@ -15,7 +15,8 @@ from lanit_rt import load_checkpoint
 from lanit_rt.config import ConfigError
 from training import run
 from training.config import TrainConfig
-from training.acceleration import COMPILE_MIN_STEPS, keep_freed_memory, should_compile
+from training.acceleration import (COMPILE_MIN_STEPS, keep_freed_memory, release_freed_memory,
+                                   should_compile)
 from training.run_folder import RunError
 from training.train import Trainer, TrainingInterrupted, train
 
@@ -659,10 +660,31 @@ def test_compile_resolution_rules():
     assert TrainConfig().compile is None and TrainConfig(compile=False).compile is False
 
 
-def test_keep_freed_memory_takes_effect_on_glibc():
+def test_freed_memory_is_kept_while_training_and_handed_back_after():
     import platform
 
-    assert keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
+    if platform.libc_ver()[0] != "glibc":
+        assert keep_freed_memory() is False and release_freed_memory() is False
+        return
+
+    def rss_mib() -> float:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def touch_and_free() -> float:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, every page written
+        del block
+        return rss_mib()
+
+    try:
+        assert release_freed_memory() is True  # glibc's defaults, heap trimmed (whatever ran before)
+        base = rss_mib()
+        assert touch_and_free() < base + 16  # a block this big is unmapped when freed
+        assert keep_freed_memory() is True
+        assert touch_and_free() > base + 48  # kept in the heap for the next step
+        assert release_freed_memory() is True
+        assert rss_mib() < base + 16
+    finally:
+        release_freed_memory()
 
 
 def test_compiled_training_matches_eager_training(tmp_path, tiny_labeler):

@@ -5,7 +5,8 @@ trims the heap's free top, so the next step's activations of the same sizes land
 that fault in one by one. The training step frees and reallocates the same sizes every iteration;
 keeping them in the heap removes the faults (a [8, 16, 32, 32] -> 32-channel 3x3 convolution takes
 0.95 ms with glibc's defaults and 0.25 ms without the faults on the 2-core machine of
-benchmarks/RESULTS.md). The process's peak RSS is unchanged: it is the peak of what is in use.
+benchmarks/RESULTS.md). `release_freed_memory()` undoes it when training ends, so what follows
+(the closing evaluation) starts from a trimmed heap and the run's peak RSS stays where it was.
 
 `compile_blocks(nets)`: `torch.compile` (inductor) of the generator's blocks and the style
 encoder's trunk, which fuses each block's normalisation, activation, pooling and upsampling into a
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
+import logging
 import platform
 
 import torch
@@ -31,24 +34,46 @@ MMAP_THRESHOLD_BYTES = 256 << 20
 # Free memory at the heap's top is kept up to this much.
 TRIM_THRESHOLD_BYTES = 1 << 30
 
+# glibc's starting values of both (they adapt upwards from there, which setting them stops).
+GLIBC_DEFAULT_THRESHOLD_BYTES = 128 << 10
+
 # Steps from which "auto" compiles: a cold compile costs about 30-45 s on 2 CPU cores (later runs
 # reuse inductor's on-disk cache, ~5 s) and saves about 25 ms a step at the default 32 px.
 COMPILE_MIN_STEPS = 1000
 
 
+def _glibc():
+    """The C library when it is glibc (with mallopt and malloc_trim), else None."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt.argtypes, libc.mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+        libc.malloc_trim.argtypes, libc.malloc_trim.restype = (ctypes.c_size_t,), ctypes.c_int
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
 def keep_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse instead of returning it to the kernel (see the module
     docstring). Process-wide and idempotent. False where the C library is not glibc."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+                                     and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+
+
+def release_freed_memory() -> bool:
+    """Undo keep_freed_memory: glibc's starting thresholds again, and the free memory the heap
+    holds handed back to the kernel. False where the C library is not glibc."""
+    libc = _glibc()
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-                and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+    gc.collect()  # the nets of a finished run may sit in reference cycles
+    restored = (libc.mallopt(_M_MMAP_THRESHOLD, GLIBC_DEFAULT_THRESHOLD_BYTES)
+                and libc.mallopt(_M_TRIM_THRESHOLD, GLIBC_DEFAULT_THRESHOLD_BYTES))
+    libc.malloc_trim(0)
+    return bool(restored)
 
 
 def should_compile(setting: bool | None, device: torch.device, steps: int, world: int) -> bool:
@@ -63,6 +88,15 @@ def compile_unusable_reason(device: torch.device) -> str | None:
     """None when torch.compile works here, else why not, in one line. It compiles and runs a small
     convolution forward and backward, which needs what the training blocks need: on CPUs a C++
     compiler and the Python headers."""
+    # Inductor imports torch.utils.cpp_extension, which warns on import when it finds a CUDA
+    # toolkit but no GPU; that says nothing about a CPU run, so import it with the warning off.
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension  # noqa: F401
+    finally:
+        logger.setLevel(level)
     try:
         conv = torch.nn.Conv2d(2, 2, 3, padding=1).to(device)
 

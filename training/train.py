@@ -46,7 +46,7 @@ from lanit_rt.networks import Discriminator, Generator, MappingNetwork, StyleEnc
 from lanit_rt.style import latent_style_table, mix_styles, reference_style_table
 from training import losses
 from training.acceleration import (compile_blocks, compile_unusable_reason, keep_freed_memory,
-                                   should_compile)
+                                   release_freed_memory, should_compile)
 from training.config import TrainConfig
 from training.data import DataError, ImageSet, check_images, find_images
 from training.distributed import average_gradients, init_distributed
@@ -853,3 +853,6 @@ def train(cfg: TrainConfig, vl=None, resume: bool = False, progress: bool = True
     finally:
         if trainer.dist.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+        if trainer.device.type == "cpu":
+            del trainer  # its nets and optimiser state go before the heap is trimmed
+            release_freed_memory()
