@@ -94,6 +94,13 @@ def worker(args: argparse.Namespace) -> dict:
 
     trainer = BenchTrainer(cfg, progress=False)
     device = trainer.device
+    if device.type == "cpu":
+        try:  # what Trainer.run does before its loop; older code has no such step
+            from training.acceleration import keep_freed_memory
+        except ImportError:
+            pass
+        else:
+            keep_freed_memory()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(args.warmup):
         trainer.train_step()

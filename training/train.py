@@ -444,10 +444,8 @@ class Trainer:
         self.pool = self._active_pool()
 
     def _accelerate(self) -> bool:
-        """Keep freed memory on CPUs and compile the nets' blocks where the config says (see
-        training.acceleration); True when they are compiled."""
-        if self.device.type == "cpu":
-            keep_freed_memory()
+        """Compile the nets' blocks where the config says (see training.acceleration); True when
+        they are compiled."""
         if not should_compile(self.cfg.compile, self.device, self.cfg.steps, self.dist.world):
             return False
         reason = compile_unusable_reason(self.device)
@@ -795,6 +793,10 @@ class Trainer:
             tqdm.write(f"the run is already at step {self.step} of --steps {cfg.steps}: nothing to "
                        "train; pass a larger --steps to continue it")
         mid_step = False
+        if self.device.type == "cpu":
+            # From here on, not while labelling: what that frees would stay resident (train()
+            # restores glibc's defaults when the run ends).
+            keep_freed_memory()
         try:
             with stop_requests() as stop:
                 while self.step < cfg.steps:
