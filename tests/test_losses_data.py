@@ -109,6 +109,12 @@ def test_overrides_are_typed():
     assert parse_override("steps=12") == ("steps", 12)
     assert parse_override("base_dim=none") == ("base_dim", None)
     assert parse_override("domains=a, b") == ("domains", ("a", "b"))
+    assert parse_override("compile=false") == ("compile", False)
+    assert parse_override("compile=auto") == ("compile", None)  # auto only for on/off switches
+    with pytest.raises(ConfigError, match="compile expects bool"):
+        parse_override("compile=fast")
+    with pytest.raises(ConfigError, match="expects int"):
+        parse_override("base_dim=auto")
     with pytest.raises(ConfigError, match="unknown config key"):
         parse_override("learning_rate=1")
     with pytest.raises(ConfigError, match="expects int"):

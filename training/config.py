@@ -118,8 +118,8 @@ class TrainConfig:
     device: str = "auto"  # auto (a GPU when PyTorch sees one), cpu, cuda or cuda:N
     # torch.compile of the generator's blocks and the style encoder's trunk (training.acceleration):
     # the same arithmetic, fused, about 1.3x the steps/s at the default 32 px on 2 CPU cores after a
-    # 30-45 s first compile. None: on for single-process CPU runs of 1,000 steps or more, where
-    # torch.compile works (a one-line warning otherwise)
+    # 30-45 s first compile. None (`--set compile=auto`): on for single-process CPU runs of 1,000
+    # steps or more, where torch.compile works (a one-line warning otherwise)
     compile: bool | None = None
     # Wall-clock cap on the training loop (minutes); the run then saves and ends as if finished.
     # None: no cap, except for the embedded default data (DEFAULT_DATA_MAX_MINUTES).
@@ -277,10 +277,10 @@ def _convert(raw: str, hint: Any, key: str) -> Any:
     args = typing.get_args(hint)
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        if raw.lower() in ("none", "null", ""):
-            if type(None) in args:
-                return None
         inner = [a for a in args if a is not type(None)]
+        if type(None) in args and (raw.lower() in ("none", "null", "")
+                                   or (inner == [bool] and raw.lower() == "auto")):
+            return None  # for an optional switch (compile), None means "auto"
         return _convert(raw, inner[0], key)
     if origin is tuple:
         return tuple(p.strip() for p in raw.split(",") if p.strip())
