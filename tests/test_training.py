@@ -729,3 +729,34 @@ def test_a_broken_torch_compile_warns_or_fails_in_one_line(tmp_path, tiny_labele
         with pytest.raises(RunError, match=r"compile=true.*no C\+\+ compiler.*compile=false"):
             train(cfg, progress=False)
     assert compiled == []
+
+
+def test_ctrl_c_that_kills_the_compiler_is_a_stop_not_a_crash(tmp_path, tiny_labeler, monkeypatch,
+                                                               capsys):
+    """Ctrl-C goes to the whole process group, so the C++ compiler torch.compile runs during a
+    step dies of it and the step raises a compile error: with a stop requested that is an
+    interruption (the half-done step unsaved), without one the error itself."""
+    import signal
+
+    class CompileError(RuntimeError):
+        pass
+
+    def dying_compile(ctrl_c: bool):
+        def step(self):  # the run's first step, where torch.compile compiles
+            if ctrl_c:
+                signal.raise_signal(signal.SIGINT)
+            raise CompileError("C++ compile error")
+        return step
+
+    monkeypatch.setattr(Trainer, "_accelerate", lambda self: True)  # as if compiled
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "train_step", dying_compile(ctrl_c=True))
+        assert run.main(tiny_argv(tmp_path, tiny_labeler, "--steps", "3")) == 130
+    captured = capsys.readouterr()
+    assert "Ctrl-C stopped torch.compile's C++ compiler in step 1" in captured.out
+    assert "interrupted: nothing was saved yet" in captured.err and "Traceback" not in captured.err
+    assert not (tmp_path / "run" / "train_state.pt").exists()
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "train_step", dying_compile(ctrl_c=False))
+        with pytest.raises(CompileError):
+            train(tiny_cfg(tmp_path / "b", tiny_labeler, steps=3), progress=False)

@@ -808,7 +808,17 @@ class Trainer:
                             tqdm.write(f"time budget of {budget / 60:.1f} min reached at step {self.step}")
                         break
                     mid_step = True
-                    logs = self.train_step()
+                    try:
+                        logs = self.train_step()
+                    except Exception:
+                        # Ctrl-C reaches the whole process group, so the C++ compilers that
+                        # torch.compile runs in a run's first step die of it: a stop, not a bug.
+                        # The step is half done, so nothing of it is saved.
+                        if self.compiled and stop.is_set():
+                            tqdm.write(f"Ctrl-C stopped torch.compile's C++ compiler in step "
+                                       f"{self.step + 1}, so that step is not saved")
+                            raise KeyboardInterrupt from None
+                        raise
                     mid_step = False
                     bar.update(1)
                     if self._log_due(self.step):
