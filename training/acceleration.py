@@ -25,6 +25,8 @@ import platform
 
 import torch
 
+from training.run_folder import first_line
+
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -106,8 +108,7 @@ def compile_unusable_reason(device: torch.device) -> str | None:
         x = torch.randn(1, 2, 4, 4, device=device, requires_grad=True)
         torch.compile(probe, dynamic=False)(x).backward()
     except Exception as err:  # noqa: BLE001 - any failure means: train eagerly
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        return f"{type(err).__name__}: {first_line[:200]}"
+        return f"{type(err).__name__}: {first_line(err)[:200]}"
     return None
 
 

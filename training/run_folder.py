@@ -66,11 +66,17 @@ def saving(file: Path):
         elif isinstance(err, OSError) and err.strerror:
             reason = err.strerror
         else:  # torch.save on a full disk: "[enforce fail at inline_container.cc:...] . unexpected pos"
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            reason = first_line(err)
         kept = (f"the previous {file.name} there is intact" if existed
                 else f"no {file.name} was written")
         raise RunError(f"could not save {file} ({reason}); is the disk full or the folder read-only? "
                        f"{kept}") from err
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (compiler and torch errors run to pages), or its
+    type's name when the message is empty."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def logged_step(line: str) -> float:
