@@ -723,6 +723,19 @@ def test_compiled_training_matches_eager_training(tmp_path, tiny_labeler):
         assert (c.generator(x, style) - yb).abs().max() > 0.05  # the bound above is tight
 
 
+def test_the_compile_probe_says_why_in_one_line(monkeypatch):
+    from training.acceleration import compile_unusable_reason
+
+    cpu = torch.device("cpu")
+    assert compile_unusable_reason(cpu) is None  # this machine compiles (CI's too)
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Compiler: g++ is not found\n(pages of build log)")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    assert compile_unusable_reason(cpu) == "RuntimeError: Compiler: g++ is not found"
+
+
 @pytest.mark.parametrize("setting", [None, True])
 def test_a_broken_torch_compile_warns_or_fails_in_one_line(tmp_path, tiny_labeler, monkeypatch,
                                                              setting):
