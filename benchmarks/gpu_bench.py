@@ -92,7 +92,7 @@ def check(args) -> int:
         try:
             versions[name] = importlib.import_module(name).__version__
         except Exception as err:  # ImportError, or a broken install raising something else
-            missing.append(f"{name} ({type(err).__name__}: {str(err).splitlines()[0][:80]})")
+            missing.append(f"{name} ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:80]})")
     try:
         import lanit_kernels.dispatch  # noqa: F401
         import lanit_rt  # noqa: F401

@@ -24,6 +24,7 @@ from typing import Sequence
 
 from lanit_export.command import Parser, UsageError, run_command
 from lanit_export.errors import ExportError
+from lanit_rt.errors import first_line
 
 
 def _int(text: str) -> int:
@@ -68,7 +69,7 @@ def _check_device(text: str) -> None:
     try:
         torch.empty(0, device=device)
     except Exception as err:  # torch says "unusable device" as RuntimeError, AssertionError, ...
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise UsageError(f"--device {text} is not available on this machine: {reason}") from None
 
 

@@ -9,6 +9,7 @@ import sys
 from typing import Callable, Sequence
 
 from lanit_export.errors import ExportError
+from lanit_rt.errors import first_line
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -43,7 +44,7 @@ def run_command(prog: str, parser: argparse.ArgumentParser,
         print(f"{prog}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except (ExportError, CheckpointError, ConfigError, OSError) as err:  # OSError: disk full, ...
-        text = str(err).splitlines()[0] if str(err) else type(err).__name__
+        text = first_line(err)
         print(f"{prog}: error: {text}", file=sys.stderr)
         return EXIT_FAILED
     return 0 if status is None else status

@@ -35,6 +35,7 @@ import torch
 
 from lanit_export.errors import ExportError
 from lanit_rt.config import ConfigError, LanitConfig
+from lanit_rt.errors import first_line
 from lanit_rt.networks import Generator, MappingNetwork, StyleEncoder
 
 NETS = ("generator", "mapping_network", "style_encoder")
@@ -138,7 +139,7 @@ def load_official_state(path: str | os.PathLike) -> dict[str, dict[str, torch.Te
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several unrelated types for non-checkpoint files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise ImportCheckpointError(f"{path} is not a PyTorch checkpoint that loads with "
                                     f"weights_only=True: {first}") from None
     if not isinstance(data, dict) or not all(isinstance(data.get(n), dict) for n in NETS):
@@ -262,7 +263,7 @@ def _load(net: torch.nn.Module, state: dict[str, torch.Tensor], name: str, path:
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
+        first = first_line(err)
         detail = " ".join(str(err).split())[:300]
         raise ImportCheckpointError(f"{path}: the {name} does not match the StarGAN v2 layout "
                                     f"inferred from its shapes ({first} {detail})") from None

@@ -40,6 +40,7 @@ from torch import nn
 
 from lanit_rt.checkpoint import LanitModel, OutputPathError, check_output_file, publish_file, temp_file_beside
 from lanit_rt.config import LanitConfig
+from lanit_rt.errors import describe
 from lanit_rt.networks import Generator
 from lanit_rt.version import __version__ as lanit_rt_version
 from lanit_export.errors import ExportError, ValidationError, require
@@ -195,7 +196,7 @@ def _trace(model: LanitModel, kind: str, precision: str, opset: int):
                 external_data=False, verbose=False)
         except Exception as err:  # the exporter raises many unrelated types
             raise ExportError(f"torch.onnx.export failed for the {kind} {precision} graph: "
-                              f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+                              f"{describe(err)}") from err
     proto = program.model_proto
     for value in list(proto.graph.input) + list(proto.graph.output):
         value.type.tensor_type.shape.dim[0].dim_param = BATCH_AXIS

@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lanit_rt.config import ConfigError, LanitConfig
+from lanit_rt.errors import first_line
 from lanit_rt.networks import Generator, MappingNetwork, StyleEncoder
 from lanit_rt.style import mix_styles
 
@@ -319,7 +320,7 @@ def _load_prefixed(net: torch.nn.Module, tensors: dict[str, torch.Tensor], prefi
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
+        first = first_line(err)
         raise CheckpointError(f"{file}: weights under '{prefix}' do not match its config: {first}") from None
 
 

@@ -189,6 +189,24 @@ def test_checkpoint_errors(tmp_path, tiny_config):
         load_checkpoint(tmp_path / "mixed.safetensors")
 
 
+def test_foreign_errors_are_quoted_in_one_line(tmp_path, tiny_config, monkeypatch):
+    from lanit_rt.errors import describe, first_line
+
+    long = RuntimeError("\n  Error(s) in loading state_dict:\n\tMissing key(s) ...\n")
+    assert first_line(long) == "Error(s) in loading state_dict:"
+    assert describe(long) == "RuntimeError: Error(s) in loading state_dict:"
+    assert first_line(OSError()) == "OSError" and describe(RuntimeError(" \n ")) == "RuntimeError"
+    # A load error with a blank message still becomes the checkpoint's one-line error.
+    _save_random(tmp_path / "run", tiny_config)
+
+    def blank(*args, **kwargs):
+        raise RuntimeError("")
+    monkeypatch.setattr(Generator, "load_state_dict", blank)
+    with pytest.raises(CheckpointError, match=r"weights under 'generator\.' do not match its config: "
+                                              r"RuntimeError$"):
+        load_checkpoint(tmp_path / "run")
+
+
 def test_train_state_round_trip_and_safe_loading(tmp_path):
     state = {"step": 3, "rng": torch.get_rng_state(), "nested": {"w": torch.ones(2)}, "cfg": {"a": [1, 2]}}
     save_train_state(tmp_path, state)

@@ -25,7 +25,7 @@ import platform
 
 import torch
 
-from training.run_folder import first_line
+from lanit_rt.errors import describe
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -108,7 +108,7 @@ def compile_unusable_reason(device: torch.device) -> str | None:
         x = torch.randn(1, 2, 4, 4, device=device, requires_grad=True)
         torch.compile(probe, dynamic=False)(x).backward()
     except Exception as err:  # noqa: BLE001 - any failure means: train eagerly
-        return f"{type(err).__name__}: {first_line(err)[:200]}"
+        return describe(err)[:200]
     return None
 
 

@@ -21,6 +21,7 @@ from lanit_rt.checkpoint import (
     OutputPathError,
     check_output_file,
 )
+from lanit_rt.errors import first_line
 
 
 class RunError(RuntimeError):
@@ -71,12 +72,6 @@ def saving(file: Path):
                 else f"no {file.name} was written")
         raise RunError(f"could not save {file} ({reason}); is the disk full or the folder read-only? "
                        f"{kept}") from err
-
-
-def first_line(err: BaseException) -> str:
-    """The first line of an exception's message (compiler and torch errors run to pages), or its
-    type's name when the message is empty."""
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def logged_step(line: str) -> float:

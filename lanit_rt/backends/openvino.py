@@ -41,6 +41,7 @@ from lanit_rt.backends.base import (
     check_int8_quality,
     parse_artifact_metadata,
 )
+from lanit_rt.errors import first_line
 
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 PERFORMANCE_HINTS = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
@@ -154,7 +155,7 @@ class _Graph:
             self.model = core.read_model(path)
         except Exception as err:  # OpenVINO raises RuntimeError subclasses of its own
             raise ArtifactError(f"{path} is not a model OpenVINO can read: "
-                                f"{str(err).strip().splitlines()[0] if str(err).strip() else err}") from None
+                                f"{first_line(err)}") from None
         info = parse_artifact_metadata(read_metadata(self.model, path), path)
         check_int8_quality(info, path)
         self.core = core

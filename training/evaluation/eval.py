@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from lanit_rt.checkpoint import CheckpointError, LanitModel, atomic_write, atomic_write_text
 from lanit_rt.config import ConfigError
+from lanit_rt.errors import first_line
 from training.cli import one_line_warnings
 from training.data import DataError, ImageSet
 from training.evaluation import metrics
@@ -116,7 +117,7 @@ def prompt_banks(vl, run: RunInfo, device) -> dict[str, Any]:
         try:
             learned.load_state_dict(load_file(str(prompts_file), device=str(device)))
         except (RuntimeError, OSError) as err:
-            first = str(err).strip().splitlines()[0]
+            first = first_line(err)
             raise EvalError(f"{prompts_file} does not match this labeler's prompts: {first}") from None
         banks["learned"] = learned.eval()
     return banks

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lanit_rt.errors import describe
 from training.labeling.views import VisionLanguageError, check_views, image_view
 
 LANIT_LITE = "lanit-lite"
@@ -411,7 +412,7 @@ def _wrap(open_clip, model: nn.Module, tokenizer, name: str) -> VisionLanguage:
 
 def _offline_hint(what: str, err: BaseException) -> VisionLanguageError:
     return VisionLanguageError(
-        f"could not load {what}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+        f"could not load {what}: {describe(err)} "
         f"(not in the local cache and no network? use --labeler {LANIT_LITE}, the packaged offline "
         "labeler, or a local checkpoint path)")
 
