@@ -20,6 +20,7 @@ open_clip = pytest.importorskip("open_clip")
 from training.labeling import label as label_cli  # noqa: E402
 from training.labeling.prompts import TEMPLATE_SETS, PromptBank, base_prompt_of  # noqa: E402
 from training.labeling.pseudo_labels import (  # noqa: E402
+    LABEL_MODES,
     ImageFeatureError,
     domain_scores,
     feature_cache_path,
@@ -153,6 +154,8 @@ def test_domain_scores_known_values():
 @pytest.mark.parametrize("mode, kwargs, expected", [
     ("adaptive", {}, [[1, 0, 0], [1, 1, 0], [0, 0, 0], [0, 1, 0], [1, 1, 1]]),
     ("topk", {"topk": 1}, [[1, 0, 0], [1, 0, 0], [0, 0, 1], [0, 1, 0], [0, 0, 1]]),
+    # top-1 where it beats the base prompt: row 2 (no domain above it) stays slack
+    ("adaptive-topk", {"topk": 1}, [[1, 0, 0], [1, 0, 0], [0, 0, 0], [0, 1, 0], [0, 0, 1]]),
     ("threshold", {"threshold": 0.7}, [[1, 0, 0], [1, 0, 0], [0, 0, 0], [0, 1, 0], [0, 0, 0]]),
     ("threshold", {"threshold": 0.5}, [[1, 0, 0], [1, 1, 0], [0, 0, 1], [0, 1, 0], [1, 0, 1]]),
 ])
@@ -170,6 +173,8 @@ def test_top2_known_answers():
     assert labels.tolist() == [[1, 1, 0], [1, 0, 1]]
     labels3, _ = pseudo_labels(x, t, b, mode="topk", topk=3)
     assert labels3.eq(1).all()
+    capped, _ = pseudo_labels(x, t, b, mode="adaptive-topk", topk=2)
+    assert capped.tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 0], [0, 1, 0], [1, 0, 1]]
 
 
 def test_adaptive_matches_pairwise_cosines_on_random_features():
@@ -189,7 +194,7 @@ def test_unreadable_rows_are_slack_and_bad_arguments_raise():
     x, t, b = _basis_features()
     x = x.clone()
     x[1] = float("nan")
-    for mode in ("adaptive", "topk", "threshold"):
+    for mode in LABEL_MODES:
         labels, scores = pseudo_labels(x, t, b, mode=mode, threshold=-1.0)
         assert labels[1].sum() == 0 and torch.isnan(scores[1]).all()
         assert labels[0].sum() >= 1

@@ -124,7 +124,7 @@ def test_cli_dry_run_prints_the_resolved_config(capsys):
     assert run.main(["--dry-run"]) == 0  # the embedded default: its data-dependent defaults spelled out
     printed = json.loads(capsys.readouterr().out)
     assert (printed["max_minutes"], printed["steps"], printed["lambda_id"], printed["template_set"],
-            printed["label_mode"], printed["prompt_start"]) == (11.0, 3000, 5.0, "emoji", "topk", 1500)
+            printed["label_mode"], printed["prompt_start"]) == (11.0, 3000, 10.0, "emoji", "topk", 1500)
     assert run.main(["--dry-run", "--steps", "7", "--set", "lr=2e-4", "--domains", "a, b"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["steps"] == 7 and printed["lr"] == 2e-4 and printed["domains"] == ["a", "b"]

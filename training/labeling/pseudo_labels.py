@@ -9,6 +9,8 @@ and the label modes of the paper:
 - "adaptive" (default): domain k is on when score_k(x) > 0, i.e. the image is closer to the domain
   prompt than to the domain-free base prompt. An image may get several domains, or none (slack).
 - "topk": the k domains with the highest scores (the same order as cos(x, t_k)).
+- "adaptive-topk": the adaptive rule's domains, at most the k highest-scoring: an image whose
+  domains all score below the base prompt stays unlabelled (slack), as under "adaptive".
 - "threshold": domain k is on when cos(x, t_k) > threshold.
 
 Unreadable images: `image_features` returns one row per input path, in order; a file that cannot
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-LABEL_MODES = ("adaptive", "topk", "threshold")
+LABEL_MODES = ("adaptive", "topk", "adaptive-topk", "threshold")
 CACHE_FORMAT = "lanit-rt-image-features/3"  # /2: raw (unnormalised) embeddings; /3: EXIF-rotated
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 # Images per forward pass on CPU. lanit-lite's EfficientNet-Lite0 at 224 px on 2 threads:
@@ -82,12 +84,14 @@ def pseudo_labels(image_feats: torch.Tensor, domain_feats: torch.Tensor, base_fe
     D = scores.shape[1]
     if mode == "adaptive":
         on = scores > 0
-    elif mode == "topk":
+    elif mode in ("topk", "adaptive-topk"):
         if not 1 <= int(topk) <= D:
             raise ValueError(f"topk must be in [1, {D}] for {D} domains, got {topk}")
         ranked = torch.where(torch.isfinite(scores), scores, torch.full_like(scores, -math.inf))
         on = torch.zeros_like(scores, dtype=torch.bool)
         on.scatter_(1, ranked.topk(int(topk), dim=1).indices, True)
+        if mode == "adaptive-topk":
+            on &= scores > 0
     elif mode == "threshold":
         on = cos > float(threshold)
     else:
