@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lanit_rt.config import ARCHS, ConfigError, LanitConfig
-from training.labeling.pseudo_labels import LABEL_MODES
+from training.labeling.pseudo_labels import LABEL_MODES, TOPK_MODES
 
 
 # The objectives by name. lanit-official follows the released LANIT code (KU-CVLAB/LANIT, step 1 +
@@ -184,7 +184,7 @@ class TrainConfig:
             raise ConfigError(f"num_style_z must be at least 1, got {self.num_style_z}")
         if self.topk < 1:
             raise ConfigError(f"topk must be at least 1, got {self.topk}")
-        if self.label_rule in ("topk", "adaptive-topk") and self.domains is not None and self.topk > len(self.domains):
+        if self.label_rule in TOPK_MODES and self.domains is not None and self.topk > len(self.domains):
             raise ConfigError(f"topk must be at most the number of domains ({len(self.domains)}), "
                               f"got {self.topk}")
         if self.dl_image_size is not None and not 32 <= self.dl_image_size <= 1024:

@@ -38,6 +38,7 @@ from PIL import Image
 from tqdm import tqdm
 
 LABEL_MODES = ("adaptive", "topk", "adaptive-topk", "threshold")
+TOPK_MODES = ("topk", "adaptive-topk")  # the modes that read `topk`
 CACHE_FORMAT = "lanit-rt-image-features/3"  # /2: raw (unnormalised) embeddings; /3: EXIF-rotated
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 # Images per forward pass on CPU. lanit-lite's EfficientNet-Lite0 at 224 px on 2 threads:
@@ -84,7 +85,7 @@ def pseudo_labels(image_feats: torch.Tensor, domain_feats: torch.Tensor, base_fe
     D = scores.shape[1]
     if mode == "adaptive":
         on = scores > 0
-    elif mode in ("topk", "adaptive-topk"):
+    elif mode in TOPK_MODES:
         if not 1 <= int(topk) <= D:
             raise ValueError(f"topk must be in [1, {D}] for {D} domains, got {topk}")
         ranked = torch.where(torch.isfinite(scores), scores, torch.full_like(scores, -math.inf))
