@@ -263,10 +263,9 @@ def _load(net: torch.nn.Module, state: dict[str, torch.Tensor], name: str, path:
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        first = first_line(err)
-        detail = " ".join(str(err).split())[:300]
+        detail = " ".join(str(err).split())[:300] or first_line(err)  # torch's lines, joined once
         raise ImportCheckpointError(f"{path}: the {name} does not match the StarGAN v2 layout "
-                                    f"inferred from its shapes ({first} {detail})") from None
+                                    f"inferred from its shapes ({detail})") from None
 
 
 def convert_official(path: str | os.PathLike, domains: tuple[str, ...]) -> OfficialModel:

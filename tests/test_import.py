@@ -333,3 +333,14 @@ def test_console_script_is_declared():
     module, _, func = scripts["lanit-import"].partition(":")
     assert getattr(importlib.import_module(module), func) is import_cli.main
     assert import_cli.main(["--list-domain-sets"]) == 0
+
+
+def test_a_layout_mismatch_quotes_torchs_message_once(tmp_path):
+    from lanit_export.official import ImportCheckpointError, _load
+
+    net = nn.Linear(2, 2)
+    with pytest.raises(ImportCheckpointError) as info:
+        _load(net, {"weight": torch.zeros(3, 2), "bias": torch.zeros(2)}, "generator", tmp_path / "x.ckpt")
+    message = str(info.value)
+    assert "\n" not in message and "size mismatch for weight" in message
+    assert message.count("Error(s) in loading state_dict") == 1
