@@ -242,6 +242,13 @@ def _error(torch, out, ref) -> tuple[float, float]:
     return (out - ref.float()).abs().max().item(), ref.float().abs().max().item()
 
 
+def _note(err: BaseException) -> str:
+    """A failed row's note: the error in one line, its type alone when the message is blank."""
+    from lanit_rt.errors import describe  # not at the top: `check` runs before lanit_rt is known to import
+
+    return describe(err)[:160]
+
+
 def bench(args) -> int:
     torch, device = _setup(args)
     timer = _timer(torch, device, args.rehearse)
@@ -284,7 +291,7 @@ def bench(args) -> int:
                             row["ms"] = round(timer(fn), 4)
                             row["tflop_s"] = round(flops / row["ms"] / 1e9, 2)
                     except Exception as err:  # one row fails, the matrix goes on
-                        row["note"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+                        row["note"] = _note(err)
                     rows.write(row)
                     print(_format(row), flush=True)
                 del eager, builders
@@ -315,7 +322,7 @@ def warm(args) -> int:
                     builders["triton_cl"]()()
                 _sync(torch, device)
             except Exception as err:
-                row["note"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+                row["note"] = _note(err)
             row.update(seconds=round(time.perf_counter() - start, 2), new_cache_entries=cached() - before)
             rows.write(row)
             print(f"warm {dtype_name} batch {batch}: {row['seconds']} s, "

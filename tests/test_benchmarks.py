@@ -175,6 +175,29 @@ def test_gpu_sh_stops_with_one_line_when_a_module_is_missing(tmp_path):
     assert not (tmp_path / "out" / "bench.jsonl").exists()
 
 
+def test_a_failing_row_is_noted_and_the_matrix_goes_on(tmp_path, monkeypatch):
+    import lanit_kernels
+
+    import gpu_bench
+
+    def blank(*args, **kwargs):
+        raise RuntimeError("")  # no message at all: the row still says what failed
+    monkeypatch.setattr(lanit_kernels, "adain_conv2d", blank)
+    # (a rehearsal: 32 px, batch 1, fp16)
+    assert gpu_bench.main(["bench", "--out-dir", str(tmp_path), "--rehearse", "--ops", "adain_conv3x3",
+                           "adain_conv3x3_up", "--impls", "eager_cl", "triton_cl"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
+    notes = {(r["op"], r["impl"]): (r["note"], r["ms"]) for r in rows}
+    assert notes[("adain_conv3x3", "triton_cl")] == ("RuntimeError", None)
+    assert notes[("adain_conv3x3_up", "triton_cl")] == ("RuntimeError", None)
+    assert notes[("adain_conv3x3_up", "eager_cl")][1] > 0
+    # the warm-up step's rows the same way
+    monkeypatch.setattr(gpu_bench, "_case", blank)
+    assert gpu_bench.main(["warm", "--out-dir", str(tmp_path), "--rehearse"]) == 0
+    warm = [json.loads(line) for line in (tmp_path / "warm.jsonl").read_text().splitlines()]
+    assert [r["note"] for r in warm] == ["RuntimeError"]
+
+
 def test_compile_rows_get_a_fresh_compile_past_dynamo_recompile_limit():
     import torch
     import torch._dynamo as dynamo
