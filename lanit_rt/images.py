@@ -3,6 +3,8 @@
 Accepted inputs, single or batched:
 - PIL images of any mode (a list is a batch), converted to RGB as the trainer converts its images
   (`to_rgb`: transparency composited onto white, 16-bit grey scaled to 8 bits);
+- image files, as paths (str or os.PathLike; a list is a batch), read as the trainer reads its data
+  (`open_rgb`: the EXIF orientation applied, then `to_rgb`) and returned as PIL images;
 - uint8 numpy arrays [H, W, 3] (RGB), [H, W, 4] (RGBA, composited onto white) or [H, W] (grey);
   a list, or one [N, H, W, C] array, is a batch;
 - float torch tensors in [-1, 1], [3, H, W] (a list is a batch) or [N, 3, H, W].
@@ -17,12 +19,15 @@ float32) and is converted there.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from lanit_rt.errors import describe
 
 KINDS = ("pil", "numpy", "tensor")
 # Tensors are accepted slightly outside [-1, 1] so a generator output (clamped or not) can be fed back.
@@ -67,6 +72,8 @@ class RawImages:
 
 
 def _kind_of(image: Any) -> str:
+    if isinstance(image, (str, os.PathLike)):
+        return "path"
     if isinstance(image, torch.Tensor):
         return "tensor"
     if isinstance(image, np.ndarray):
@@ -77,8 +84,9 @@ def _kind_of(image: Any) -> str:
         Image = None
     if Image is not None and isinstance(image, Image.Image):
         return "pil"
-    raise TypeError(f"unsupported image type {type(image).__name__}; expected a PIL image, a uint8 "
-                    "numpy array [H, W, 3] or a float tensor [3, H, W] / [N, 3, H, W] in [-1, 1]")
+    raise TypeError(f"unsupported image type {type(image).__name__}; expected a PIL image, an image "
+                    "file's path, a uint8 numpy array [H, W, 3] or a float tensor [3, H, W] / "
+                    "[N, 3, H, W] in [-1, 1]")
 
 
 # Integer grey modes whose samples are 16-bit. Pillow's own convert("RGB") clips them at 255, which
@@ -117,6 +125,28 @@ def to_rgb(image: Any) -> Any:
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(canvas, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def open_rgb(path: str | os.PathLike) -> Any:
+    """The image file at `path` as an RGB PIL image, read as training reads its data: the EXIF
+    orientation applied (phone photos come out as they are displayed), then `to_rgb`."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as image:
+        image.load()
+        return to_rgb(ImageOps.exif_transpose(image))
+
+
+def _open_path(path: str | os.PathLike, index: int) -> Any:
+    from PIL import Image
+
+    name = os.fspath(path)
+    try:
+        return open_rgb(path)
+    except FileNotFoundError:
+        raise ValueError(f"image {index}: no such file: {name}") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as err:  # not an image, truncated, ...
+        raise ValueError(f"image {index}: cannot read {name} ({describe(err)})") from None
 
 
 def _pil_to_uint8(image: Any, index: int) -> torch.Tensor:
@@ -179,6 +209,8 @@ def load_images(images: Any) -> RawImages:
         if len(kinds) > 1:
             raise TypeError(f"mixed image kinds in one batch: {sorted(kinds)}; use one kind per call")
         kind, container, items = kinds.pop(), "list", list(images)
+        if kind == "path":
+            kind, items = "pil", [_open_path(path, i) for i, path in enumerate(items)]
     else:
         kind = _kind_of(images)
         if kind == "numpy" and images.ndim == 4:
@@ -195,6 +227,8 @@ def load_images(images: Any) -> RawImages:
             return RawImages(spec, images, None)
         else:
             container, items = "single", [images]
+        if kind == "path":
+            kind, items = "pil", [_open_path(images, 0)]
 
     if kind == "tensor":
         for i, tensor in enumerate(items):
@@ -328,4 +362,4 @@ def convert_images(images: Any, size: int,
 
 
 __all__: Sequence[str] = ("ImageSpec", "RawImages", "convert_images", "from_model_batch",
-                          "load_images", "to_model_batch")
+                          "load_images", "open_rgb", "to_model_batch")

@@ -14,8 +14,9 @@ the style is F(z, w) (mapping network), with `reference=` it is E(reference, w) 
 `style=` it is given directly. Those three need a style input in the backend (torch, or the
 exported '.style.onnx' graph) and, for seed/reference, the checkpoint's networks (from_checkpoint).
 
-Images. See lanit_rt.images: PIL / uint8 numpy / float tensors in [-1, 1], single or batched, any
-size; results come back in the same kind, at model size or (resize_back=True) the input size.
+Images. See lanit_rt.images: PIL / image file paths / uint8 numpy / float tensors in [-1, 1],
+single or batched, any size; results come back in the same kind (PIL for paths), at model size or
+(resize_back=True) the input size.
 
 Host fast path. With a host backend (onnxruntime, openvino), a call whose images are uint8 at the
 model size (one RGB PIL image, a uint8 [S, S, 3] array or a [N, S, S, 3] stack) and whose target is a
@@ -370,8 +371,9 @@ class Translator:
                   resize_back: bool = False) -> Any:
         """Translate `images` to the target `domains` (see the module docstring for all forms).
 
-        Returns the images in the input's kind: PIL -> PIL, uint8 numpy -> uint8 numpy, tensor ->
-        tensor in [-1, 1] (input dtype and device); single in -> single out, batch in -> batch out.
+        Returns the images in the input's kind: PIL or a file's path -> PIL, uint8 numpy -> uint8
+        numpy, tensor -> tensor in [-1, 1] (input dtype and device); single in -> single out, batch
+        in -> batch out.
         """
         if reference is None and seed is None and z is None and style is None and domains is not None:
             result = self._translate_host(images, domains)

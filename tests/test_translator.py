@@ -319,6 +319,50 @@ def test_images_of_any_mode_are_read_as_training_reads_them(translator, tmp_path
     same(grey, np.repeat(grey[:, :, None], 3, axis=2))
 
 
+def test_image_files_are_read_as_training_reads_them(translator, tmp_path):
+    """Paths (str or Path, one or a list, as images or as the reference) translate exactly as the
+    trainer's loader reads the files, EXIF orientation included, and come back as PIL images."""
+    from training.data import load_rgb
+
+    rgba = np.concatenate([_uint8_images(1, seed=3)[0], np.full((SIZE, SIZE, 1), 128, np.uint8)], axis=2)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "icon.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed turned 90 degrees clockwise
+    Image.fromarray(_uint8_images(1, seed=4, h=SIZE, w=2 * SIZE)[0]).save(
+        tmp_path / "phone.jpg", exif=exif.tobytes(), quality=95)
+    icon, phone = tmp_path / "icon.png", tmp_path / "phone.jpg"
+    assert load_rgb(phone).size == (SIZE, 2 * SIZE)  # turned: the file's SIZE rows are now columns
+
+    def array(image):
+        assert isinstance(image, Image.Image) and image.mode == "RGB"
+        return np.asarray(image)
+
+    for path in (icon, str(phone)):
+        want = translator.translate(load_rgb(path), "beard", seed=0, resize_back=True)
+        got = translator.translate(path, "beard", seed=0, resize_back=True)
+        np.testing.assert_array_equal(array(got), array(want))
+    assert translator.translate(phone, "beard", resize_back=True).size == (SIZE, 2 * SIZE)
+    both = translator.translate([str(icon), phone], "blond hair")
+    assert isinstance(both, list) and len(both) == 2
+    np.testing.assert_array_equal(array(both[1]), array(translator.translate(load_rgb(phone), "blond hair")))
+    np.testing.assert_array_equal(array(translator.translate(icon, "beard", reference=phone)),
+                                  array(translator.translate(load_rgb(icon), "beard",
+                                                             reference=load_rgb(phone))))
+
+    (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path / "cut.png").write_bytes(icon.read_bytes()[:200])  # a truncated download
+    with pytest.raises(ValueError, match=r"^image 1: no such file: .*gone\.png$"):
+        translator.translate([icon, tmp_path / "gone.png"], "beard")
+    with pytest.raises(ValueError, match=r"^image 0: cannot read .*notes\.png \(UnidentifiedImageError: "):
+        translator.translate(tmp_path / "notes.png", "beard")
+    with pytest.raises(ValueError, match=r"^image 0: cannot read .*cut\.png \(OSError: "):
+        translator.translate(str(tmp_path / "cut.png"), "beard")
+    with pytest.raises(ValueError, match=r"^image 0: no such file: .*gone\.png$"):
+        translator.translate(icon, "beard", reference=tmp_path / "gone.png")
+    with pytest.raises(TypeError, match="mixed image kinds"):
+        translator.translate([icon, load_rgb(icon)], "beard")
+
+
 def test_targets_and_latents_that_would_give_silent_garbage_are_refused(translator, monkeypatch):
     image = _images(1)
     beard = translator.translate(image, "beard")
@@ -406,8 +450,8 @@ def test_bad_images_give_clear_errors(translator, tmp_path):
         translator.translate(bad, "beard")
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
         translator.translate(torch.full((3, SIZE, SIZE), 255.0), "beard")
-    with pytest.raises(TypeError, match="unsupported image type"):
-        translator.translate("image.png", "beard")
+    with pytest.raises(TypeError, match="unsupported image type bytes"):
+        translator.translate(b"\x89PNG", "beard")
     for width, height in [(0, 0), (0, SIZE), (SIZE, 0)]:
         with pytest.raises(ValueError, match=f"image 0: empty PIL image of size {width}x{height}"):
             translator.translate(Image.new("RGB", (width, height)), "beard")

@@ -17,10 +17,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from lanit_rt.images import to_rgb
+from lanit_rt.images import open_rgb
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -55,12 +55,10 @@ def find_images(root: str | Path) -> list[Path]:
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Decode an image of any mode to RGB (`lanit_rt.images.to_rgb`, which the Translator shares):
-    transparent pixels become white, 16-bit grey is scaled to 8 bits, v / 257; an EXIF orientation
-    is applied."""
-    with Image.open(path) as img:
-        img.load()
-        return to_rgb(ImageOps.exif_transpose(img))  # phone photos: as they are displayed
+    """Decode an image of any mode to RGB (`lanit_rt.images.open_rgb`, which the Translator shares
+    for paths): an EXIF orientation is applied, transparent pixels become white, 16-bit grey is
+    scaled to 8 bits, v / 257."""
+    return open_rgb(path)
 
 
 @dataclass(frozen=True)
