@@ -252,6 +252,31 @@ def test_openvino_matches_torch_backend(checkpoint, openvino_ir, reference, arti
     assert graph.compiled(3) is graph.compiled(3)
 
 
+def test_openvino_keeps_a_bounded_set_of_compiled_batch_sizes(checkpoint, openvino_ir, monkeypatch):
+    """Each batch size compiles a model; at most _MAX_COMPILED stay (2 here, 8 in use), and this
+    thread's infer requests (each holds its model) are dropped with them, so a server fed every
+    batch size does not keep every model it ever compiled."""
+    import gc
+    import weakref
+
+    from lanit_rt.backends import openvino
+
+    monkeypatch.setattr(openvino, "_MAX_COMPILED", 2)
+    translator = Translator.from_checkpoint(checkpoint, backend="openvino", precision="fp32", threads=1,
+                                            artifact=openvino_ir)
+    graph = translator.backend.graphs["domain_weights"]
+    translator.translate(torch.zeros(1, 3, SIZE, SIZE), "beard")
+    first = weakref.ref(graph._request(1))
+    for n in (2, 3, 4):
+        out = translator.translate(torch.zeros(n, 3, SIZE, SIZE), "beard")
+        assert out.shape == (n, 3, SIZE, SIZE)
+    assert list(graph._compiled) == list(graph._local.requests) == [3, 4]
+    gc.collect()
+    assert first() is None  # batch 1's request and model are gone
+    again = translator.translate(torch.zeros(1, 3, SIZE, SIZE), "beard")  # and come back on demand
+    torch.testing.assert_close(again, translator.translate(torch.zeros(1, 3, SIZE, SIZE), "beard"))
+
+
 def test_openvino_default_artifact_and_refusals(checkpoint, openvino_ir, tmp_path):
     from lanit_export.cli import main
     translator = Translator.from_checkpoint(checkpoint, backend="openvino")

@@ -203,13 +203,19 @@ class _Graph:
             return compiled
 
     def _request(self, n: int) -> Any:
+        """This thread's infer request for batch n. Like the compiled models, at most _MAX_COMPILED
+        are kept: a request holds its compiled model, so keeping every batch size a thread has
+        seen would keep every model it compiled."""
         compiled = self.compiled(n)
         requests = getattr(self._local, "requests", None)
         if requests is None:
-            requests = self._local.requests = {}
+            requests = self._local.requests = OrderedDict()
         entry = requests.get(n)
         if entry is None or entry[0] is not compiled:
             entry = requests[n] = (compiled, compiled.create_infer_request())
+        requests.move_to_end(n)
+        while len(requests) > _MAX_COMPILED:
+            requests.popitem(last=False)
         return entry[1]
 
     def run(self, images: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
