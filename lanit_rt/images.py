@@ -149,9 +149,18 @@ def _open_path(path: str | os.PathLike, index: int) -> Any:
         raise ValueError(f"image {index}: cannot read {name} ({describe(err)})") from None
 
 
+def closed_unread(image: Any) -> bool:
+    """True for a PIL image whose file was closed before its pixels were decoded (used after its
+    `with Image.open(...)` block): Pillow then fails on an assert, without a message."""
+    return bool(getattr(image, "tile", None)) and getattr(image, "fp", True) is None
+
+
 def _pil_to_uint8(image: Any, index: int) -> torch.Tensor:
     if image.width == 0 or image.height == 0:
         raise ValueError(f"image {index}: empty PIL image of size {image.width}x{image.height} (W x H)")
+    if closed_unread(image):
+        raise ValueError(f"image {index}: this PIL image's file was closed before its pixels were "
+                         "read; call .load() inside the `with Image.open(...)` block, or pass the path")
     try:  # Image.open decodes lazily: a truncated file fails here, on first access to its pixels
         rgb = np.asarray(to_rgb(image), dtype=np.uint8)
     except (ValueError, OSError) as err:

@@ -76,7 +76,7 @@ def _levels(a, b) -> int:
     return int(np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max())
 
 
-def test_host_fast_path_matches_torch_and_skips_the_general_path(ort, reference, monkeypatch):
+def test_host_fast_path_matches_torch_and_skips_the_general_path(ort, reference, monkeypatch, tmp_path):
     stack = _uint8(3)
     expected = reference.translate(stack, ["blond hair", "beard"])
     import lanit_rt.translator as translator_module
@@ -93,6 +93,12 @@ def test_host_fast_path_matches_torch_and_skips_the_general_path(ort, reference,
     pil = ort.translate(Image.fromarray(stack[1]), "black hair")
     assert isinstance(pil, Image.Image) and pil.mode == "RGB" and pil.size == (SIZE, SIZE)
     monkeypatch.undo()
+    # A model-size RGB file closed before it was read is left to the general path's clear error.
+    Image.fromarray(stack[1]).save(tmp_path / "closed.png")
+    with Image.open(tmp_path / "closed.png") as closed:
+        pass
+    with pytest.raises(ValueError, match="image 0: this PIL image's file was closed before"):
+        ort.translate(closed, "black hair")
     assert _levels(single, reference.translate(stack[1], "black hair")) <= 1
     assert _levels(np.asarray(pil), single) == 0
     # Results are the caller's: a later call does not overwrite them.

@@ -363,6 +363,26 @@ def test_image_files_are_read_as_training_reads_them(translator, tmp_path):
         translator.translate([icon, load_rgb(icon)], "beard")
 
 
+def test_a_pil_image_closed_before_it_was_read_is_one_clear_line(translator, tmp_path):
+    """`with Image.open(path) as im: pass` leaves an image Pillow cannot decode any more (it fails
+    on a bare assert); loaded inside the block, the same image translates."""
+    Image.fromarray(_uint8_images(1, seed=5, h=SIZE, w=SIZE + 8)[0]).save(tmp_path / "a.png")
+    with Image.open(tmp_path / "a.png") as closed:
+        pass
+    explicit = Image.open(tmp_path / "a.png")
+    explicit.close()
+    with Image.open(tmp_path / "a.png") as loaded:
+        loaded.load()
+    message = r"^image 0: this PIL image's file was closed before its pixels were read; call \.load\(\)"
+    for image in (closed, explicit):
+        with pytest.raises(ValueError, match=message):
+            translator.translate(image, "beard")
+        with pytest.raises(ValueError, match=message):
+            translator.translate(loaded, "beard", reference=image)
+    np.testing.assert_array_equal(np.asarray(translator.translate(loaded, "beard")),
+                                  np.asarray(translator.translate(tmp_path / "a.png", "beard")))
+
+
 def test_targets_and_latents_that_would_give_silent_garbage_are_refused(translator, monkeypatch):
     image = _images(1)
     beard = translator.translate(image, "beard")
