@@ -107,20 +107,28 @@ def wide_grey_to_l(image: Any) -> Any:
     return Image.fromarray(grey, "L")
 
 
+def plain_rgb(image: Any) -> bool:
+    """True for a PIL image that `to_rgb` returns as it is: mode RGB without a transparent colour."""
+    return image.mode == "RGB" and "transparency" not in image.info
+
+
 def to_rgb(image: Any) -> Any:
     """A PIL image of any mode as mode "RGB", the way training reads its images: transparent pixels
-    become white (emoji and icons are drawn on a transparent canvas) and 16-bit grey is scaled to 8
-    bits. Pillow's ValueError for a mode it cannot convert passes through."""
+    become white (emoji and icons are drawn on a transparent canvas), whether an alpha channel, a
+    palette entry or a colour key (PNG tRNS in grey, RGB and bilevel images) makes them so, and
+    16-bit grey is scaled to 8 bits. Pillow's ValueError for a mode it cannot convert passes
+    through."""
     from PIL import Image
 
-    if image.mode == "RGB":
+    if plain_rgb(image):
         return image
     if image.mode in WIDE_GREY_MODES:
         return wide_grey_to_l(image).convert("RGB")
     if image.mode == "La":  # premultiplied grey + alpha: Pillow converts it to "LA" only
         image = image.convert("LA")
-    transparent_palette = image.mode == "P" and "transparency" in image.info
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or transparent_palette:
+    # A palette index or a colour key; Pillow's RGBA conversion turns either into alpha.
+    keyed = "transparency" in image.info
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or keyed:
         rgba = image.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(canvas, rgba).convert("RGB")

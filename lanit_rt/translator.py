@@ -47,7 +47,7 @@ from lanit_rt.backends.base import (ArtifactError, Backend, check_expected_domai
 from lanit_rt.backends.torch import TorchBackend
 from lanit_rt.checkpoint import CheckpointError, load_checkpoint
 from lanit_rt.config import LanitConfig
-from lanit_rt.images import closed_unread, from_model_batch, load_images, to_model_batch
+from lanit_rt.images import closed_unread, from_model_batch, load_images, plain_rgb, to_model_batch
 from lanit_rt.networks import MappingNetwork, StyleEncoder
 from lanit_rt.style import mix_styles, normalize_domain_weights
 
@@ -435,7 +435,7 @@ class Translator:
                 kind, batch = "stacked", images
         else:
             pil = sys.modules.get("PIL.Image")  # a PIL image implies PIL is imported
-            if pil is not None and isinstance(images, pil.Image) and images.mode == "RGB" \
+            if pil is not None and isinstance(images, pil.Image) and plain_rgb(images) \
                     and images.size == (size, size) and not closed_unread(images):
                 try:  # lazily decoded files fail here; the general path gives the clear error
                     batch = np.asarray(images)[None]

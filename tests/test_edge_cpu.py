@@ -99,6 +99,12 @@ def test_host_fast_path_matches_torch_and_skips_the_general_path(ort, reference,
         pass
     with pytest.raises(ValueError, match="image 0: this PIL image's file was closed before"):
         ort.translate(closed, "black hair")
+    # So is one with a transparent colour key, which must come out white as training reads it.
+    keyed = Image.fromarray(stack[1])
+    keyed.info["transparency"] = tuple(int(v) for v in stack[1][0, 0])
+    white = stack[1].copy()
+    white[(stack[1] == stack[1][0, 0]).all(axis=2)] = 255
+    assert _levels(np.asarray(ort.translate(keyed, "black hair")), ort.translate(white, "black hair")) == 0
     assert _levels(single, reference.translate(stack[1], "black hair")) <= 1
     assert _levels(np.asarray(pil), single) == 0
     # Results are the caller's: a later call does not overwrite them.

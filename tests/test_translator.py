@@ -318,6 +318,23 @@ def test_images_of_any_mode_are_read_as_training_reads_them(translator, tmp_path
     same(Image.fromarray(grey, "L"), np.repeat(grey[:, :, None], 3, axis=2))
     same(grey, np.repeat(grey[:, :, None], 3, axis=2))
 
+    # A colour key (PNG tRNS) in grey and RGB images: its pixels are transparent, so white.
+    key = rgb[0, 0]
+    Image.fromarray(rgb).save(tmp_path / "keyed_rgb.png", transparency=tuple(int(v) for v in key))
+    Image.fromarray(grey, "L").save(tmp_path / "keyed_grey.png", transparency=int(grey[0, 0]))
+    for name, pixels, keyed in (("keyed_rgb.png", rgb, (rgb == key).all(axis=2)),
+                                ("keyed_grey.png", np.repeat(grey[:, :, None], 3, axis=2),
+                                 grey == grey[0, 0])):
+        want = pixels.copy()
+        want[keyed] = 255
+        assert 0 < keyed.sum() < keyed.size / 2
+        np.testing.assert_array_equal(np.asarray(load_rgb(tmp_path / name)), want)
+        same(tmp_path / name, want)
+        with Image.open(tmp_path / name) as opened:
+            opened.load()
+            assert "transparency" in opened.info
+            same(opened, want)
+
 
 def test_image_files_are_read_as_training_reads_them(translator, tmp_path):
     """Paths (str or Path, one or a list, as images or as the reference) translate exactly as the

@@ -39,7 +39,8 @@ from tqdm import tqdm
 
 LABEL_MODES = ("adaptive", "topk", "adaptive-topk", "threshold")
 TOPK_MODES = ("topk", "adaptive-topk")  # the modes that read `topk`
-CACHE_FORMAT = "lanit-rt-image-features/3"  # /2: raw (unnormalised) embeddings; /3: EXIF-rotated
+CACHE_FORMAT = "lanit-rt-image-features/4"  # /2: raw (unnormalised) embeddings; /3: EXIF-rotated;
+# /4: colour-keyed (PNG tRNS) grey and RGB pixels read as white
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 # Images per forward pass on CPU. lanit-lite's EfficientNet-Lite0 at 224 px on 2 threads:
 # 12 ms/img at 8, 16 at 16, 23 at 32, 28 at 64 (activations fall out of cache as batches grow).
