@@ -262,7 +262,14 @@ class Translator:
         """
         d = self.config.num_domains
         if isinstance(domains, np.ndarray) and domains.dtype.kind in "USO":
-            domains = domains.tolist()  # an array of names is a list of names
+            if domains.dtype.kind != "O" or all(isinstance(v, str) for v in domains.flat):
+                domains = domains.tolist()  # an array of names is a list of names
+            else:  # numbers that pandas or a mixed list left in an object array: weights
+                try:
+                    domains = domains.astype(np.float64)
+                except (TypeError, ValueError):
+                    raise TypeError("an object array of domains must hold only names or only "
+                                    f"numbers (weights), got {domains.tolist()!r}") from None
         # Weights are gathered and normalised in float64: finite Python floats may overflow float32.
         if isinstance(domains, (str, bool, int, np.integer)):
             weights = torch.zeros(1, d, dtype=torch.float64)

@@ -409,6 +409,16 @@ def test_targets_and_latents_that_would_give_silent_garbage_are_refused(translat
                                translator.translate(image, ["beard", "black hair"]))
     torch.testing.assert_close(translator.translate(image, np.array(["beard", "black hair"])),
                                translator.translate(image, ["beard", "black hair"]))
+    # Object arrays (what pandas hands out): names are names, numbers are weights, as in a
+    # float array; a mix of both is refused.
+    torch.testing.assert_close(translator.translate(image, np.array(["beard", "black hair"], dtype=object)),
+                               translator.translate(image, ["beard", "black hair"]))
+    one_hot = [float(name == "beard") for name in CONFIG.domains]
+    torch.testing.assert_close(translator.translate(image, np.array(one_hot, dtype=object)), beard)
+    torch.testing.assert_close(translator.domain_weights(np.array([0, 1, 3], dtype=object)),
+                               translator.domain_weights(np.array([0.0, 0.25, 0.75])))
+    with pytest.raises(TypeError, match="only names or only numbers"):
+        translator.translate(image, np.array(["beard", 1], dtype=object))
     for spec in (["beard", "beard"], {"beard": 1, CONFIG.domain_index("beard"): 1}):
         with pytest.raises(ValueError, match="'beard' is given twice"):
             translator.translate(image, spec)
