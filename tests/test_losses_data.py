@@ -139,6 +139,17 @@ def test_recipe_and_arch_resolve_their_settings():
     assert TrainConfig(lambda_id=0.0).lambda_id == 0.0 and TrainConfig(lambda_id=2.0, **folder).lambda_id == 2.0
     with pytest.raises(ConfigError, match="lambda_id must be 0 .off. or more, got -1"):
         TrainConfig(lambda_id=-1.0)
+    # Every loss weight: a negative one would flip its term's sign or silently turn it off.
+    for key in ("lambda_r1", "lambda_sty", "lambda_ds", "lambda_cyc", "lambda_dl"):
+        assert getattr(TrainConfig(**{key: 0.0}), key) == 0.0
+        for bad in (-1.0, float("nan")):
+            with pytest.raises(ConfigError, match=f"^{key} must be 0 .off. or more, got"):
+                TrainConfig(**{key: bad})
+    # The diversity decay: over all steps unless set, and then over at least one step.
+    assert (TrainConfig(steps=30).ds_decay_span, TrainConfig(steps=30, ds_decay_steps=7).ds_decay_span) == (30, 7)
+    for bad in (0, -1):
+        with pytest.raises(ConfigError, match=f"ds_decay_steps must be at least 1 .or unset: all steps., got {bad}"):
+            TrainConfig(ds_decay_steps=bad)
     wide = TrainConfig(arch="stargan-v2", img_size=128)
     assert (wide.base_dim, wide.max_dim, wide.mapping_dim) == (None, 512, 512)
     model = wide.model_config(("a", "b"))

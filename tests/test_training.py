@@ -590,7 +590,7 @@ def _plain_official_step(trainer: Trainer, lambda_id: float = 0.0) -> None:
         optims["discriminator"].zero_grad()
         loss.backward()
         optims["discriminator"].step()
-    lambda_ds = losses.diversity_weight(trainer.step, cfg.lambda_ds, cfg.ds_decay_steps or cfg.steps)
+    lambda_ds = losses.diversity_weight(trainer.step, cfg.lambda_ds, cfg.ds_decay_span)
     for latent in (True, False):
         s_trg = nets.mapping(z1, y_trg) if latent else nets.style_encoder(x_ref, y_trg)
         x_fake = nets.generator(x_real, s_trg)

@@ -161,11 +161,15 @@ class TrainConfig:
             object.__setattr__(self, "steps", DEFAULT_DATA_STEPS if self.data is None else STEPS)
         if self.lambda_id is None:
             object.__setattr__(self, "lambda_id", DEFAULT_DATA_LAMBDA_ID if self.data is None else 0.0)
-        if self.lambda_id < 0:
-            raise ConfigError(f"lambda_id must be 0 (off) or more, got {self.lambda_id}")
         for key, value in RECIPES[self.recipe].items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)
+        for key in ("lambda_r1", "lambda_sty", "lambda_ds", "lambda_cyc", "lambda_id", "lambda_dl"):
+            if not getattr(self, key) >= 0:  # a negative weight would flip its term, or turn it off
+                raise ConfigError(f"{key} must be 0 (off) or more, got {getattr(self, key)}")
+        if self.ds_decay_steps is not None and self.ds_decay_steps < 1:
+            raise ConfigError(f"ds_decay_steps must be at least 1 (or unset: all steps), "
+                              f"got {self.ds_decay_steps}")
         if self.steps < 1 or self.batch_size < 1:
             raise ConfigError("steps and batch_size must be positive")
         if self.stage not in (1, 2):
@@ -234,6 +238,11 @@ class TrainConfig:
         from training.labeling.vl import is_lanit_lite
 
         return min(labeler_size, LANIT_LITE_DL_SIZE) if is_lanit_lite(self.labeler) else labeler_size
+
+    @property
+    def ds_decay_span(self) -> int:
+        """Steps over which the diversity weight decays to 0 (`ds_decay_steps`, or all steps)."""
+        return self.steps if self.ds_decay_steps is None else self.ds_decay_steps
 
     @property
     def prompt_start_step(self) -> int:

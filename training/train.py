@@ -692,7 +692,7 @@ class Trainer:
                     step_optimizers(optims, ("discriminator",), world)
             logs.update({f"{k}_{kind}": v for k, v in d_logs.items()})
 
-        lambda_ds = losses.diversity_weight(self.step, cfg.lambda_ds, cfg.ds_decay_steps or cfg.steps)
+        lambda_ds = losses.diversity_weight(self.step, cfg.lambda_ds, cfg.ds_decay_span)
         latents = {1: z1, 2: z2}
         refs = {1: x_ref, 2: x_ref2}
         for kind in ("latent", "ref"):
