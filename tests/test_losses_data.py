@@ -189,6 +189,17 @@ def test_folder_scan_follows_linked_folders_once_and_leaves_out_hidden_files(tmp
     assert find_images(data) == [data / "a.png", data / "linked" / "b.png"]
 
 
+def test_folder_scan_leaves_out_run_folders_and_the_folders_it_is_told(tmp_path):
+    data = tmp_path / "data"
+    for folder in ("faces", "runs/old/samples", "runs/new", "keep/deeper"):
+        (data / folder).mkdir(parents=True)
+    for image in ("faces/a.png", "runs/old/samples/step_000010.png", "runs/new/x.png", "keep/deeper/b.png"):
+        Image.new("RGB", (8, 8)).save(data / image)
+    (data / "runs" / "old" / "train_config.json").write_text("{}")  # an earlier run's folder
+    assert find_images(data) == [data / "faces/a.png", data / "keep/deeper/b.png", data / "runs/new/x.png"]
+    assert find_images(data, leave_out=[tmp_path / "data" / "runs" / "new", data / "keep"]) == [data / "faces/a.png"]
+
+
 def test_load_rgb_applies_the_exif_orientation(tmp_path):
     pixels = np.zeros((40, 80, 3), np.uint8)  # stored 80 wide, 40 high, left half red
     pixels[:, :40] = (255, 0, 0)

@@ -408,6 +408,19 @@ def test_a_new_run_refuses_a_folder_that_holds_a_run(tmp_path, tiny_labeler, cap
     assert (out / "train_state.pt").read_bytes() == state
 
 
+def test_a_run_kept_inside_its_data_folder_resumes_on_the_same_images(tmp_path, tiny_labeler):
+    """`--data . --out runs/x`: the run's sample sheets are not data, so the resume finds the 12
+    images it trained on, and a later run in the same data folder does not train on them either."""
+    data = make_data(tmp_path / "data")
+    cfg = tiny_cfg(tmp_path, tiny_labeler, data=str(data), out=str(data / "runs" / "a"), steps=2)
+    out = train(cfg, progress=False)
+    assert list((out / "samples").glob("*.png"))
+    train(cfg.replace(steps=3), resume=True, progress=False)
+    assert load_checkpoint(out).metadata["step"] == 3
+    second = train(cfg.replace(out=str(data / "runs" / "b"), steps=1), progress=False)
+    assert json.loads((second / "train_config.json").read_text())["num_images"] == 12
+
+
 def test_resume_with_other_data_or_domains_fails_before_writing(tmp_path, tiny_labeler):
     from lanit_rt.checkpoint import CheckpointError
 

@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from lanit_rt.images import open_rgb
+from training.run_folder import TRAIN_CONFIG_FILE
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -29,19 +30,22 @@ class DataError(ValueError):
     """The training data cannot be used (missing folder, no readable image, ...)."""
 
 
-def find_images(root: str | Path) -> list[Path]:
+def find_images(root: str | Path, leave_out: Sequence[str | Path] = ()) -> list[Path]:
     """All image files under `root`, sorted for reproducibility. Sub-folders are searched too,
     symlinked ones included (each real folder once, so link loops end); hidden files and folders
-    (".DS_Store", macOS "._name.png" resource forks, ".git") are not images and are left out."""
+    (".DS_Store", macOS "._name.png" resource forks, ".git") are not images and are left out. So
+    are training-run folders (holding train_config.json: sample sheets are not data, and a run kept
+    inside its own data folder must find the same images when it resumes), and the folders in
+    `leave_out`, each with everything under it."""
     root = Path(root)
     if not root.exists():
         raise DataError(f"data folder {root} does not exist")
     if not root.is_dir():
         raise DataError(f"data path {root} is not a folder")
-    paths, seen = [], set()
+    paths, seen = [], {os.path.realpath(folder) for folder in leave_out}
     for folder, subfolders, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
-        if real in seen:  # a link back to a folder already searched
+        if real in seen or TRAIN_CONFIG_FILE in files:  # a link back to a folder already searched
             subfolders.clear()
             continue
         seen.add(real)

@@ -24,6 +24,10 @@ from lanit_rt.checkpoint import (
 from lanit_rt.errors import first_line
 
 
+# Written when a run starts: what marks a folder as a training run's (data scans leave those out).
+TRAIN_CONFIG_FILE = "train_config.json"
+
+
 class RunError(RuntimeError):
     """The run folder cannot be used as asked: not creatable or writable, already holding a run, or
     a save that failed part-way (disk full)."""

@@ -51,10 +51,9 @@ from training.config import TrainConfig
 from training.data import DataError, ImageSet, check_images, find_images
 from training.distributed import average_gradients, init_distributed
 from training.grid import save_sample_grid
-from training.run_folder import (RunError, images_digest, logged_step, prepare_out_folder,
-                                 saving)
+from training.run_folder import (TRAIN_CONFIG_FILE, RunError, images_digest, logged_step,
+                                 prepare_out_folder, saving)
 
-TRAIN_CONFIG_FILE = "train_config.json"
 # Settings a resumed run may change: when and where it stops, logs and saves, and where the same
 # data lives (the images themselves are checked by count and digest). Any other change would make
 # train_config.json and the saved labels describe another run than the one resumed.
@@ -364,7 +363,7 @@ def resolve_data(cfg: TrainConfig) -> tuple[list[Path], tuple[str, ...], str]:
         paths, default_domains = default_dataset()
         domains = cfg.domains or tuple(default_domains)
     else:  # TrainConfig requires domains with data
-        paths = find_images(cfg.data)
+        paths = find_images(cfg.data, leave_out=[cfg.out])  # the run's own folder may sit inside
         domains = cfg.domains
     if len(domains) < 2:
         raise ValueError(f"LANIT needs at least 2 domain texts, got {list(domains)}")

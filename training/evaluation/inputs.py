@@ -18,8 +18,8 @@ import torch
 
 from lanit_rt.checkpoint import LanitModel, OutputPathError, check_output_file, load_checkpoint
 from training.data import DataError, check_images, find_images
+from training.run_folder import TRAIN_CONFIG_FILE
 
-TRAIN_CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 LABELS_FILE = "pseudo_labels.csv"
 PROMPTS_FILE = "prompts.safetensors"
