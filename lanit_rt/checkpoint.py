@@ -346,4 +346,17 @@ def load_train_state(path: str | os.PathLike) -> dict[str, Any]:
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several unrelated types for bad pickles
-        raise CheckpointError(f"{file} is not a LANIT resume state: {err}") from None
+        raise CheckpointError(f"{file} is damaged or not a LANIT resume state "
+                              f"({_load_failure(err)})") from None
+
+
+def _load_failure(err: Exception) -> str:
+    """torch.load's error as `Type: cause`, its first sentence only. For a file the safe unpickler
+    refuses, torch's first lines are about its defaults (and suggest weights_only=False, unsafe on a
+    file of unknown origin); the cause follows "WeightsUnpickler error:"."""
+    text, marker = str(err), "WeightsUnpickler error:"
+    if marker in text:
+        cause = next((line.strip() for line in text.split(marker, 1)[1].splitlines() if line.strip()), "")
+    else:
+        cause = first_line(err)
+    return f"{type(err).__name__}: {cause.split('. ')[0]}"[:200]

@@ -214,8 +214,18 @@ def test_train_state_round_trip_and_safe_loading(tmp_path):
     assert loaded["step"] == 3 and torch.equal(loaded["rng"], state["rng"])
     (tmp_path / "evil").mkdir()
     torch.save({"obj": tmp_path}, tmp_path / "evil" / "train_state.pt")
-    with pytest.raises(CheckpointError, match="not a LANIT resume state"):
-        load_train_state(tmp_path / "evil")
+    # Refused or damaged files: one line with the cause, without torch's advice to load them with
+    # weights_only=False (which runs whatever the file holds).
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "train_state.pt").write_bytes(b"garbage\n")
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "train_state.pt").write_bytes((tmp_path / "train_state.pt").read_bytes()[:300])
+    for name, cause in (("evil", r"UnpicklingError: Unsupported global: GLOBAL pathlib\.\w*Path was not an allowed global by default"),
+                        ("garbage", r"UnpicklingError: Unsupported operand \d+"),
+                        ("cut", r"RuntimeError: PytorchStreamReader failed reading zip archive: failed finding central directory")):
+        with pytest.raises(CheckpointError, match=rf"train_state\.pt is damaged or not a LANIT resume state \({cause}\)$") as caught:
+            load_train_state(tmp_path / name)
+        assert "\n" not in str(caught.value) and "weights_only" not in str(caught.value)
 
 
 def _rewrite_checkpoint(src, dst, tensors=None, **header_updates):
