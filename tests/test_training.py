@@ -421,6 +421,36 @@ def test_a_run_kept_inside_its_data_folder_resumes_on_the_same_images(tmp_path, 
     assert json.loads((second / "train_config.json").read_text())["num_images"] == 12
 
 
+def test_a_resumed_stage_two_run_keeps_the_scores_of_its_learned_prompts(tmp_path, tiny_labeler):
+    """Stage 2 relabels with the prompts it learns; the labels' scores (the reference style table's
+    confident images, pseudo_labels_scores.json) must come back with them on --resume, not those of
+    the first labelling."""
+    cfg = tiny_cfg(tmp_path, tiny_labeler, stage=2, recipe="lanit-rt", prompt_start=1, prompt_lr=0.1,
+                   relabel_every=1, steps=3, sample_every=10)
+    out = train(cfg, progress=False)
+    files = ("pseudo_labels.csv", "pseudo_labels_scores.json")
+    saved = {name: (out / name).read_bytes() for name in files}
+    model = _checkpoint_contents(out / "model.safetensors")  # its reference table reads the scores
+    first = Trainer(cfg.replace(out=str(tmp_path / "fresh")), progress=False).scores
+    trainer = Trainer(cfg, progress=False)
+    trainer.resume()
+    assert not torch.allclose(trainer.scores, first)  # the learned prompts moved the scores
+    train(cfg, resume=True, progress=False)  # at its last step already: saves again, trains nothing
+    assert {name: (out / name).read_bytes() for name in files} == saved
+    metadata, tensors = _checkpoint_contents(out / "model.safetensors")
+    assert metadata == model[0] and tensors.keys() == model[1].keys()
+    assert all(torch.equal(tensors[key], model[1][key]) for key in tensors)
+
+
+def _checkpoint_contents(file: Path) -> tuple[dict, dict]:
+    """A safetensors file's header metadata and tensors (its header's key order varies between
+    writes of the same content, so files are compared by content, not bytes)."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as opened:
+        return opened.metadata(), {key: opened.get_tensor(key) for key in opened.keys()}
+
+
 def test_resume_with_other_data_or_domains_fails_before_writing(tmp_path, tiny_labeler):
     from lanit_rt.checkpoint import CheckpointError
 

@@ -502,6 +502,7 @@ class Trainer:
             "sampler_rng": self.gen.get_state(),
             "torch_rng": torch.get_rng_state(),
             "labels": self.labels.cpu(),
+            "scores": self.scores.cpu(),  # stage 2 relabels with learned prompts: both move
             "images_digest": self.images_digest,
             "prompt_bank": self.labeler.prompt_bank.state_dict(),
         }
@@ -565,6 +566,8 @@ class Trainer:
         self.gen.set_state(state["sampler_rng"])
         torch.set_rng_state(state["torch_rng"])
         self.labels = state["labels"].to(self.device)
+        if "scores" in state:  # states saved before 2026-12-07 lack them: the first labelling's
+            self.scores = state["scores"].to(self.device)
         self.pool = self._active_pool()
         self.step = int(state["step"])
 
