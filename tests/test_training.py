@@ -451,6 +451,20 @@ def _checkpoint_contents(file: Path) -> tuple[dict, dict]:
         return opened.metadata(), {key: opened.get_tensor(key) for key in opened.keys()}
 
 
+def test_a_dl_image_size_the_labeler_cannot_take_stops_before_training(tmp_path, tiny_labeler):
+    """The tiny labeler is a ViT (32 px, 8-px patches): other sizes fail in its position embedding.
+    Without the check, that failure came as a traceback when the domain loss first ran."""
+    from lanit_rt.config import ConfigError
+
+    cfg = tiny_cfg(tmp_path, tiny_labeler, stage=2, prompt_start=1, steps=2, dl_image_size=64)
+    with pytest.raises(ConfigError, match=r"^dl_image_size=64: the labeler .*tiny\S* cannot encode 64-px "
+                                          r"images \(RuntimeError: .*\); unset it to use its own 32 px$"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run" / "train_state.pt").exists()
+    out = train(cfg.replace(dl_image_size=32), progress=False)  # its own size is fine
+    assert "g_dl_latent" in read_metrics(out)[-1]
+
+
 def test_resume_with_other_data_or_domains_fails_before_writing(tmp_path, tiny_labeler):
     from lanit_rt.checkpoint import CheckpointError
 

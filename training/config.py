@@ -110,7 +110,7 @@ class TrainConfig:
     # labeler's own size, except 128 for lanit-lite: its tower is convolutional, and at 128 the
     # default run makes 555 steps in 12 minutes against 399 at 224, with domain accuracy 0.647 vs
     # 0.117 (benchmarks/RESULTS.md), although the committed heads label less well at 128 (persons
-    # macro F1 0.42 vs 0.68). ViT labelers take only their own size.
+    # macro F1 0.42 vs 0.68). ViT labelers take only their own size (another stops the run at once).
     dl_image_size: int | None = None
     # stage 2: prompt learning through the domain-regularisation loss
     stage: int = 1

@@ -41,7 +41,8 @@ from lanit_rt.checkpoint import (
     save_checkpoint,
     save_train_state,
 )
-from lanit_rt.config import LanitConfig
+from lanit_rt.config import ConfigError, LanitConfig
+from lanit_rt.errors import describe
 from lanit_rt.networks import Discriminator, Generator, MappingNetwork, StyleEncoder
 from lanit_rt.style import latent_style_table, mix_styles, reference_style_table
 from training import losses
@@ -466,6 +467,7 @@ class Trainer:
             from training.labeling.vl import load_vision_language
 
             vl = load_vision_language(self.cfg.labeler, device=self.device)
+        self._check_dl_image_size(vl)
         bank = PromptBank(vl, list(self.domains), templates=self.templates,
                           base_prompt=self.cfg.base_prompt, learnable=self.cfg.stage == 2).to(self.device)
         with torch.no_grad():  # before the images are encoded: the text features alone tell
@@ -479,6 +481,20 @@ class Trainer:
         if not self.dist.main:
             feats = image_features(vl, paths, cache, progress=False)
         return Labeler(vl, bank, feats.to(self.device), self.cfg)
+
+    def _check_dl_image_size(self, vl) -> None:
+        """A `dl_image_size` the labeler cannot encode (a ViT takes only its own input size) is a
+        ConfigError now, not a crash when the domain loss first runs, halfway through the run."""
+        size = self.cfg.dl_image_size
+        if size is None or size == vl.image_size:
+            return
+        try:
+            with torch.no_grad():
+                vl.encode_images(torch.zeros(1, 3, size, size, device=self.device), size=size)
+        except Exception as err:  # noqa: BLE001 - the tower's own error, whatever its type
+            raise ConfigError(f"dl_image_size={size}: the labeler {self.cfg.labeler} cannot encode "
+                              f"{size}-px images ({describe(err)[:160]}); unset it to use its own "
+                              f"{vl.image_size} px") from None
 
     def _active_pool(self) -> torch.Tensor:
         pool = torch.nonzero(self.labels.sum(dim=1) > 0).flatten().cpu()
