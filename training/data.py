@@ -45,7 +45,8 @@ def find_images(root: str | Path, leave_out: Sequence[str | Path] = ()) -> list[
     paths, seen = [], {os.path.realpath(folder) for folder in leave_out}
     for folder, subfolders, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
-        if real in seen or TRAIN_CONFIG_FILE in files:  # a link back to a folder already searched
+        # Searched already (a link back), or left out: told to, or a run folder.
+        if real in seen or TRAIN_CONFIG_FILE in files:
             subfolders.clear()
             continue
         seen.add(real)
