@@ -121,6 +121,9 @@ def test_overrides_are_typed():
         parse_override("steps=many")
     with pytest.raises(ConfigError, match="at least 2"):
         TrainConfig(domains=("solo",))
+    for out in ("", " "):  # `--out ""` or `--set out=`: not the working folder
+        with pytest.raises(ConfigError, match="out must name a folder, got an empty one"):
+            TrainConfig(out=out)
 
 
 def test_recipe_and_arch_resolve_their_settings():

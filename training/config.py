@@ -146,6 +146,8 @@ class TrainConfig:
                                   "pseudo_labels.csv")
         elif self.data is not None:  # only the embedded default data comes with its own domains
             raise ConfigError("--domains (or --domains-file) is required with --data")
+        if not self.out.strip():  # Path("") is the working folder: the run would land there
+            raise ConfigError("out must name a folder, got an empty one")
         if self.recipe not in RECIPES:
             raise ConfigError(f"recipe must be one of {sorted(RECIPES)}, got {self.recipe!r}")
         if self.arch is not None:
