@@ -86,6 +86,13 @@ def _run(args: argparse.Namespace) -> None:
             setattr(args, name, str(Path(getattr(args, name)).expanduser()))
     if args.triton_repo is not None:
         return _run_triton(args)
+    triton_only = [flag for flag, value in (("--triton-backend", args.triton_backend),
+                                            ("--triton-name", args.triton_name),
+                                            ("--instances", args.instances),
+                                            ("--max-queue-delay-us", args.max_queue_delay_us))
+                   if value is not None]
+    if triton_only:
+        raise UsageError(f"{', '.join(triton_only)} only apply with --triton-repo DIR")
     if args.openvino is not None:
         return _run_openvino(args)
     if args.onnx is None and args.trt is None:
@@ -153,10 +160,11 @@ def _add_triton_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--triton-repo", metavar="DIR", help="write a Triton model repository")
     group.add_argument("--triton-backend", choices=TRITON_BACKENDS,
                        help="onnxruntime (default), tensorrt (implied by --trt) or python")
-    group.add_argument("--triton-name", default="lanit", help="model name (default lanit)")
-    group.add_argument("--instances", type=_int, default=1, help="model instances (default 1)")
-    group.add_argument("--max-queue-delay-us", type=_int, default=2000,
-                       help="dynamic batcher delay (default 2000)")
+    # Defaults are applied in _run_triton: None says "not given", so that these flags without
+    # --triton-repo are refused rather than dropped.
+    group.add_argument("--triton-name", help="model name (default lanit)")
+    group.add_argument("--instances", type=_int, help="model instances (default 1)")
+    group.add_argument("--max-queue-delay-us", type=_int, help="dynamic batcher delay (default 2000)")
 
 
 def _run_triton(args: argparse.Namespace) -> None:
@@ -166,6 +174,13 @@ def _run_triton(args: argparse.Namespace) -> None:
     from lanit_export import triton_repo  # noqa: PLC0415
     from lanit_export.onnx_export import check_output_path  # noqa: PLC0415
 
+    if args.openvino is not None:
+        raise UsageError("--openvino and --triton-repo exclude each other (the repository serves the "
+                         "ONNX graph, a TensorRT engine or the Python backend)")
+    name = triton_repo.DEFAULT_NAME if args.triton_name is None else args.triton_name
+    given = {key: value for key, value in (("instances", args.instances),
+                                           ("max_queue_delay_us", args.max_queue_delay_us))
+             if value is not None}  # the others: ServingOptions' defaults
     backend = args.triton_backend or ("tensorrt" if args.trt is not None else "onnxruntime")
     if (backend == "tensorrt") != (args.trt is not None):
         raise UsageError("--triton-backend tensorrt needs --trt PRECISION, and --trt writes a tensorrt model")
@@ -188,32 +203,33 @@ def _run_triton(args: argparse.Namespace) -> None:
             from lanit_export.tensorrt import batch_profile, import_tensorrt  # noqa: PLC0415
 
             profile = batch_profile(args.min_batch, args.opt_batch, args.max_batch)
-            options = triton_repo.ServingOptions(profile.max, args.max_queue_delay_us, args.instances, kind)
+            options = triton_repo.ServingOptions(max_batch=profile.max, kind=kind, **given)
         else:
-            options = triton_repo.ServingOptions(args.max_batch or triton_repo.DEFAULT_MAX_BATCH,
-                                                 args.max_queue_delay_us, args.instances, kind)
+            if args.max_batch is not None:
+                given["max_batch"] = args.max_batch
+            options = triton_repo.ServingOptions(kind=kind, **given)
     except ExportError as err:
         raise UsageError(str(err)) from None
-    triton_repo._check_name(args.triton_name)
-    if (Path(args.triton_repo).expanduser() / args.triton_name).exists():
-        raise UsageError(f"{Path(args.triton_repo) / args.triton_name} already exists; remove it or "
-                          "pass another --triton-name")
+    triton_repo._check_name(name)
+    repo = Path(args.triton_repo).expanduser()
+    if (repo / name).exists():
+        raise UsageError(f"{repo / name} already exists; remove it or pass another --triton-name")
     triton_repo.model_config_pb2()  # fail before any export when tritonclient is missing
     if args.trt is not None:
         import_tensorrt()
     _check_device(args.device)
     read_checkpoint_config(args.checkpoint)
-    for output in [Path(p) for p in (args.onnx, args.out) if p is not None]:
+    # The repository folder takes a file (the model folder's name probes it), then the other outputs.
+    for output in [repo / name, *(Path(p) for p in (args.onnx, args.out) if p is not None)]:
         check_output_path(output)
     model = load_checkpoint(args.checkpoint, device=args.device)
-    repo = Path(args.triton_repo).expanduser()
     with tempfile.TemporaryDirectory(prefix="lanit-export-triton-") as scratch:
         if args.trt is not None:
             from lanit_export.tensorrt import export_tensorrt  # noqa: PLC0415
 
             engine = Path(args.out) if args.out else Path(scratch) / "model.engine"
             export_tensorrt(model, engine, args.trt, profile, onnx_path=args.onnx_path, log=print)
-            written = triton_repo.write_engine_repository(repo, engine, options, args.triton_name,
+            written = triton_repo.write_engine_repository(repo, engine, options, name,
                                                           onnx_path=args.onnx_path)
         else:
             from lanit_export.onnx_export import export_onnx  # noqa: PLC0415
@@ -221,10 +237,9 @@ def _run_triton(args: argparse.Namespace) -> None:
             graph = Path(args.onnx) if args.onnx else Path(scratch) / "model.onnx"
             export_onnx(model, graph, "fp16" if args.fp16 else "fp32", log=print)
             if backend == "python":
-                written = triton_repo.write_python_repository(repo, graph, "onnxruntime", options,
-                                                              args.triton_name)
+                written = triton_repo.write_python_repository(repo, graph, "onnxruntime", options, name)
             else:
-                written = triton_repo.write_onnx_repository(repo, graph, options, args.triton_name)
+                written = triton_repo.write_onnx_repository(repo, graph, options, name)
     print(f"wrote Triton model {written.folder} ({written.config.platform or written.config.backend}, "
           f"max batch {options.max_batch}, {options.instances} x {options.kind}); config validated")
 

@@ -232,7 +232,7 @@ def test_python_repository_for_the_torch_runtime(checkpoint, tmp_path):
         ServingOptions(max_batch=0)
 
 
-def test_export_cli_triton_usage_errors(checkpoint, tmp_path, capsys):
+def test_export_cli_triton_usage_errors(checkpoint, tmp_path, capsys, monkeypatch):
     from lanit_export.cli import main
 
     assert main([str(checkpoint), "--triton-repo", str(tmp_path), "--triton-backend", "tensorrt"]) == 2
@@ -244,6 +244,30 @@ def test_export_cli_triton_usage_errors(checkpoint, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main([str(checkpoint)]) == 2
     assert "is required (or --triton-repo DIR)" in capsys.readouterr().err
+    # Flags of one target given to another are refused, not dropped; 0 is not "the default".
+    onnx, ir = str(tmp_path / "m.onnx"), str(tmp_path / "m.xml")
+    for argv, message in (
+            (["--onnx", onnx, "--triton-backend", "python", "--instances", "4"],
+             "--triton-backend, --instances only apply with --triton-repo DIR"),
+            (["--openvino", ir, "--triton-name", "x", "--max-queue-delay-us", "0"],
+             "--triton-name, --max-queue-delay-us only apply with --triton-repo DIR"),
+            (["--triton-repo", str(tmp_path / "r"), "--openvino", ir],
+             "--openvino and --triton-repo exclude each other"),
+            (["--triton-repo", str(tmp_path / "r"), "--max-batch", "0"], "max batch must be an integer >= 1, got 0"),
+            (["--triton-repo", str(tmp_path / "r"), "--instances", "0"], "instances must be an integer >= 1, got 0")):
+        assert main([str(checkpoint), *argv]) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert not [p for p in tmp_path.iterdir() if p.name != "lanit"]  # nothing written
+    # A repository path that cannot take files is refused before the export, not after it.
+    import lanit_export.onnx_export as onnx_export
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("the repository path must be checked before the export")
+
+    monkeypatch.setattr(onnx_export, "export_onnx", no_export)
+    (tmp_path / "afile").write_text("a regular file")
+    assert main([str(checkpoint), "--triton-repo", str(tmp_path / "afile")]) == 1
+    assert "cannot create folder" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- lanit-serve
