@@ -11,8 +11,9 @@ latent style table (the mean mapping-network style over --num-z latents), ready 
 `lanit-export RUN --onnx ...` and `Translator.from_checkpoint(RUN)`. LANIT's prompt-learner weights
 are not needed for inference and are not imported. w_hpf > 0 models are refused.
 
-Errors (missing or foreign file, w_hpf > 0 model, domain count mismatch, an existing checkpoint in
-RUN) print one line `lanit-import: error: ...` and exit 1 (2 for bad arguments).
+Errors (missing or foreign file, w_hpf > 0 model, domain count mismatch) print one line
+`lanit-import: error: ...` and exit 1; bad arguments, an existing checkpoint in RUN among them,
+exit 2.
 """
 
 from __future__ import annotations

@@ -131,6 +131,19 @@ def resolve_domains(text: str) -> tuple[str, ...]:
     return domains
 
 
+def _what_it_holds(data: object) -> str:
+    """A short account of a foreign checkpoint's top level, naming a lanit-rt file as such."""
+    if not isinstance(data, dict):
+        return type(data).__name__
+    keys = sorted(map(str, data))
+    shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} keys)" if len(keys) > 6 else "")
+    ours = {"nets", "ema"} <= set(keys) or any(k.startswith(("generator.", "mapping.", "style_encoder."))
+                                               for k in keys)
+    hint = ("; it is lanit-rt's own (a run folder's checkpoint or resume state), which needs no "
+            "import: pass its run folder to lanit-export or Translator.from_checkpoint") if ours else ""
+    return f"[{shown}]{hint}"
+
+
 def load_official_state(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
     """Read `path` with torch.load(weights_only=True) -> {net name: state dict without `module.`}."""
     path = Path(path)
@@ -143,10 +156,9 @@ def load_official_state(path: str | os.PathLike) -> dict[str, dict[str, torch.Te
         raise ImportCheckpointError(f"{path} is not a PyTorch checkpoint that loads with "
                                     f"weights_only=True: {first}") from None
     if not isinstance(data, dict) or not all(isinstance(data.get(n), dict) for n in NETS):
-        found = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
         raise ImportCheckpointError(
             f"{path} is not a StarGAN v2 / LANIT network checkpoint (*_nets_ema.ckpt): it needs "
-            f"{', '.join(NETS)} state dicts, found {found}")
+            f"{', '.join(NETS)} state dicts, found {_what_it_holds(data)}")
     states = {}
     for name in NETS:
         state = {}

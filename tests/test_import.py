@@ -280,6 +280,12 @@ def test_bad_files_give_one_line_errors(tmp_path, capsys):
     assert code == 1 and "not a StarGAN v2 / LANIT network checkpoint" in err and "model" in err
     code, err = run_import(tmp_path, capsys, tmp_path / "missing.ckpt", "--domains", "a,b", "--out", out)
     assert code == 1 and "no checkpoint file" in err
+    # lanit-rt's own files: a short list of what they hold, and that they need no import.
+    ours = tmp_path / "train_state.pt"
+    torch.save({"nets": {}, "ema": {}, "step": 3, **{f"extra{i}": i for i in range(20)}}, ours)
+    code, err = run_import(tmp_path, capsys, ours, "--domains", "a,b", "--out", out)
+    assert code == 1 and "found [ema, extra0, extra1, extra10, extra11, extra12, ... (23 keys)]; it is " \
+                         "lanit-rt's own" in err and "needs no import" in err and len(err) < 500, err
 
     nets = official_nets(32, 3, dim_in=8, max_dim=16, hidden=16)
     good = save_official(tmp_path / "good.ckpt", nets)
