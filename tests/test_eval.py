@@ -463,6 +463,40 @@ def test_bad_settings_fail_before_any_feature_is_computed(run_dir, monkeypatch, 
         assert len(err.strip().splitlines()) == 1 and f"--device {device}: no CUDA device" in err
     assert lanit_eval.main(argv + ["--device", "graphics-card"]) == 1
     assert capsys.readouterr().err.startswith("error: --device graphics-card")
+    for bad, message in ((["--seed", "-1"], "--seed must be >= 0, got -1"),
+                         (["--threshold", "nan"], "--threshold must be a finite number, got nan")):
+        assert lanit_eval.main(argv + bad) == 2
+        assert capsys.readouterr().err.strip() == f"error: {message}"
+
+
+def test_damaged_run_files_and_foreign_text_are_one_line(run_dir, tmp_path, monkeypatch, capsys):
+    """A damaged prompts.safetensors, a train_config.json that is not UTF-8 or not an object, and a
+    ground-truth CSV in a spreadsheet's code page: one line each (the last three before any
+    feature is computed)."""
+    import shutil
+
+    cache = ["--no-progress", "--n", "2", "--cache-dir", str(run_dir["root"] / "cache")]
+    run = tmp_path / "run"
+    shutil.copytree(run_dir["run"], run)
+    (run / "prompts.safetensors").write_bytes(b"junk")
+    assert lanit_eval.main([str(run), *cache]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "prompts.safetensors is damaged or does not match" in err
+
+    _no_image_features(monkeypatch)
+
+    cp1252 = tmp_path / "gt.csv"
+    cp1252.write_bytes("path,beard\nCaf\u00e9.png,1\n".encode("cp1252"))
+    assert lanit_eval.main([str(run_dir["run"]), "--gt", str(cp1252), *cache]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "gt.csv is not UTF-8 text" in err and "save it as CSV UTF-8" in err
+
+    for text, message in ((b"\xff\xfe{}", "train_config.json is not valid JSON"),
+                          (b"[1, 2]", "train_config.json holds a JSON list, not the run's settings")):
+        (run / "train_config.json").write_bytes(text)
+        assert lanit_eval.main([str(run), *cache]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
 
 
 @pytest.mark.parametrize("blocked", ["an output is a folder", "read-only run folder"])

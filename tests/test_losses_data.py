@@ -121,6 +121,8 @@ def test_overrides_are_typed():
         parse_override("steps=many")
     with pytest.raises(ConfigError, match="at least 2"):
         TrainConfig(domains=("solo",))
+    with pytest.raises(ConfigError, match="threshold must be a finite number, got nan"):
+        TrainConfig(threshold=float("nan"))
     for out in ("", " "):  # `--out ""` or `--set out=`: not the working folder
         with pytest.raises(ConfigError, match="out must name a folder, got an empty one"):
             TrainConfig(out=out)

@@ -651,6 +651,7 @@ def test_label_cli_with_learned_prompts(registered, tiny_labeler, tmp_path, caps
     (["--domains", "a,b", "--mode", "topk", "--topk", "3"], "--topk"),
     (["--domains", "a,b", "--templates", "emoji"], "for the built-in set use --template-set emoji"),
     (["--domains", "Blond Hair,blond hair"], "'Blond Hair' and 'blond hair' get the same text features"),
+    (["--domains", "a,b", "--mode", "threshold", "--threshold", "nan"], "--threshold must be a finite number, got nan"),
 ])
 def test_label_cli_errors(registered, tmp_path, capsys, argv_tail, message):
     folder = tmp_path / "imgs"

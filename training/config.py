@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -190,6 +191,8 @@ class TrainConfig:
             raise ConfigError(f"num_style_z must be at least 1, got {self.num_style_z}")
         if self.topk < 1:
             raise ConfigError(f"topk must be at least 1, got {self.topk}")
+        if not math.isfinite(self.threshold):
+            raise ConfigError(f"threshold must be a finite number, got {self.threshold}")
         if self.label_rule in TOPK_MODES and self.domains is not None and self.topk > len(self.domains):
             raise ConfigError(f"topk must be at most the number of domains ({len(self.domains)}), "
                               f"got {self.topk}")

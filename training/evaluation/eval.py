@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,9 +117,10 @@ def prompt_banks(vl, run: RunInfo, device) -> dict[str, Any]:
                              learnable=True).to(device)
         try:
             learned.load_state_dict(load_file(str(prompts_file), device=str(device)))
-        except (RuntimeError, OSError) as err:
+        except Exception as err:  # noqa: BLE001 - a damaged file raises safetensors' own error type
             first = first_line(err)
-            raise EvalError(f"{prompts_file} does not match this labeler's prompts: {first}") from None
+            raise EvalError(f"{prompts_file} is damaged or does not match this labeler's prompts: "
+                            f"{first}") from None
         banks["learned"] = learned.eval()
     return banks
 
@@ -419,6 +421,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.topk is not None and args.topk < 1:
         print(f"error: --topk must be >= 1, got {args.topk}", file=sys.stderr)
+        return 2
+    if args.seed < 0:  # numpy's generators (KID's subsets) take no negative seed
+        print(f"error: --seed must be >= 0, got {args.seed}", file=sys.stderr)
+        return 2
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        print(f"error: --threshold must be a finite number, got {args.threshold}", file=sys.stderr)
         return 2
     settings = EvalSettings(n=args.n, seed=args.seed, batch_size=args.batch_size, topk=args.topk,
                             threshold=args.threshold, progress=not args.no_progress)

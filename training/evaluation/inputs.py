@@ -114,8 +114,11 @@ def read_run(run_dir: str | Path, device: str | torch.device = "cpu", progress: 
         raise EvalError(f"{run_dir} has no {TRAIN_CONFIG_FILE}; is it a `python -m training.run` folder?")
     try:
         train_config = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise EvalError(f"{cfg_file} is not valid JSON: {err}") from None
+    if not isinstance(train_config, dict):
+        raise EvalError(f"{cfg_file} holds a JSON {type(train_config).__name__}, not the run's "
+                        "settings (an object)")
     check_output_folder(run_dir)
     model = load_checkpoint(run_dir, device)
     cfg_domains = train_config.get("domains")
@@ -260,13 +263,17 @@ def _merge_copies(table: dict[str, set[str]]) -> None:
 
 def _read_gt_csv(file: Path) -> tuple[dict[str, set[str]], set[str]]:
     # utf-8-sig: spreadsheet programs start a "CSV UTF-8" file with a byte-order mark
-    with open(file, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        fields = [name.strip() for name in reader.fieldnames or []]  # "path, blond hair"
-        reader.fieldnames = fields
-        if "path" not in fields:
-            raise EvalError(f"{file}: a ground-truth CSV needs a 'path' column, got {fields}")
-        rows = list(reader)
+    try:
+        with open(file, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            fields = [name.strip() for name in reader.fieldnames or []]  # "path, blond hair"
+            reader.fieldnames = fields
+            if "path" not in fields:
+                raise EvalError(f"{file}: a ground-truth CSV needs a 'path' column, got {fields}")
+            rows = list(reader)
+    except UnicodeDecodeError as err:  # a spreadsheet's own code page, say
+        raise EvalError(f"{file} is not UTF-8 text ({err.reason} at byte {err.start}); save it as "
+                        "CSV UTF-8") from None
     base = file.parent
     table: dict[str, set[str]] = {}
     if fields == ["path", "domains"]:

@@ -12,6 +12,7 @@ Unreadable images are left out of the table and counted. Image features are cach
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import warnings
@@ -122,6 +123,8 @@ def run(args: argparse.Namespace) -> dict[str, int]:
         raise LabelCLIError(f"--topk must be in [1, {len(domains)}], got {args.topk}")
     if args.batch_size < 1:
         raise LabelCLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not math.isfinite(args.threshold):  # nan compares false: every image would go unlabelled
+        raise LabelCLIError(f"--threshold must be a finite number, got {args.threshold}")
     if args.prompts and not Path(args.prompts).is_file():
         raise LabelCLIError(f"--prompts {args.prompts}: no such file")
     try:  # before the model loads and the images are encoded, not at the final write
@@ -192,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {type(err).__name__}: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # the CSV and JSON are written whole at the end, or not at all
-        print("interrupted: no labels were written (features already computed stay cached)",
+        print("interrupted: no labels were written (image features are cached once all are encoded)",
               file=sys.stderr)
         return 130
     return 0
