@@ -85,6 +85,22 @@ def test_train_writes_a_loadable_self_describing_run(tmp_path, tiny_labeler):
     assert y.shape == x.shape and torch.isfinite(y).all()
 
 
+def test_a_small_data_set_still_gets_both_halves_of_the_sample_sheet(tmp_path, tiny_labeler, monkeypatch):
+    """Four images: two sources and two references (6 sources took them all, and the
+    reference-guided half had no reference column)."""
+    import training.grid as grid
+
+    captions = []
+    labelled = grid.labelled
+    monkeypatch.setattr(grid, "labelled", lambda image, title, columns, *a, **k:
+                        captions.append(columns) or labelled(image, title, columns, *a, **k))
+    data = make_data(tmp_path / "four", n=4)
+    train(tiny_cfg(tmp_path, tiny_labeler, data=str(data), steps=1, label_mode="topk"), progress=False)
+    latent, reference = captions[-2:]
+    assert latent[0] == reference[0] == "source"
+    assert len([c for c in reference if c.startswith("ref: ")]) == 2
+
+
 def test_resume_continues_the_same_loss_curve(tmp_path, tiny_labeler):
     straight = train(tiny_cfg(tmp_path / "a", tiny_labeler, ds_decay_steps=4), progress=False)
     half = tiny_cfg(tmp_path / "b", tiny_labeler, steps=2, ds_decay_steps=4)

@@ -79,6 +79,9 @@ def save_sample_grid(path: Path, ema, images, pool: torch.Tensor, labels: torch.
     then one column per domain (single-domain target, one fixed z per row). Reference-guided: the
     first row holds the references; each source is translated with each reference's style (its
     own pseudo-label as target)."""
+    # A pool smaller than both together is split between them, so neither half comes out empty.
+    num_refs = min(num_refs, len(pool) // 2)
+    num_sources = min(num_sources, len(pool) - num_refs)
     gen = torch.Generator().manual_seed(seed)
     picks = pool[torch.randperm(len(pool), generator=gen)[: num_sources + num_refs]]
     src_idx, ref_idx = picks[:num_sources], picks[num_sources:]
