@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from lanit_export.errors import ExportError
+from lanit_rt.checkpoint import torch_load_failure
 from lanit_rt.config import ConfigError, LanitConfig
 from lanit_rt.errors import first_line
 from lanit_rt.networks import Generator, MappingNetwork, StyleEncoder
@@ -152,9 +153,8 @@ def load_official_state(path: str | os.PathLike) -> dict[str, dict[str, torch.Te
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several unrelated types for non-checkpoint files
-        first = first_line(err)
         raise ImportCheckpointError(f"{path} is not a PyTorch checkpoint that loads with "
-                                    f"weights_only=True: {first}") from None
+                                    f"weights_only=True ({torch_load_failure(err)})") from None
     if not isinstance(data, dict) or not all(isinstance(data.get(n), dict) for n in NETS):
         raise ImportCheckpointError(
             f"{path} is not a StarGAN v2 / LANIT network checkpoint (*_nets_ema.ckpt): it needs "

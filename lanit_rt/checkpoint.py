@@ -347,10 +347,10 @@ def load_train_state(path: str | os.PathLike) -> dict[str, Any]:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several unrelated types for bad pickles
         raise CheckpointError(f"{file} is damaged or not a LANIT resume state "
-                              f"({_load_failure(err)})") from None
+                              f"({torch_load_failure(err)})") from None
 
 
-def _load_failure(err: Exception) -> str:
+def torch_load_failure(err: Exception) -> str:
     """torch.load's error as `Type: cause`, its first sentence only. For a file the safe unpickler
     refuses, torch's first lines are about its defaults (and suggest weights_only=False, unsafe on a
     file of unknown origin); the cause follows "WeightsUnpickler error:"."""
