@@ -56,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _refuse_given(flags: dict[str, object], why: str) -> None:
+    """UsageError naming every flag in `flags` that was given (its value not None), with `why`:
+    a flag another target ignores is refused, not dropped."""
+    given = [flag for flag, value in flags.items() if value is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)} {why}")
+
+
 def _check_device(text: str) -> None:
     """Raise UsageError unless `text` names a torch device that works on this machine."""
     import torch  # noqa: PLC0415 (keeps --help fast)
@@ -86,24 +94,18 @@ def _run(args: argparse.Namespace) -> None:
             setattr(args, name, str(Path(getattr(args, name)).expanduser()))
     if args.triton_repo is not None:
         return _run_triton(args)
-    triton_only = [flag for flag, value in (("--triton-backend", args.triton_backend),
-                                            ("--triton-name", args.triton_name),
-                                            ("--instances", args.instances),
-                                            ("--max-queue-delay-us", args.max_queue_delay_us))
-                   if value is not None]
-    if triton_only:
-        raise UsageError(f"{', '.join(triton_only)} only apply with --triton-repo DIR")
+    _refuse_given({"--triton-backend": args.triton_backend, "--triton-name": args.triton_name,
+                   "--instances": args.instances, "--max-queue-delay-us": args.max_queue_delay_us},
+                  "only apply with --triton-repo DIR")
     if args.openvino is not None:
         return _run_openvino(args)
     if args.onnx is None and args.trt is None:
         raise UsageError("one of the arguments --onnx --trt --openvino is required (or --triton-repo DIR)")
 
-    trt_only = {"--onnx-path": args.onnx_path, "--min-batch": args.min_batch,
-                "--opt-batch": args.opt_batch, "--max-batch": args.max_batch, "--out": args.out}
     if args.onnx is not None:
-        used = [flag for flag, value in trt_only.items() if value is not None]
-        if used:
-            raise UsageError(f"{', '.join(used)} only apply with --trt")
+        _refuse_given({"--onnx-path": args.onnx_path, "--min-batch": args.min_batch,
+                       "--opt-batch": args.opt_batch, "--max-batch": args.max_batch, "--out": args.out},
+                      "only apply with --trt")
         if Path(args.onnx).suffix != ".onnx":  # ".onnx" alone is a hidden file without a suffix
             raise UsageError(f"--onnx needs a file name ending in .onnx (e.g. model.onnx), got {args.onnx!r}")
     else:
@@ -189,10 +191,8 @@ def _run_triton(args: argparse.Namespace) -> None:
     if backend == "python" and args.fp16:
         raise UsageError("--triton-backend python serves the fp32 ONNX graph; leave out --fp16")
     if args.trt is None:
-        used = [f for f, v in (("--onnx-path", args.onnx_path), ("--min-batch", args.min_batch),
-                               ("--opt-batch", args.opt_batch), ("--out", args.out)) if v is not None]
-        if used:
-            raise UsageError(f"{', '.join(used)} only apply with --trt")
+        _refuse_given({"--onnx-path": args.onnx_path, "--min-batch": args.min_batch,
+                       "--opt-batch": args.opt_batch, "--out": args.out}, "only apply with --trt")
     if args.onnx is not None and Path(args.onnx).suffix != ".onnx":
         raise UsageError(f"--onnx needs a file name ending in .onnx, got {args.onnx!r}")
     if args.trt is not None and args.onnx is not None:
@@ -252,12 +252,11 @@ def _run_openvino(args: argparse.Namespace) -> None:
     from lanit_export.openvino_export import export_openvino, style_ir_path  # noqa: PLC0415
 
     args.openvino = str(Path(args.openvino).expanduser())
-    used = [flag for flag, value in (("--fp16", args.fp16 or None), ("--onnx-path", args.onnx_path),
-                                     ("--min-batch", args.min_batch), ("--opt-batch", args.opt_batch),
-                                     ("--max-batch", args.max_batch), ("--out", args.out)) if value is not None]
-    if used:
-        raise UsageError(f"{', '.join(used)} do not apply to --openvino (the IR keeps fp32 weights; "
-                          "pick the precision when loading it)")
+    _refuse_given({"--fp16": args.fp16 or None, "--onnx-path": args.onnx_path,
+                   "--min-batch": args.min_batch, "--opt-batch": args.opt_batch,
+                   "--max-batch": args.max_batch, "--out": args.out},
+                  "do not apply to --openvino (the IR keeps fp32 weights; pick the precision when "
+                  "loading it)")
     if Path(args.openvino).suffix != ".xml":
         raise UsageError(f"--openvino needs a file name ending in .xml (e.g. model.xml), got {args.openvino!r}")
     _check_device(args.device)
