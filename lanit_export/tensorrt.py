@@ -12,9 +12,10 @@ ONNX graph gives it. fp16 engines are built from the fp16 ONNX graph (lanit_expo
 whose explicit casts keep the normalisation statistics and the table arithmetic in fp32
 (fp16 variance overflows) and everything else in fp16, so no precision flag or per-layer
 constraint is set: BuilderFlag.FP16, OBEY_PRECISION_CONSTRAINTS, ILayer.precision and
-set_output_type (removed in TensorRT 11) are never touched. fp32 engines clear BuilderFlag.TF32
-(on by default), so convolutions match PyTorch fp32. Anything TensorRT raises or logs as an error
-while parsing or building becomes one ExportError line.
+set_output_type (removed in TensorRT 11) are never touched. Both precisions clear BuilderFlag.TF32
+(on by default), so fp32 convolutions match PyTorch fp32 and the fp16 graph's fp32 statistics and
+table arithmetic stay fp32. Anything TensorRT raises while parsing or building becomes one
+ExportError line that quotes the first error TensorRT logged (its root cause; later ones wrap it).
 
 The engine is validated against the PyTorch generator (lanit_export.validate, fp32 1e-4 / fp16 2e-2) before
 the engine and sidecar are renamed into place; any failure leaves no partial file. Profile arithmetic,
@@ -157,32 +158,45 @@ def network_flags(trt) -> int:
 def configure_builder(trt, builder_config, precision: str, workspace_gib: float) -> list[str]:
     """Set the workspace pool and the precision policy; returns what was set (for the log).
 
-    Strong typing carries the precision, so fp16 needs no flag; fp32 clears TF32 (TensorRT enables
-    it by default for fp32 convolutions and matmuls), which both 10.x and 11.x still have.
+    Strong typing carries the precision, so fp16 needs no flag. TF32 (on by default for fp32
+    convolutions and matmuls; 10.x and 11.x both have the flag) is cleared for both precisions:
+    the fp16 graph keeps its normalisation statistics and table arithmetic in fp32 on purpose.
     """
     check_precision(precision)
     builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     settings = [f"workspace {workspace_gib} GiB", "strongly typed"]
-    if precision == "fp32":
-        tf32 = getattr(trt.BuilderFlag, "TF32", None)
-        if tf32 is not None:
-            builder_config.clear_flag(tf32)
-            settings.append("TF32 off")
+    tf32 = getattr(trt.BuilderFlag, "TF32", None)
+    if tf32 is not None:
+        builder_config.clear_flag(tf32)
+        settings.append("TF32 off")
     return settings
 
 
 def _recording_logger(trt):
-    """A trt.ILogger that forwards warnings and errors to a list (for one-line error messages)."""
+    """A trt.ILogger that keeps TensorRT's errors and warnings, one line each, for ExportError
+    messages: `cause()` is the first error (TensorRT logs the root cause first and a generic
+    "engine != nullptr" wrapper last), else the last warning (a CUDA set-up failure, e.g. no
+    device, is logged as a warning before the bindings raise)."""
     severity = trt.ILogger.Severity
 
     class RecordingLogger(trt.ILogger):
         def __init__(self):
             trt.ILogger.__init__(self)
             self.errors: list[str] = []
+            self.warnings: list[str] = []
 
         def log(self, level, message):
+            line = " ".join(str(message).split())
             if level in (severity.ERROR, severity.INTERNAL_ERROR):
-                self.errors.append(" ".join(str(message).split()))
+                self.errors.append(line)
+            elif level == severity.WARNING:
+                self.warnings.append(line)
+
+        def cause(self) -> str | None:
+            if self.errors:
+                first, last = self.errors[0], self.errors[-1]
+                return first if first == last else f"{first} (then: {last})"
+            return self.warnings[-1] if self.warnings else None
 
     return RecordingLogger()
 
@@ -232,55 +246,82 @@ def build_engine_bytes(onnx_path: str | os.PathLike, precision: str, profile: Ba
         cache_file = Path(timing_cache) if timing_cache is not None else None
         cache_data = cache_file.read_bytes() if cache_file is not None and cache_file.exists() else b""
         cache = builder_config.create_timing_cache(cache_data)
-        builder_config.set_timing_cache(cache, False)
+        if not builder_config.set_timing_cache(cache, False) and cache_data:
+            # a cache from another GPU or TensorRT: start a fresh one, which replaces the file
+            if log:
+                log(f"{cache_file} does not match this GPU / TensorRT; timing from scratch")
+            cache = builder_config.create_timing_cache(b"")
+            builder_config.set_timing_cache(cache, False)
         if log:
             log(f"TensorRT {trt.__version__} (major {major}): {', '.join(settings)}")
         stage = f"build a {precision} engine from {onnx_path}"
         serialized = builder.build_serialized_network(network, builder_config)
         if serialized is None:
-            detail = logger.errors[-1] if logger.errors else "no error was logged"
-            raise ExportError(f"TensorRT {trt.__version__} failed to {stage}: {detail}")
+            raise ExportError(f"TensorRT {trt.__version__} failed to {stage}: "
+                              f"{logger.cause() or 'no error was logged'}")
         return bytes(serialized), bytes(cache.serialize())
     except ExportError:
         raise
     except Exception as err:  # the bindings raise TypeError/RuntimeError/AttributeError, multi-line
+        cause = logger.cause()
         raise ExportError(f"TensorRT {getattr(trt, '__version__', '?')} failed to {stage}: "
-                          f"{_one_line(err)}") from None
+                          f"{_one_line(err)}{f' (TensorRT logged: {cause})' if cause else ''}") from None
 
 
 class EngineRunner:
     """Deserialize once, run many times: `runner(inputs) -> translated` (numpy in, numpy out).
 
-    Buffers are torch CUDA tensors; the engine runs on torch's current stream.
+    Buffers are torch CUDA tensors; the engine runs on a private stream (enqueueV3 on the default
+    stream costs TensorRT an extra synchronisation and draws a warning).
     """
 
     def __init__(self, engine: bytes):
         trt = import_tensorrt()
         import torch  # noqa: PLC0415
 
-        if not torch.cuda.is_available():
-            raise ExportError("running a TensorRT engine needs a CUDA GPU")
+        from lanit_rt.backends.tensorrt import torch_dtype  # noqa: PLC0415
+
+        require_cuda("running a TensorRT engine")
         self._torch = torch
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self._engine = self._runtime.deserialize_cuda_engine(engine)
         if self._engine is None:
             raise ExportError("TensorRT could not deserialize the engine")
         self._context = self._engine.create_execution_context()
+        self._output_dtype = torch_dtype(trt, self._engine.get_tensor_dtype(OUTPUT_NAME))
+        self._stream = torch.cuda.Stream()
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         torch = self._torch
-        device_inputs = {name: torch.from_numpy(np.ascontiguousarray(a)).cuda() for name, a in inputs.items()}
-        for name, tensor in device_inputs.items():
-            self._context.set_input_shape(name, tuple(tensor.shape))
-            self._context.set_tensor_address(name, tensor.data_ptr())
-        shape = tuple(self._context.get_tensor_shape(OUTPUT_NAME))
-        output = torch.empty(shape, dtype=torch.float32, device="cuda")
-        self._context.set_tensor_address(OUTPUT_NAME, output.data_ptr())
-        stream = torch.cuda.current_stream()
-        if not self._context.execute_async_v3(stream.cuda_stream):
-            raise ExportError("TensorRT execution failed")
-        stream.synchronize()
-        return output.cpu().numpy()
+        with torch.cuda.stream(self._stream):
+            device_inputs = {name: torch.from_numpy(np.ascontiguousarray(a)).cuda()
+                             for name, a in inputs.items()}
+            for name, tensor in device_inputs.items():
+                if not self._context.set_input_shape(name, tuple(tensor.shape)):
+                    raise ExportError(f"TensorRT refused input {name} of shape {tuple(tensor.shape)}")
+                self._context.set_tensor_address(name, tensor.data_ptr())
+            shape = tuple(self._context.get_tensor_shape(OUTPUT_NAME))
+            output = torch.empty(shape, dtype=self._output_dtype, device="cuda")
+            self._context.set_tensor_address(OUTPUT_NAME, output.data_ptr())
+            if not self._context.execute_async_v3(self._stream.cuda_stream):
+                raise ExportError("TensorRT execution failed")
+        self._stream.synchronize()
+        return output.float().cpu().numpy()
+
+
+def require_cuda(what: str) -> None:
+    """ExportError unless torch sees a CUDA GPU: TensorRT builds and runs engines only on one."""
+    import torch  # noqa: PLC0415
+
+    if not torch.cuda.is_available():
+        raise ExportError(f"{what} needs a CUDA GPU, and torch sees none here")
+
+
+def validation_batches(profile: BatchProfile) -> list[int]:
+    """The batch sizes an engine is checked at: the usual ones clamped to the profile, plus its opt
+    and max (kernels TensorRT picks for the largest shapes are run at least once)."""
+    clamped = {min(max(b, profile.min), profile.max) for b in VALIDATION_BATCHES}
+    return sorted(clamped | {profile.opt, profile.max})
 
 
 @dataclass
@@ -302,8 +343,9 @@ def export_tensorrt(model: LanitModel, engine_path: str | os.PathLike, precision
     Without `onnx_path` the matching-precision ONNX graph is exported to a temporary folder first.
     TensorRT is imported before anything is written, so a missing install leaves no file behind.
     """
-    import_tensorrt()
+    tensorrt_major(import_tensorrt())
     check_precision(precision)
+    require_cuda("building a TensorRT engine")
     profile = profile or batch_profile()
     engine_path = Path(engine_path)
     for path in (engine_path, sidecar_path(engine_path), timing_cache_path(engine_path)):
@@ -327,9 +369,8 @@ def export_tensorrt(model: LanitModel, engine_path: str | os.PathLike, precision
         artifact = EngineArtifact(engine_path, sidecar_path(engine_path), timing_cache_path(engine_path),
                                   precision, profile)
         if validate:
-            batches = sorted({min(max(b, profile.min), profile.max) for b in VALIDATION_BATCHES})
             artifact.validation = validate_artifact(EngineRunner(engine), model, ENGINE_KIND, precision,
-                                                    batches)
+                                                    validation_batches(profile))
             if log:
                 log(artifact.validation.describe(engine_path.name))
             if not artifact.validation.passed:

@@ -47,6 +47,9 @@ LABELS_FILE = "domains.txt"
 WARMUP_DIR = "warmup"
 WARMUP_WEIGHTS = "domain_weights"
 VERSION = "1"
+# Triton's dynamic batcher sends any batch from 1 up, and TensorRT refuses shapes below the profile.
+TRITON_MIN_BATCH_NEEDED = ("{path}'s profile starts at batch {low}; Triton sends batches from 1 up, "
+                           "so a served engine needs --min-batch 1")
 DEFAULT_NAME = "lanit"
 DEFAULT_MAX_BATCH = 16
 DEFAULT_QUEUE_DELAY_US = 2000
@@ -379,6 +382,8 @@ def write_engine_repository(repo: str | os.PathLike, engine_path: str | os.PathL
     sidecar, config, profile = read_sidecar(engine_path)
     if sidecar.get("kind", "domain_weights") != "domain_weights":
         raise ExportError(f"{engine_path} is not a domain_weights engine")
+    if profile.min != 1:
+        raise ExportError(TRITON_MIN_BATCH_NEEDED.format(path=engine_path, low=profile.min))
     options = options or ServingOptions(max_batch=profile.max, kind="KIND_GPU")
     if options.max_batch > profile.max:
         raise ExportError(f"max batch {options.max_batch} exceeds the engine's profile "

@@ -487,14 +487,17 @@ def test_fp16_graph_types_keep_the_statistics_in_fp32(fp16_onnx):
     assert stats and stats <= fp32_nodes and not (convs & fp32_nodes)
 
 
-def _fake_tensorrt(major: int, build=b"engine", parse_ok=True):
+def _fake_tensorrt(major: int, build=b"engine", parse_ok=True, cache_matches=True, builder_fails=False):
     """A stand-in for the documented tensorrt Python API of one major version (10 or 11) that
     records what the exporter calls. 11.x dropped BuilderFlag.FP16 / OBEY_PRECISION_CONSTRAINTS
     (and ILayer.precision / set_output_type); STRONGLY_TYPED is 1 << 1 in 10.x, an ignored 1 << 0 in
-    11.x. `build`: bytes to return, None (fails after logging an error) or an exception to raise."""
+    11.x. `build`: bytes to return, None (fails after logging the root cause and then the generic
+    wrapper, as TensorRT does) or an exception to raise. `cache_matches=False`: set_timing_cache
+    refuses a non-empty cache, as for one from another GPU. `builder_fails`: Builder() logs a
+    warning and raises as the bindings do without a usable CUDA device."""
     import types
 
-    calls: dict = {"set_flag": [], "clear_flag": [], "shapes": {}, "get_layer": 0}
+    calls: dict = {"set_flag": [], "clear_flag": [], "shapes": {}, "get_layer": 0, "timing_caches": []}
 
     class Severity:
         INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
@@ -507,13 +510,13 @@ def _fake_tensorrt(major: int, build=b"engine", parse_ok=True):
 
     if major == 10:
         class NetworkDefinitionCreationFlag:
-            EXPLICIT_BATCH, STRONGLY_TYPED, PREFER_AOT_PYTHON_PLUGINS, PREFER_JIT_PYTHON_PLUGINS = range(4)
+            EXPLICIT_BATCH, STRONGLY_TYPED, PREFER_JIT_PYTHON_PLUGINS, PREFER_AOT_PYTHON_PLUGINS = range(4)
 
         class BuilderFlag:
             FP16, BF16, INT8, TF32, OBEY_PRECISION_CONSTRAINTS, PREFER_PRECISION_CONSTRAINTS = range(6)
     else:
         class NetworkDefinitionCreationFlag:
-            STRONGLY_TYPED, PREFER_AOT_PYTHON_PLUGINS, PREFER_JIT_PYTHON_PLUGINS = range(3)
+            STRONGLY_TYPED, PREFER_JIT_PYTHON_PLUGINS, PREFER_AOT_PYTHON_PLUGINS = range(3)
 
         class BuilderFlag:
             TF32, REFIT, SPARSE_WEIGHTS = range(3)
@@ -542,21 +545,30 @@ def _fake_tensorrt(major: int, build=b"engine", parse_ok=True):
         def clear_flag(self, flag):
             calls["clear_flag"].append(flag)
 
-        def add_optimization_profile(self, profile):
+        def add_optimization_profile(self, profile):  # returns the profile's index
             calls["profiles"] = calls.get("profiles", 0) + 1
+            return calls["profiles"] - 1
 
         def create_timing_cache(self, data):
             return Cache(data)
 
-        def set_timing_cache(self, cache, ignore_mismatch):
-            calls["timing_cache"] = cache.data
+        def set_timing_cache(self, cache, ignore_mismatch):  # False: a cache from another device
+            calls["timing_caches"].append(cache.data)
+            return cache_matches or cache.data == b""
 
     class Profile:
-        def set_shape(self, name, low, opt, high):
-            calls["shapes"][name] = (tuple(low), tuple(opt), tuple(high))
+        def set_shape(self, name, low, opt, high):  # the bindings check rank and min <= opt <= max
+            low, opt, high = tuple(low), tuple(opt), tuple(high)
+            if not len(low) == len(opt) == len(high) or not all(
+                    a <= b <= c for a, b, c in zip(low, opt, high)):
+                raise RuntimeError("Shape provided for opt is inconsistent with other shapes.")
+            calls["shapes"][name] = (low, opt, high)
 
     class Builder:
         def __init__(self, logger):
+            if builder_fails:
+                logger.log(Severity.WARNING, "CUDA initialization failure with error: 35")
+                raise TypeError("pybind11::init(): factory function returned nullptr")
             self.logger = logger
 
         def create_network(self, flags=0):
@@ -576,6 +588,8 @@ def _fake_tensorrt(major: int, build=b"engine", parse_ok=True):
                 self.logger.log(Severity.WARNING, "a warning")
                 self.logger.log(Severity.ERROR, "IBuilder::buildSerializedNetwork: Error Code 4:\n"
                                 "Internal Error (no implementation for node /conv)")
+                self.logger.log(Severity.ERROR, "[builder.cpp::buildSerializedNetwork::619] Error Code 2: "
+                                "Internal Error (Assertion engine != nullptr failed. )")
             return build
 
     class OnnxParser:
@@ -608,20 +622,21 @@ def test_engine_build_config_runs_on_tensorrt_10_and_11(major, precision, fp16_o
     logged = []
     engine, cache = trt_export.build_engine_bytes(onnx_path, precision, trt_export.BatchProfile(1, 4, 16),
                                                   tmp_path / "g.timing", 2, log=logged.append)
-    assert (engine, cache) == (b"engine", b"cache:old")
+    assert (engine, cache) == (b"engine", b"cache:old") and calls["timing_caches"] == [b"old"]
     strongly_typed = trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED
     assert calls["network_flags"] == 1 << strongly_typed == (2 if major == 10 else 1)
     assert calls["set_flag"] == [] and calls["get_layer"] == 0  # no FP16, no precision constraints
-    assert calls["clear_flag"] == ([trt.BuilderFlag.TF32] if precision == "fp32" else [])
+    assert calls["clear_flag"] == [trt.BuilderFlag.TF32]  # the fp16 graph's fp32 parts stay fp32
     assert calls["workspace"] == ("workspace", 2 << 30) and calls["profiles"] == 1
     assert calls["shapes"]["image"] == ((1, 3, 32, 32), (4, 3, 32, 32), (16, 3, 32, 32))
-    assert logged and "strongly typed" in logged[0] and ("TF32 off" in logged[0]) == (precision == "fp32")
+    assert logged and "strongly typed" in logged[0] and "TF32 off" in logged[0]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("build, message", [
     (None, r"failed to build a fp16 engine from .*: IBuilder::buildSerializedNetwork: Error Code 4: "
-           r"Internal Error \(no implementation for node /conv\)$"),
+           r"Internal Error \(no implementation for node /conv\) \(then: \[builder.cpp::.*"
+           r"Assertion engine != nullptr failed. \)\)$"),
     (RuntimeError("out of memory\n  at builder.cpp:12"),
      r"failed to build a fp16 engine from .*: RuntimeError: out of memory at builder.cpp:12$"),
 ])
@@ -642,6 +657,101 @@ def test_engine_parser_errors_and_unsupported_versions(fp16_onnx, monkeypatch):
     trt.__version__ = "8.6.1"
     with pytest.raises(ExportError, match=r"TensorRT 8.6.1 is not supported: .* 10 or 11.x"):
         trt_export.build_engine_bytes(fp16_onnx, "fp16", trt_export.BatchProfile(1, 1, 2))
+
+
+@pytest.mark.slow
+def test_engine_builder_set_up_failures_quote_what_tensorrt_logged(fp16_onnx, monkeypatch):
+    """Without a usable GPU the bindings raise a bare pybind TypeError; the cause is only logged."""
+    trt, _ = _fake_tensorrt(10, builder_fails=True)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    with pytest.raises(ExportError, match=r"failed to set up the builder: TypeError: pybind11::init\(\): "
+                       r"factory function returned nullptr \(TensorRT logged: CUDA initialization "
+                       r"failure with error: 35\)$"):
+        trt_export.build_engine_bytes(fp16_onnx, "fp16", trt_export.BatchProfile(1, 1, 2))
+
+
+@pytest.mark.slow
+def test_a_timing_cache_from_another_gpu_is_replaced_not_kept(fp16_onnx, tmp_path, monkeypatch):
+    trt, calls = _fake_tensorrt(11, cache_matches=False)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    (tmp_path / "g.timing").write_bytes(b"other gpu")
+    logged = []
+    _, cache = trt_export.build_engine_bytes(fp16_onnx, "fp16", trt_export.BatchProfile(1, 1, 2),
+                                             tmp_path / "g.timing", log=logged.append)
+    assert calls["timing_caches"] == [b"other gpu", b""] and cache == b"cache:"
+    assert any("does not match this GPU / TensorRT" in line for line in logged)
+
+
+def test_export_tensorrt_checks_version_and_gpu_before_any_work(model, tmp_path, monkeypatch):
+    trt, calls = _fake_tensorrt(10)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ExportError, match=r"^building a TensorRT engine needs a CUDA GPU, and torch sees none"):
+        trt_export.export_tensorrt(model, tmp_path / "g.engine", "fp16")
+    trt.__version__ = "8.6.1"
+    with pytest.raises(ExportError, match=r"TensorRT 8.6.1 is not supported"):
+        trt_export.export_tensorrt(model, tmp_path / "g.engine", "fp16")
+    assert list(tmp_path.iterdir()) == [] and "parsed" not in calls  # no ONNX export, no build
+
+
+def test_engines_are_validated_at_their_opt_and_max_batch_too():
+    assert trt_export.validation_batches(trt_export.BatchProfile(1, 8, 32)) == [1, 3, 8, 32]
+    assert trt_export.validation_batches(trt_export.BatchProfile(1, 16, 64)) == [1, 3, 8, 16, 64]
+    assert trt_export.validation_batches(trt_export.BatchProfile(4, 6, 6)) == [4, 6]
+    assert trt_export.validation_batches(trt_export.BatchProfile(1, 1, 2)) == [1, 2]
+
+
+class _FakeEngine:
+    """The ICudaEngine calls the TensorRT backend reads: I/O tensor names and dtypes, profile shapes."""
+
+    def __init__(self, names, dtypes, low=1, high=32):
+        self.names, self.dtypes, self.low, self.high = names, dtypes, low, high
+        self.num_io_tensors = len(names)
+
+    def get_tensor_name(self, index):
+        return self.names[index]
+
+    def get_tensor_dtype(self, name):
+        return self.dtypes[name]
+
+    def get_tensor_profile_shape(self, name, profile_index):
+        assert name == "image" and profile_index == 0
+        return [(n, 3, 32, 32) for n in (self.low, 8, self.high)]
+
+
+def test_tensorrt_backend_reads_the_engines_tensors_and_batch_range(tmp_path):
+    import types
+
+    from lanit_rt.backends.base import ArtifactError
+    from lanit_rt.backends.tensorrt import inspect_engine
+
+    trt = types.SimpleNamespace(float32="f32", float16="f16", bfloat16="bf16", int8="i8")
+    names = ["image", "domain_weights", "translated"]
+    engine = _FakeEngine(names, {"image": "f32", "domain_weights": "f32", "translated": "f16"}, 2, 16)
+    dtypes, low, high = inspect_engine(trt, engine, tmp_path / "g.engine", "domain_weights")
+    assert dtypes == {"image": torch.float32, "domain_weights": torch.float32, "translated": torch.float16}
+    assert (low, high) == (2, 16)
+    with pytest.raises(ArtifactError, match=r"engine tensors \['image', 'domain_weights', 'translated'\] "
+                       r"differ from the expected \['image', 'style', 'translated'\]"):
+        inspect_engine(trt, engine, tmp_path / "g.engine", "style")
+    engine.dtypes["translated"] = "i8"
+    with pytest.raises(ArtifactError, match="unsupported engine I/O dtype i8"):
+        inspect_engine(trt, engine, tmp_path / "g.engine", "domain_weights")
+
+
+def test_tensorrt_backend_sidecar_with_a_bad_batch_is_one_line(model, tmp_path):
+    from lanit_rt.backends.base import ArtifactError
+    from lanit_rt.backends.tensorrt import read_sidecar as backend_sidecar
+
+    engine = tmp_path / "g.engine"
+    engine.write_bytes(b"placeholder")
+    data = trt_export.engine_sidecar(model.config, "fp16", trt_export.batch_profile(), tensorrt_version="10.9")
+    trt_export.write_sidecar(engine, {**data, "max_batch": "32x"})
+    with pytest.raises(ArtifactError, match=r"g.engine.json: max_batch is '32x', not a batch size$"):
+        backend_sidecar(engine)
+    trt_export.write_sidecar(engine, data)
+    info = backend_sidecar(engine)
+    assert (info["min_batch"], info["max_batch"], info["tensorrt_version"]) == (1, 32, "10.9")
 
 
 @pytest.mark.slow

@@ -201,6 +201,11 @@ def test_engine_repository_around_a_placeholder(onnx_repo, tmp_path):
         write_engine_repository(tmp_path / "repo2", engine, ServingOptions(max_batch=64, kind="KIND_GPU"))
     with pytest.raises(ExportError, match="already exists"):
         write_engine_repository(tmp_path / "repo", engine)
+    write_sidecar(engine, engine_sidecar(CONFIG, "fp16", batch_profile(2, 8, 32)))
+    with pytest.raises(ExportError, match=r"profile starts at batch 2; Triton sends batches from 1 up, "
+                       r"so a served engine needs --min-batch 1"):
+        write_engine_repository(tmp_path / "repo4", engine)
+    write_sidecar(engine, engine_sidecar(CONFIG, "fp16", batch_profile(1, 8, 32)))
     other = LanitConfig(domains=("a", "b"), img_size=32, base_dim=8, max_dim=32, style_dim=16)
     write_sidecar(engine, engine_sidecar(other, "fp16", batch_profile(1, 8, 32)))
     with pytest.raises(ExportError, match="not the lanit-export interface"):
@@ -239,6 +244,8 @@ def test_export_cli_triton_usage_errors(checkpoint, tmp_path, capsys, monkeypatc
     assert "--triton-backend tensorrt needs --trt" in capsys.readouterr().err
     assert main([str(checkpoint), "--triton-repo", str(tmp_path), "--min-batch", "2"]) == 2
     assert "only apply with --trt" in capsys.readouterr().err
+    assert main([str(checkpoint), "--triton-repo", str(tmp_path), "--trt", "fp16", "--min-batch", "2"]) == 2
+    assert "the engine's profile starts at batch 2; Triton sends batches from 1 up" in capsys.readouterr().err
     (tmp_path / "lanit").mkdir()
     assert main([str(checkpoint), "--triton-repo", str(tmp_path)]) == 2
     assert "already exists" in capsys.readouterr().err

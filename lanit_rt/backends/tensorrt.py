@@ -54,7 +54,11 @@ def read_sidecar(engine_path: str | os.PathLike) -> dict[str, Any]:
     info = parse_artifact_metadata(data, str(sidecar))
     for key in ("min_batch", "opt_batch", "max_batch"):
         value = data.get(key)
-        info[key] = int(value) if value is not None else None
+        try:
+            info[key] = int(value) if value is not None else None
+        except (TypeError, ValueError):
+            raise ArtifactError(f"{sidecar}: {key} is {value!r}, not a batch size") from None
+    info["tensorrt_version"] = data.get("tensorrt_version")
     return info
 
 
@@ -83,18 +87,16 @@ class TensorRTBackend(Backend):
         with torch.cuda.device(self.device):
             self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
             if self.engine is None:
-                raise ArtifactError(f"{self.path} could not be deserialised by this TensorRT "
-                                    f"{trt.__version__} (built by another version or for another GPU?)")
+                built = info["tensorrt_version"]
+                raise ArtifactError(
+                    f"{self.path} could not be deserialised by this TensorRT {trt.__version__}"
+                    f" (it was built {f'by TensorRT {built}' if built else 'by another version'}"
+                    " or for another GPU model: an engine runs only under the TensorRT version"
+                    " and on the GPU model it was built for)")
             self.context = self.engine.create_execution_context()
             self.stream = torch.cuda.Stream(device=self.device)
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        expected = {"image", self._second_input, "translated"}
-        if set(names) != expected:
-            raise ArtifactError(f"{self.path}: engine tensors {names} differ from the expected "
-                                f"{sorted(expected)}")
-        self._dtypes = {name: _torch_dtype(trt, self.engine.get_tensor_dtype(name)) for name in names}
-        lo, _, hi = self.engine.get_tensor_profile_shape("image", 0)
-        self.min_batch, self.max_batch = int(lo[0]), int(hi[0])
+        self._dtypes, self.min_batch, self.max_batch = inspect_engine(
+            trt, self.engine, self.path, self._second_input)
         self._slots: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -131,9 +133,12 @@ class TensorRTBackend(Backend):
                 self.context.set_input_shape(self._second_input, tuple(slot[self._second_input].shape))
                 if not self.context.execute_async_v3(self.stream.cuda_stream):
                     raise RuntimeError(f"TensorRT failed to run {self.path} at batch {n}")
+                # Copied out on the engine's stream, before the lock is released: a later call from
+                # any stream cannot overwrite the buffer while the copy still reads it.
+                out = slot["translated"].to(torch.float32, copy=True)
             current.wait_stream(self.stream)
-            # Copied on the caller's stream, so the returned tensor never aliases the engine buffer.
-            return slot["translated"].to(torch.float32, copy=True)
+            out.record_stream(current)
+            return out
 
     def _slot(self, n: int, width: int) -> dict[str, torch.Tensor]:
         slot = self._slots.get(n)
@@ -151,7 +156,20 @@ class TensorRTBackend(Backend):
         return slot
 
 
-def _torch_dtype(trt, dtype) -> torch.dtype:
+def inspect_engine(trt, engine, path: Path, second_input: str) -> tuple[dict[str, torch.dtype], int, int]:
+    """A deserialised engine's I/O dtypes by tensor name and its profile's batch range; ArtifactError
+    when its tensors are not `image`, `second_input` and `translated`."""
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    expected = {"image", second_input, "translated"}
+    if set(names) != expected or len(names) != len(expected):
+        raise ArtifactError(f"{path}: engine tensors {names} differ from the expected {sorted(expected)}")
+    dtypes = {name: torch_dtype(trt, engine.get_tensor_dtype(name)) for name in names}
+    low, _, high = engine.get_tensor_profile_shape("image", 0)
+    return dtypes, int(low[0]), int(high[0])
+
+
+def torch_dtype(trt, dtype) -> torch.dtype:
+    """The torch dtype of a TensorRT engine I/O dtype (float32, float16, bfloat16)."""
     table = {trt.float32: torch.float32, trt.float16: torch.float16}
     if hasattr(trt, "bfloat16"):
         table[trt.bfloat16] = torch.bfloat16
