@@ -40,6 +40,37 @@ def test_network_shapes_at_every_size(size):
     assert cfg.generator_downsamples == {32: 1, 64: 2, 128: 3, 256: 4}[size]
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_blocks_pool_is_atens_avg_pool_to_the_bit(channels_last):
+    """Forward, backward and the double backward R1 takes, against F.avg_pool2d(x, 2), bit for bit."""
+    from lanit_rt.networks import avg_pool2  # noqa: PLC0415
+
+    gen = torch.Generator().manual_seed(0)
+    # magnitudes spread over ~6 decades, so any change in summation order shows in the last bits
+    x0 = torch.randn(4, 6, 10, 12, generator=gen) * torch.exp(3 * torch.randn(4, 6, 10, 12, generator=gen))
+    weight0 = torch.randn(6, 6, 3, 3, generator=gen)
+    after0 = torch.randn(5, 6, 3, 3, generator=gen)  # a conv after the pool, as in the blocks
+    if channels_last:
+        x0 = x0.to(memory_format=torch.channels_last)
+    results = []
+    for pool in (lambda t: torch.nn.functional.avg_pool2d(t, 2), avg_pool2):
+        x, weight, after = (t.clone().requires_grad_() for t in (x0, weight0, after0))
+        y = pool(torch.nn.functional.conv2d(x, weight, padding=1))
+        y = torch.nn.functional.conv2d(torch.nn.functional.leaky_relu(y, 0.2), after, padding=1)
+        score = (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum()
+        grad_x, = torch.autograd.grad(score, x, create_graph=True)
+        # R1's path: the weight after the pool is reached through the pool's double backward
+        grad_weights = torch.autograd.grad(grad_x.square().sum(), (weight, after))
+        results.append((y.detach(), grad_x.detach(), *grad_weights))
+    for ours, aten in zip(results[1], results[0], strict=True):
+        assert torch.equal(ours, aten)
+    assert results[1][0].is_contiguous(memory_format=torch.channels_last) == channels_last
+    y = avg_pool2(x0.clone().requires_grad_())
+    assert type(y.grad_fn).__name__ == "_Pool2Backward"
+    odd = torch.randn(1, 2, 5, 4)
+    assert torch.equal(avg_pool2(odd), torch.nn.functional.avg_pool2d(odd, 2))  # odd sizes: ATen's op
+
+
 def test_default_256_sizes_match_stargan_v2():
     cfg = LanitConfig(domains=tuple("abcdefghij"), img_size=256)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
