@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# Every check that needs a CUDA GPU, in ONE device call: step timeouts sum to 480 s.
-#   check     20 s  python3 module versions; stops here, with one line, if torch/triton/numpy or a
-#                   CUDA device is missing (nothing is ever installed)
-#   warm     120 s  every Triton launch of the matrix once, filling the Triton cache the later steps
+# Every check that needs a CUDA GPU, in ONE device call: step timeouts sum to 545 s (the device
+# allows 600 s a call; a typical run needs about half).
+#   check     45 s  python3 module versions and a C compiler (Triton builds its launchers with one);
+#                   stops here, with one line, if torch/triton/numpy or a CUDA device is missing
+#                   (nothing is ever installed). 45 s: a bare machine's first CUDA start is slow.
+#   warm     100 s  every Triton launch of the matrix once, filling the Triton cache the later steps
 #                   reuse (TRITON_CACHE_DIR; lanit_kernels.aot lists the 16 variants)
-#   selfcheck 75 s  compiled kernels vs the PyTorch references (fp16, bf16; channels_last)
+#   selfcheck 110 s compiled kernels vs the PyTorch references (fp16, bf16; channels_last): about 35
+#                   compiles, most of them not among the warmed ones
 #   bench    110 s  256 px, fp16/bf16, batch 1/32: generator + adain_conv3x3 (+ _up), eager
 #                   channels_last, Triton, CUDA graphs (TorchBackend), with max error vs eager
-#   compile   85 s  the torch.compile rows (one fresh compile per shape; the slowest step, last)
+#   compile  110 s  the torch.compile rows (one fresh compile per shape; the slowest step, last)
 #   train     60 s  training steps/s and their phases on the GPU (benchmarks/train_step.py, new side
-#                   only: the GPU machine's copy has no git history), default config and 128 px
-#   summary   10 s  one table from the JSON lines every step wrote row by row
+#                   only: the GPU machine's copy has no git history), default config and 128 px;
+#                   skipped with a line if python3 lacks Pillow, tqdm or safetensors (training needs
+#                   them; the kernel steps need only torch, triton and numpy)
+#   summary   10 s  one table from the JSON lines every step wrote row by row, and the train rows
 # Results land in $OUT (benchmarks/results/gpu when OUT is unset): *.jsonl, *.txt, gpu.log,
 # summary.txt / summary.json. Copy the table into benchmarks/RESULTS.md with the GPU name.
 #
@@ -23,12 +28,14 @@ rehearse="${GPU_SH_REHEARSAL:-0}"
 [ "${1:-}" = "--rehearse" ] && rehearse=1
 out="${OUT:-benchmarks/results/gpu}"
 mkdir -p "$out"
+# Rows are appended line by line; an earlier run's rows in the same folder would mix into this one's.
+rm -f "$out"/*.jsonl "$out"/summary.txt "$out"/summary.json "$out"/train_step.json "$out"/gpu.log
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/lanit-gpu-sh-triton-cache}"
-flags=()
+rehearse_flag=""  # unquoted where used: empty, or one word
 if [ "$rehearse" = 1 ]; then
     export TRITON_INTERPRET=1
-    flags=(--rehearse)
+    rehearse_flag=--rehearse
 else
     unset TRITON_INTERPRET
 fi
@@ -39,7 +46,7 @@ step() {
     shift 2
     log "$name (timeout ${seconds}s)"
     local start=$SECONDS
-    timeout "$seconds" "$@" >"$out/$name.txt" 2>&1
+    timeout -k 10 "$seconds" "$@" >"$out/$name.txt" 2>&1
     local rc=$?
     tail -n 40 "$out/$name.txt" | tee -a "$out/gpu.log" >/dev/null
     log "$name rc=$rc ($((SECONDS - start)) s)$([ $rc -eq 124 ] && echo ' TIMED OUT: rows written so far are kept')"
@@ -48,35 +55,43 @@ step() {
 
 log "gpu.sh start (rehearsal=$rehearse, out=$out)"
 if [ "$rehearse" != 1 ]; then
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader \
+    timeout -k 5 20 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader \
         >"$out/gpu_name.txt" 2>&1 || echo "nvidia-smi failed" >>"$out/gpu_name.txt"
     cat "$out/gpu_name.txt" | tee -a "$out/gpu.log"
 fi
 
-if ! step check 20 python3 benchmarks/gpu_bench.py check --out-dir "$out" "${flags[@]}"; then
+step check 45 python3 benchmarks/gpu_bench.py check --out-dir "$out" $rehearse_flag
+rc=$?
+if [ $rc -ne 0 ]; then
     cat "$out/check.txt"
-    log "stopped: the GPU machine lacks what gpu.sh needs (see the line above)"
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+        log "stopped: the check step timed out (CUDA or the imports took over 45 s); nothing else ran"
+    else
+        log "stopped: the GPU machine lacks what gpu.sh needs (see the line above)"
+    fi
     exit 3
 fi
 cat "$out/check.txt"
 
-step warm 120 python3 benchmarks/gpu_bench.py warm --out-dir "$out" "${flags[@]}"
+step warm 100 python3 benchmarks/gpu_bench.py warm --out-dir "$out" $rehearse_flag
 
 if [ "$rehearse" = 1 ]; then
     log "selfcheck skipped in the rehearsal (it needs a CUDA GPU)"
 else
-    step selfcheck 75 python3 -m lanit_kernels.selfcheck --dtypes fp16 bf16 --layouts channels_last \
+    step selfcheck 110 python3 -m lanit_kernels.selfcheck --dtypes fp16 bf16 --layouts channels_last \
         --jsonl "$out/selfcheck.jsonl"
 fi
 
-step bench 110 python3 benchmarks/gpu_bench.py bench --out-dir "$out" "${flags[@]}" \
+step bench 110 python3 benchmarks/gpu_bench.py bench --out-dir "$out" $rehearse_flag \
     --impls eager_cl triton_cl graphs
 
-step compile 85 python3 benchmarks/gpu_bench.py bench --out-dir "$out" "${flags[@]}" --step compile \
+step compile 110 python3 benchmarks/gpu_bench.py bench --out-dir "$out" $rehearse_flag --step compile \
     --impls compile --ops adain_conv3x3_up adain_conv3x3 generator
 
 if [ "$rehearse" = 1 ]; then
     log "train skipped in the rehearsal (benchmarks/train_step.py runs on the CPU by itself)"
+elif ! python3 -c "import PIL, tqdm, safetensors" 2>/dev/null; then
+    log "train skipped: python3 here lacks Pillow, tqdm or safetensors, which training needs"
 else
     step train 60 python3 benchmarks/train_step.py --device cuda --sizes default 128 --steps 10 \
         --warmup 3 --rounds 1 --baseline "" --json "$out/train_step.json"

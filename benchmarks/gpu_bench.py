@@ -28,9 +28,11 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import importlib.util
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -44,6 +46,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from fused_ops import compile_fresh  # noqa: E402
 
 REQUIRED_MODULES = ("torch", "triton", "numpy")
+TRAINING_MODULES = ("PIL", "tqdm", "safetensors")  # gpu.sh's train step only
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 OPS = ("generator", "adain_conv3x3", "adain_conv3x3_up")
 IMPLS = ("eager_cl", "compile", "triton_cl", "graphs")
@@ -99,6 +102,12 @@ def check(args) -> int:
     except Exception as err:
         missing.append(f"lanit_rt/lanit_kernels ({type(err).__name__}: {err})")
     row = {"python": platform.python_version(), **versions, "missing": missing}
+    # Triton compiles a small C launcher per kernel: without a compiler every Triton and compile
+    # row fails (each says so), while the eager rows still run, so this is reported, not fatal.
+    row["c_compiler"] = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or \
+        shutil.which("clang") or "none found: Triton and torch.compile rows will fail"
+    row["training_modules_missing"] = [name for name in TRAINING_MODULES
+                                       if importlib.util.find_spec(name) is None]
     if not missing:
         import torch
 
@@ -308,8 +317,10 @@ def warm(args) -> int:
     rows = Rows(args.out_dir / "warm.jsonl")
     cache = Path(os.environ.get("TRITON_CACHE_DIR", Path.home() / ".triton" / "cache"))
 
-    def cached() -> int:
-        return len(list(cache.glob("*/*.json"))) if cache.exists() else 0
+    def cached() -> int:  # one metadata file per compile (Triton writes a __grp__ twin beside it)
+        if not cache.exists():
+            return 0
+        return sum(1 for f in cache.glob("*/*.json") if not f.name.startswith("__grp__"))
 
     for dtype_name in args.dtypes:
         dtype = getattr(torch, DTYPES[dtype_name])
@@ -379,6 +390,9 @@ def summary(args) -> int:
     rows.sort(key=lambda r: (r["dtype"], r["op"], r["batch"], order.get(r["impl"], 9)))
     lines += ["", HEADER, "-" * len(HEADER)]
     lines += [_format(r, eager.get((r["op"], r["batch"], r["dtype"]))) for r in rows]
+    train = _train_lines(out / "train_step.json")
+    if train:
+        lines += ["", *train]
     text = "\n".join(lines)
     print(text)
     (out / "summary.txt").write_text(text + "\n", encoding="utf-8")
@@ -386,6 +400,21 @@ def summary(args) -> int:
         {"check": check_rows, "warm": warm_rows, "selfcheck": selfcheck, "rows": rows}, indent=1),
         encoding="utf-8")
     return 0
+
+
+def _train_lines(path: Path) -> list[str]:
+    """benchmarks/train_step.py's rows (gpu.sh's train step), one line each, with the phases."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))["rows"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    lines = []
+    for row in rows:
+        phases = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in sorted(row.get("phases_s", {}).items()))
+        lines.append(f"train {row['size']} ({row['img_size']} px, batch {row['batch_size']}): "
+                     f"{row['steps_per_s']:.2f} steps/s, {row['images_per_s']:.1f} images/s; "
+                     f"ms/step: {phases}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

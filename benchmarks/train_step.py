@@ -143,8 +143,11 @@ def commit_of(rev: str) -> str | None:
     """The commit a revision names (HEAD moves, so the JSON records what it was), or None."""
     if not rev:
         return None
-    done = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev], capture_output=True,
-                          text=True)
+    try:
+        done = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev], capture_output=True,
+                              text=True)
+    except OSError:  # no git on this machine (the GPU machine's copy): the measurements still count
+        return None
     if done.returncode != 0:
         return None
     return done.stdout.strip() or None

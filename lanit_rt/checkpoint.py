@@ -9,6 +9,9 @@ reads (current and EMA nets, discriminator, optimisers, step, RNG states, the tr
 
 Every file is written to a temporary name in the same folder and renamed into place, so an
 interrupted save never leaves a truncated checkpoint.
+
+safetensors is imported by the functions that read or write files, so `import lanit_rt` needs only
+torch and numpy: benchmarks/gpu.sh runs the kernels on machines that may have nothing else.
 """
 
 from __future__ import annotations
@@ -24,8 +27,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
 from lanit_rt.config import ConfigError, LanitConfig
 from lanit_rt.errors import first_line
@@ -223,6 +224,8 @@ def save_checkpoint(path: str | os.PathLike, config: LanitConfig, generator: Gen
         "lanit_config": config.to_json(),
         "metadata": json.dumps(metadata or {}, sort_keys=True, default=str),
     }
+    from safetensors.torch import save_file  # noqa: PLC0415 (see the module docstring)
+
     file = folder / MODEL_FILE
     atomic_write(file, lambda tmp: save_file(tensors, tmp, metadata=header))
     atomic_write_text(folder / CONFIG_FILE, config.to_json() + "\n")
@@ -241,6 +244,8 @@ def resolve_model_file(path: str | os.PathLike) -> Path:
 
 def read_checkpoint_config(path: str | os.PathLike) -> tuple[LanitConfig, dict[str, Any]]:
     """Read only the header: (config, metadata). Raises CheckpointError for foreign files."""
+    from safetensors import SafetensorError, safe_open  # noqa: PLC0415
+
     file = resolve_model_file(path)
     try:
         with safe_open(str(file), framework="pt") as f:
@@ -274,6 +279,8 @@ def older_format_message(file: str | os.PathLike, found: str) -> str:
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> LanitModel:
     """Load a checkpoint folder or `model.safetensors` into eval-mode networks on `device`."""
     file = resolve_model_file(path)
+    from safetensors.torch import load_file  # noqa: PLC0415
+
     config, metadata = read_checkpoint_config(file)
     tensors = load_file(str(file), device="cpu")
     generator = Generator(config)

@@ -136,7 +136,8 @@ def test_gpu_sh_fits_one_device_call_and_installs_nothing():
 
     text = GPU_SH.read_text()
     timeouts = [int(s) for s in re.findall(r"\bstep \w+ (\d+) ", text)]
-    assert len(timeouts) == 7 and sum(timeouts) <= 480
+    # the device allows 600 s a call; the rest is nvidia-smi (20 s at most) and process start-up
+    assert len(timeouts) == 7 and sum(timeouts) <= 550
     assert not re.search(r"\bpip3? install", text) and not re.search(r"(^|\s)python\s", text)
 
 
@@ -144,9 +145,16 @@ def test_gpu_sh_fits_one_device_call_and_installs_nothing():
 def test_gpu_sh_cpu_rehearsal_runs_every_step_and_writes_rows(tmp_path):
     import json
 
-    proc = _gpu_sh(tmp_path, "--rehearse")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     out = tmp_path / "out"
+    out.mkdir()
+    (out / "bench.jsonl").write_text(json.dumps({"op": "an earlier run's row"}) + "\n")
+    # The kernel steps need torch, triton and numpy only: the GPU machine may lack the rest.
+    blocked = tmp_path / "blocked"
+    for name in ("safetensors", "PIL", "tqdm", "open_clip", "onnx", "onnxruntime"):
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(f"raise ImportError('no {name} here')\n")
+    proc = _gpu_sh(tmp_path, "--rehearse", env_extra={"PYTHONPATH": str(blocked)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     rows = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
     by_key = {(r["op"], r["impl"]): r for r in rows}
     assert {op for op, _ in by_key} == {"generator", "adain_conv3x3", "adain_conv3x3_up"}
@@ -160,6 +168,8 @@ def test_gpu_sh_cpu_rehearsal_runs_every_step_and_writes_rows(tmp_path):
     assert len(compile_rows) == 3 and all(r["impl"] == "compile" for r in compile_rows)
     warm = json.loads((out / "warm.jsonl").read_text().splitlines()[0])
     assert warm["note"] == "" and warm["seconds"] > 0
+    check = json.loads((out / "check.jsonl").read_text())
+    assert check["missing"] == [] and check["c_compiler"]
     summary = (out / "summary.txt").read_text()
     assert "generator" in summary and "triton_cl" in summary and "versions: python" in summary
     assert "summary rc=0" in (out / "gpu.log").read_text()
@@ -173,6 +183,17 @@ def test_gpu_sh_stops_with_one_line_when_a_module_is_missing(tmp_path):
     assert proc.returncode == 3
     assert "gpu.sh: cannot run: missing triton (ImportError: no triton on this machine)" in proc.stdout
     assert not (tmp_path / "out" / "bench.jsonl").exists()
+
+
+def test_the_gpu_summary_shows_the_train_rows(tmp_path):
+    import gpu_bench
+
+    record = {"rows": [{"size": "default", "img_size": 32, "batch_size": 8, "steps_per_s": 41.25,
+                        "images_per_s": 330.0, "phases_s": {"g_latent": 0.0081, "d_ref": 0.0042}}]}
+    (tmp_path / "train_step.json").write_text(json.dumps(record))
+    assert gpu_bench.main(["summary", "--out-dir", str(tmp_path)]) == 0
+    assert ("train default (32 px, batch 8): 41.25 steps/s, 330.0 images/s; ms/step: d_ref 4.2, "
+            "g_latent 8.1") in (tmp_path / "summary.txt").read_text()
 
 
 def test_a_failing_row_is_noted_and_the_matrix_goes_on(tmp_path, monkeypatch):
