@@ -148,12 +148,20 @@ def _signature(kernel, dtype_name: str, constexprs: dict) -> dict:
     return signature
 
 
-def ptxas_path() -> str:
-    """The ptxas Triton ships (TRITON_PTXAS_PATH wins, as in Triton)."""
-    if os.environ.get("TRITON_PTXAS_PATH"):
-        return os.environ["TRITON_PTXAS_PATH"]
+def ptxas_path(arch: int = 90) -> str:
+    """The ptxas Triton itself assembles `arch` with. Triton 3.5+ carries a second, newer
+    ptxas-blackwell for sm_100 and up (the PTX it writes there is a version the older one refuses);
+    its knobs honour TRITON_PTXAS_PATH / TRITON_PTXAS_BLACKWELL_PATH."""
     import triton
 
+    tools = getattr(getattr(triton, "knobs", None), "nvidia", None)
+    if tools is not None:
+        tool = getattr(tools, "ptxas_blackwell", None) if arch >= 100 else None
+        path = (tool or tools.ptxas).path
+        if path:
+            return path
+    if os.environ.get("TRITON_PTXAS_PATH"):
+        return os.environ["TRITON_PTXAS_PATH"]
     path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     if not path.exists():
         raise FileNotFoundError(f"no ptxas in Triton's package ({path}); set TRITON_PTXAS_PATH")
@@ -168,7 +176,8 @@ def ptxas_report(ptx: str) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         src = Path(folder) / "kernel.ptx"
         src.write_text(ptx)
-        proc = subprocess.run([ptxas_path(), "-v", f"--gpu-name={target.group(1)}", str(src),
+        arch = int(re.match(r"sm_(\d+)", target.group(1)).group(1))
+        proc = subprocess.run([ptxas_path(arch), "-v", f"--gpu-name={target.group(1)}", str(src),
                                "-o", str(Path(folder) / "kernel.cubin")],
                               capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:

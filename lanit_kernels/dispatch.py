@@ -87,6 +87,14 @@ def capability_blocker(dtype: torch.dtype, capability: tuple[int, int] | None) -
     return None
 
 
+def _reach(t: torch.Tensor) -> int:
+    """How many elements from its first one a tensor's last element lies, plus one: a view's
+    numel says nothing of how far into its storage it reaches, and the kernels' offsets must fit."""
+    if t.numel() == 0:
+        return 0
+    return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+
+
 def _blocker(x: torch.Tensor, tensors: tuple[torch.Tensor | None, ...], out_numel: int) -> str | None:
     """Why the Triton kernel cannot run on these tensors, or None when it can."""
     present = [t for t in tensors if t is not None]
@@ -102,8 +110,9 @@ def _blocker(x: torch.Tensor, tensors: tuple[torch.Tensor | None, ...], out_nume
         return f"the images are empty ({x.shape[2]}x{x.shape[3]})"
     if x.shape[0] > _MAX_BATCH:
         return f"batch {x.shape[0]} exceeds {_MAX_BATCH} (CUDA grid z-dimension)"
-    if max([out_numel] + [t.numel() for t in present]) >= _INT32_LIMIT:
-        return "a tensor has 2**31 or more elements (kernels index with int32)"
+    if max([out_numel] + [_reach(t) for t in present]) >= _INT32_LIMIT:
+        return ("a tensor spans 2**31 or more elements of memory (kernels index with int32; for a "
+                "strided view of a larger tensor, pass .contiguous())")
     return capability_blocker(x.dtype, _device_capability(x.device))
 
 
@@ -144,6 +153,12 @@ def _use_triton(op: str, impl: str, x: torch.Tensor, tensors: tuple, out_numel: 
     return True
 
 
+def _on_device(x: torch.Tensor):
+    """Triton launches on the current CUDA device: make it x's (a model on cuda:1 would otherwise
+    launch on cuda:0 with cuda:1 pointers)."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _check_x(op: str, x: torch.Tensor) -> None:
     if x.dim() != 4:
         raise ValueError(f"{op}: x must be [N, C, H, W], got shape {tuple(x.shape)}")
@@ -180,7 +195,8 @@ def adain(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float =
     _check_per_channel("adain", "beta", beta, n, c)
     if _use_triton("adain", impl, x, (x, gamma, beta), x.numel()):
         triton_adain, _ = _triton_modules()
-        return triton_adain.adain_triton(x, gamma, beta, eps, negative_slope)
+        with _on_device(x):
+            return triton_adain.adain_triton(x, gamma, beta, eps, negative_slope)
     return reference.adain_ref(x, gamma, beta, eps, negative_slope)
 
 
@@ -202,9 +218,10 @@ def adain_conv2d(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, weigh
     out_numel = n * c_out * h * w * (4 if upsample else 1)
     if _use_triton("adain_conv2d", impl, x, (x, gamma, beta, weight, bias), out_numel):
         triton_adain, triton_conv = _triton_modules()
-        scale, shift = triton_adain.adain_coefficients_triton(x, gamma, beta, eps)
-        return triton_conv.conv2d_prologue_triton(x, weight, bias, scale, shift, negative_slope,
-                                                  upsample, out_scale=None)
+        with _on_device(x):
+            scale, shift = triton_adain.adain_coefficients_triton(x, gamma, beta, eps)
+            return triton_conv.conv2d_prologue_triton(x, weight, bias, scale, shift, negative_slope,
+                                                      upsample, out_scale=None)
     return reference.adain_conv2d_ref(x, gamma, beta, weight, bias, upsample, eps, negative_slope)
 
 
@@ -231,6 +248,7 @@ def modconv2d(x: torch.Tensor, weight: torch.Tensor, style: torch.Tensor, demodu
         if demodulate:
             w2 = weight.float().square().sum(dim=(2, 3))  # [C_out, C_in]
             dcoef = torch.rsqrt(style32.square() @ w2.t() + 1e-8)  # [N, C_out]
-        return triton_conv.conv2d_prologue_triton(x, weight, None, style32, None, None, False,
-                                                  out_scale=dcoef)
+        with _on_device(x):
+            return triton_conv.conv2d_prologue_triton(x, weight, None, style32, None, None, False,
+                                                      out_scale=dcoef)
     return reference.modconv2d_ref(x, weight, style, demodulate)

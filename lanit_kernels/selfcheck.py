@@ -112,7 +112,7 @@ def run_checks(seed: int = 0, dtypes=tuple(DTYPES), layouts=("nchw", "channels_l
                 records.append(_record(f"generator/{dtype_name}", out, gen(images, style, impl="ref")))
     finally:
         triton_adain.adain_triton, triton_conv.conv2d_prologue_triton = adain_launch, conv_launch
-    return {"device": torch.cuda.get_device_name(cuda), "tf32": torch.backends.cudnn.allow_tf32,
+    return {"device": torch.cuda.get_device_name(cuda), "tf32": triton_conv.cudnn_conv_allows_tf32(),
             "auto_calls": auto_calls,
             "auto_launches": {k: launches[k] - generator_launches[k] for k in launches},
             "records": list(records)}

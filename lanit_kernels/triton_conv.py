@@ -216,10 +216,27 @@ def _dot_in_fp32(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and _interpreting()
 
 
+def cudnn_conv_allows_tf32() -> bool:
+    """Whether torch's fp32 convolutions may use TF32. torch 2.9+ has a per-backend, per-op
+    `fp32_precision` ("tf32" / "ieee" / "none" = inherit); once that API is used, reading the legacy
+    `cudnn.allow_tf32` raises, so the new settings are resolved first."""
+    cudnn = torch.backends.cudnn
+    conv = getattr(cudnn, "conv", None)
+    precision = getattr(conv, "fp32_precision", None)
+    if precision is None:  # torch before the new API
+        return bool(cudnn.allow_tf32)
+    for fallback in (cudnn, torch.backends):  # "none": inherit from the wider setting
+        if precision != "none":
+            break
+        precision = getattr(fallback, "fp32_precision", "none")
+    # conv's default is "tf32"; "none" all the way up is what `allow_tf32 = False` leaves
+    return precision == "tf32"
+
+
 def _dot_precision(dtype: torch.dtype, device: torch.device | None = None) -> str:
     # fp32 convs follow torch's cuDNN setting (TF32 by default), so "triton" and "ref" agree in kind;
     # GPUs before sm_80 have no TF32 (cuDNN computes fp32 there too).
-    if dtype != torch.float32 or not torch.backends.cudnn.allow_tf32:
+    if dtype != torch.float32 or not cudnn_conv_allows_tf32():
         return "ieee"
     if device is not None and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
         return "ieee"
@@ -241,7 +258,8 @@ def conv2d_prologue_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     n, c_in, h, w = x.shape
     c_out, _, k, _ = weight.shape
     h_out, w_out = (2 * h, 2 * w) if upsample else (h, w)
-    channels_last = x.dim() == 4 and x.stride(1) == 1 and c_in > 1
+    # (a [N, C, 1, 1] tensor is contiguous in both formats: it stays NCHW, as the reference keeps it)
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     y = torch.empty((n, c_out, h_out, w_out), device=x.device, dtype=x.dtype,
                     memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     grid, constexprs, options = launch_config(

@@ -213,6 +213,68 @@ def test_adain_triton_on_a_strided_view():
                   TOL[torch.float32])
 
 
+def test_views_reaching_past_int32_offsets_are_refused_not_misindexed(monkeypatch):
+    """A view's numel says nothing of how far into its storage it reaches; the kernels' offsets are
+    int32. The limit is lowered here so a small view stands in for one of a 4 GiB batch."""
+    base = _input((4, 8, 6, 6), torch.float32)
+    view = base[:, :2]  # 288 elements, reaching 3 * 288 + 72 = 936 into the storage
+    gamma, beta = torch.randn(4, 2), torch.randn(4, 2)
+    assert dispatch._reach(view) == 936 and dispatch._reach(base) == base.numel()
+    assert dispatch._reach(torch.randn(1, 3, 1, 1).expand(8, 3, 5, 5)) == 3  # stride 0: no reach
+    monkeypatch.setattr(dispatch, "_INT32_LIMIT", 900)
+    with pytest.raises(dispatch.KernelUnsupportedError, match=r"spans 2\*\*31 or more elements of "
+                       r"memory .* pass .contiguous\(\)"):
+        lanit_kernels.adain(view, gamma, beta, impl="triton")
+    _assert_close(lanit_kernels.adain(view.contiguous(), gamma, beta, impl="triton"),
+                  reference.adain_ref(view, gamma, beta), TOL[torch.float32])
+
+
+def test_a_1x1_input_upsampled_keeps_the_references_layout():
+    x = _input((2, 3, 1, 1), torch.float32)  # contiguous in both formats
+    gamma, beta = torch.randn(2, 3), torch.randn(2, 3)
+    weight = torch.randn(4, 3, 3, 3)
+    out = lanit_kernels.adain_conv2d(x, gamma, beta, weight, upsample=True, impl="triton")
+    expected = reference.adain_conv2d_ref(x, gamma, beta, weight, None, True)
+    _assert_close(out, expected, CONV_TOL[torch.float32])
+    assert out.stride() == expected.stride() == (16, 4, 2, 1)
+    assert out.view(2, -1).shape == (2, 16)
+
+
+@pytest.mark.parametrize("setting, tf32", [
+    ({}, True),  # torch's default for cuDNN convolutions
+    ({"allow_tf32": False}, False),  # the legacy flag
+    ({"conv.fp32_precision": "ieee"}, False),
+    ({"conv.fp32_precision": "none", "fp32_precision": "ieee"}, False),  # inherited from cudnn
+    ({"conv.fp32_precision": "none", "global": "ieee"}, False),  # inherited from torch.backends
+    ({"conv.fp32_precision": "none", "global": "tf32"}, True),
+])
+def test_fp32_convs_follow_torchs_tf32_setting_in_either_api(setting, tf32):
+    """Once the per-op fp32_precision API is used, reading the legacy cudnn.allow_tf32 raises: the
+    fp32 Triton conv must still run, with the precision the setting asks for."""
+    cudnn = torch.backends.cudnn
+    saved = (cudnn.conv.fp32_precision, cudnn.fp32_precision, torch.backends.fp32_precision)
+    try:
+        for key, value in setting.items():
+            if key == "allow_tf32":
+                cudnn.allow_tf32 = value
+            elif key == "global":
+                torch.backends.fp32_precision = value
+            elif key == "conv.fp32_precision":
+                cudnn.conv.fp32_precision = value
+            else:
+                cudnn.fp32_precision = value
+        assert triton_conv.cudnn_conv_allows_tf32() is tf32
+        x, weight = _input((1, 3, 4, 4), torch.float32), torch.randn(5, 3, 3, 3)
+        gamma, beta = torch.randn(1, 3), torch.randn(1, 3)
+        out = lanit_kernels.adain_conv2d(x, gamma, beta, weight, impl="triton")
+        _assert_close(out, reference.adain_conv2d_ref(x, gamma, beta, weight, None, False),
+                      CONV_TOL[torch.float32])
+    finally:
+        torch.backends.fp32_precision = saved[2]
+        cudnn.fp32_precision = saved[1]
+        cudnn.conv.fp32_precision = saved[0]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("upsample", [False, True])
@@ -553,6 +615,14 @@ def test_gpu_sh_kernels_compile_for_hopper_without_spills():
         if variant["kernel"] == "_conv_kernel":
             assert variant["tensor_cores"], variant  # MMA instructions, not a scalar FMA loop
             assert variant["ptx_lines"] < 8000  # the tap loop is not unrolled (was ~30k lines)
+
+
+@pytest.mark.slow
+def test_blackwell_targets_are_assembled_with_tritons_newer_ptxas():
+    """Triton writes sm_100+ PTX in a version only its ptxas-blackwell reads."""
+    result = _aot("--arch", "100", "--dtypes", "bf16", "--ops", "adain_conv3x3", "--batches", "1")
+    convs = [v for v in result["variants"] if v["kernel"] == "_conv_kernel"]
+    assert convs and all(v["target"].startswith("sm_100") and v["registers"] > 0 for v in convs)
 
 
 @pytest.mark.gpu
