@@ -32,9 +32,11 @@ def avg_pool2(x: torch.Tensor) -> torch.Tensor:
 
     Eager on the CPU it runs as strided adds (`_Pool2`), which do ATen's arithmetic in ATen's
     order 2-3x faster than ATen's per-window loops: in training the discriminator's pools took
-    5 % of the step. Compiled and exported graphs, other devices and odd sizes keep the ATen op.
+    5 % of the step. Compiled and exported graphs, other devices, odd sizes and half precisions
+    (ATen sums those in fp32 and rounds once) keep the ATen op.
     """
-    if (x.device.type != "cpu" or x.shape[-2] % 2 or x.shape[-1] % 2 or x.dim() != 4
+    if (x.dim() != 4 or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
+            or x.shape[2] % 2 or x.shape[3] % 2
             or torch.compiler.is_compiling() or torch.jit.is_tracing()):
         return F.avg_pool2d(x, 2)
     return _Pool2.apply(x)

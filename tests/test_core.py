@@ -67,8 +67,8 @@ def test_the_blocks_pool_is_atens_avg_pool_to_the_bit(channels_last):
     assert results[1][0].is_contiguous(memory_format=torch.channels_last) == channels_last
     y = avg_pool2(x0.clone().requires_grad_())
     assert type(y.grad_fn).__name__ == "_Pool2Backward"
-    odd = torch.randn(1, 2, 5, 4)
-    assert torch.equal(avg_pool2(odd), torch.nn.functional.avg_pool2d(odd, 2))  # odd sizes: ATen's op
+    for other in (torch.randn(1, 2, 5, 4), x0[:1].bfloat16(), x0[:1].half()):  # ATen's op for these
+        assert torch.equal(avg_pool2(other), torch.nn.functional.avg_pool2d(other, 2))
 
 
 def test_default_256_sizes_match_stargan_v2():
