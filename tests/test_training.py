@@ -331,7 +331,8 @@ def test_ctrl_c_says_whether_anything_was_saved(tmp_path, tiny_labeler, monkeypa
     with monkeypatch.context() as patch:  # Ctrl-C in the loop: the step finishes and is saved
         patch.setattr(Trainer, "train_step", _sigint_during(Trainer.train_step, at_step=0))
         assert run.main(tiny_argv(tmp_path, tiny_labeler, "--steps", "3")) == 130
-    assert "state saved at step 1; continue with --resume" in capsys.readouterr().err
+    assert (f"state saved at step 1; continue with: python -m training.run --out {tmp_path / 'run'} "
+            "--resume") in capsys.readouterr().err
     assert run.main(tiny_argv(tmp_path, tiny_labeler, "--steps", "3", "--resume")) == 0
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
     capsys.readouterr()
@@ -479,6 +480,39 @@ def test_a_dl_image_size_the_labeler_cannot_take_stops_before_training(tmp_path,
     assert not (tmp_path / "run" / "train_state.pt").exists()
     out = train(cfg.replace(dl_image_size=32), progress=False)  # its own size is fine
     assert "g_dl_latent" in read_metrics(out)[-1]
+
+
+def test_resume_needs_only_the_run_folder(tmp_path, tiny_labeler, monkeypatch, capsys):
+    """The run's settings come from its train_config.json; its relative --data is found from the
+    folder the run was started in, as training.eval finds it."""
+    argv = tiny_argv(tmp_path, tiny_labeler)
+    make_data(tmp_path / "data")
+    argv[argv.index("--data") + 1], argv[argv.index("--out") + 1] = "data", "runs/own"
+    monkeypatch.chdir(tmp_path)
+    assert run.main(argv + ["--set", "lr=3e-4", "--set", "lambda_id=2"]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    out = str(tmp_path / "runs" / "own")
+    capsys.readouterr()
+    assert run.main(["--out", out, "--resume", "--dry-run"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["data"] == str(tmp_path / "data") and shown["domains"] == list(DOMAINS)
+    assert (shown["lr"], shown["lambda_id"], shown["steps"], shown["out"]) == (3e-4, 2.0, 1, out)
+    assert run.main(["--out", out, "--resume", "--steps", "2", "--no-progress"]) == 0
+    assert load_checkpoint(out).metadata["step"] == 2
+    # The embedded data's run keeps domains None in its state and spells them out in
+    # train_config.json; the model's domains are what is compared.
+    state = torch.load(Path(out) / "train_state.pt", weights_only=True)
+    state["train_config"]["domains"] = None
+    torch.save(state, Path(out) / "train_state.pt")
+    assert run.main(["--out", out, "--resume", "--steps", "3", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert run.main(["--out", out, "--resume", "--steps", "4", "--set", "lr=5", "--no-progress"]) == 2
+    assert "other settings (lr 0.0003 -> 5.0)" in capsys.readouterr().err
+    (tmp_path / "runs" / "own" / "train_config.json").write_text("[1, 2]")
+    assert run.main(["--out", out, "--resume", "--steps", "4", "--no-progress"]) == 2
+    assert "train_config.json holds a JSON list, not the run's settings" in capsys.readouterr().err
 
 
 def test_resume_with_other_data_or_domains_fails_before_writing(tmp_path, tiny_labeler):

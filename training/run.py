@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from lanit_rt.config import ConfigError
 from training.cli import one_line_warnings
 from training.config import TrainConfig, parse_override
 from training.data import DataError
-from training.run_folder import RunError
+from training.run_folder import TRAIN_CONFIG_FILE, RunError
 from training.train import TrainingInterrupted, train
 from training.labeling.views import VisionLanguageError
 
@@ -64,7 +66,38 @@ def read_domains_file(path: str) -> tuple[str, ...]:
     return tuple(line for line in stripped if line and not line.startswith("#"))
 
 
+# What train_config.json records beside the settings (the run's resolved templates and images).
+RUN_RECORD_KEYS = ("templates", "num_images", "skipped_images")
+
+
+def resumed_settings(out: Path) -> dict:
+    """The settings the run in `out` was started with (its train_config.json), so that `--resume`
+    needs no more than --out; {} when there is none (training then says there is nothing to
+    resume). The recorded --data was relative to the folder the run started in: it is found from
+    there, as `training.eval` finds it."""
+    file = out / TRAIN_CONFIG_FILE
+    if not file.is_file():
+        return {}
+    try:
+        saved = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{file} is not valid JSON ({err}); pass the run's settings again with "
+                          "--resume, or choose another --out") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{file} holds a JSON {type(saved).__name__}, not the run's settings")
+    return {key: value for key, value in saved.items() if key not in RUN_RECORD_KEYS}
+
+
+def _recorded_data(settings: dict, out: Path) -> str:
+    from training.evaluation.inputs import resolve_data_dir, run_origin  # noqa: PLC0415
+
+    return str(resolve_data_dir(settings["data"], out, run_origin(out, settings.get("out"))))
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The training config the command line asks for. With --resume, the run's own settings
+    (train_config.json in --out) are the base and the command line's values go on top: a value that
+    a resumed run may not change is then refused by the trainer, with the key named."""
     changes: dict = {}
     for text in args.set:
         key, value = parse_override(text)
@@ -79,6 +112,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         value = getattr(args, flag)
         if value is not None:
             changes[key] = value
+    if args.resume:
+        out = Path(changes["out"] if "out" in changes else TrainConfig.out)
+        saved = resumed_settings(out)
+        if saved.get("data") is not None and "data" not in changes:
+            saved["data"] = _recorded_data(saved, out)
+        changes = {**saved, **changes, "out": str(out)}
     config = TrainConfig(**changes)
     config.model_config(config.domains or ("a", "b"))  # validates img_size and widths early
     return config
@@ -94,11 +133,13 @@ def describe(err: BaseException) -> str:
 
 
 def interrupted_message(err: KeyboardInterrupt, out: Path | None) -> str:
-    """Say what Ctrl-C left behind: a state saved in the loop, an earlier one, or nothing."""
+    """Say what Ctrl-C left behind (a state saved in the loop, an earlier one, or nothing) and the
+    command that continues it: the run's settings come back from its folder."""
+    again = f"continue with: python -m training.run --out {shlex.quote(str(out))} --resume"
     if isinstance(err, TrainingInterrupted):
-        return f"interrupted: state saved at step {err.step}; continue with --resume"
+        return f"interrupted: state saved at step {err.step}; {again}"
     if out is not None and (out / TRAIN_STATE_FILE).is_file():
-        return f"interrupted: the last saved state in {out} is unchanged; continue with --resume"
+        return f"interrupted: the last saved state in {out} is unchanged; {again}"
     return "interrupted: nothing was saved yet; a rerun starts over"
 
 

@@ -548,8 +548,11 @@ class Trainer:
         if saved_cfg:
             saved_cfg.setdefault("lambda_id", 0.0)  # states saved before the identity term had none
         now_cfg = json.loads(json.dumps(self.cfg.to_dict()))
+        # domains: compared above as the model's (the embedded data's default domains are None in
+        # the config the state keeps, and spelled out in the train_config.json a resume starts from)
         changed = [f"{key} {saved_cfg[key]!r} -> {now_cfg[key]!r}" for key in now_cfg
-                   if key in saved_cfg and key not in RESUMABLE_CHANGES and saved_cfg[key] != now_cfg[key]]
+                   if key in saved_cfg and key not in (*RESUMABLE_CHANGES, "domains")
+                   and saved_cfg[key] != now_cfg[key]]
         if changed:
             raise CheckpointError(
                 f"resume state in {self.out} was trained with other settings ({'; '.join(changed)}); "
