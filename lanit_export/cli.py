@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--onnx-path", metavar="P", help="(--trt) build from this ONNX graph")
     parser.add_argument("--min-batch", type=_int, help="(--trt) smallest batch (default 1)")
     parser.add_argument("--opt-batch", type=_int, help="(--trt) batch to tune for (default 8)")
-    parser.add_argument("--max-batch", type=_int, help="(--trt) largest batch (default 32)")
+    parser.add_argument("--max-batch", type=_int, help="largest batch: of the engine's profile "
+                        "(--trt, default 32) or of the Triton model (--triton-repo, default 16)")
     parser.add_argument("--out", metavar="OUT.engine",
                         help="(--trt) engine path (default: CHECKPOINT_DIR/model.engine, where "
                              "Translator.from_checkpoint(..., backend='tensorrt') looks)")

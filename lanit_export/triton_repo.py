@@ -73,8 +73,9 @@ def model_config_pb2():
     path = Path(spec.origin).parent / "grpc" / "model_config_pb2.py" if spec and spec.origin else None
     if path is None or not path.is_file():
         raise MissingDependencyError("validating Triton configs needs tritonclient (its ModelConfig "
-                                     "protobuf); install it with: pip install 'lanit-rt[serve]' "
-                                     "(or pip install 'tritonclient[http]')")
+                                     "protobuf); install it with: pip install 'tritonclient[http]' "
+                                     "(lanit-rt[serve] has it too, but pins numpy < 2: give that its "
+                                     "own environment)")
     loaded = importlib.util.spec_from_file_location("_lanit_triton_model_config_pb2", path)
     module = importlib.util.module_from_spec(loaded)
     try:

@@ -1,4 +1,7 @@
-"""`python -m training.eval_labeler`: pseudo-label quality of a labeler on held-out Twemoji.
+"""`python -m training.eval_labeler`: pseudo-label quality of a labeler on Twemoji (validation).
+
+Twemoji is never trained on but chose the shipped recipe, so its figures are validation figures,
+not held-out ones.
 
 Three evaluation sets, ground truth parsed from the CLDR names (training/labeling/emoji.py):
 - persons (144 images): multi-label over blond / red / white / curly hair, bald, beard, man, woman,
@@ -57,7 +60,7 @@ def eval_sets(vendor: str = "twemoji", render_dir: str | Path | None = None
               ) -> dict[str, tuple[list[Path], tuple[str, ...], torch.Tensor]]:
     """name -> (image paths, domain texts, 0/1 truth [N, D]).
 
-    vendor "twemoji" (the held-out test vendor) reads the packaged PNGs; "openmoji" or "noto" render
+    vendor "twemoji" (the validation vendor: not trained on) reads the packaged PNGs; "openmoji" or "noto" render
     the same kinds of emoji from that vendor's font into `render_dir` (72x72 on white, the layout of
     `training.labeling.align`), a validation set for heads trained without that vendor (`align --vendors`)."""
     entries = _vendor_entries(vendor, render_dir)
