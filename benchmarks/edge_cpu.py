@@ -34,18 +34,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_machine import ORT_NO_SPIN, describe, quiet_openmp  # noqa: E402
+
+quiet_openmp()  # before torch loads (bench_machine.py says why)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from lanit_rt import Generator, LanitConfig, LanitModel, MappingNetwork, StyleEncoder, Translator  # noqa: E402
 from lanit_rt.backends.base import Backend, HostSlot  # noqa: E402
@@ -123,6 +126,8 @@ def ort_engine(path: Path, threads: int):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    for key, value in ORT_NO_SPIN.items():  # idle workers would spin into the next engine's time
+        options.add_session_config_entry(key, value)
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda feeds: session.run(["translated"], feeds)[0]
 
@@ -261,6 +266,10 @@ def bench_size(name: str, batches: list[int], threads: int, iters: int, folder: 
     except ImportError:
         notes["openvino nncf"] = "left out by --quick" if quick else "nncf not installed"
 
+    for label in only or []:
+        if label not in engines and label not in notes:
+            print(f"warning: --engines {label!r} matches no engine of {name} (labels as printed)",
+                  file=sys.stderr)
     held = {"image": _float(heldout), "domain_weights": _targets(len(heldout), d)}
     reference = engines["onnxruntime fp32"](held)
     psnr = {label: psnr_db(reference, run(held)) for label, run in engines.items()}
@@ -318,9 +327,11 @@ def main(argv=None) -> int:
     iters = 1 if args.quick else args.iters
     torch.set_num_threads(args.threads)
     peak = fp32_peak_gflops(args.threads, 5 if args.quick else 20)
-    results = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
-                           "os_cpus": os.cpu_count(), "fp32_peak_gflops": peak,
-                           "peak_method": "best torch.mm 1024^3 fp32"},
+    machine = describe(argv, args.threads, "onnxruntime", "openvino", "nncf")
+    machine.update(fp32_peak_gflops=peak, peak_method="best torch.mm 1024^3 fp32")
+    results = {"machine": machine, "settings": {"sizes": sizes, "batches": batches, "iters": iters,
+                                                "calib": args.calib, "heldout": args.heldout,
+                                                "engines": args.engines, "quick": args.quick},
                "rows": [], "host_overhead": None, "gflop_per_image": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in sizes:
@@ -331,9 +342,10 @@ def main(argv=None) -> int:
             results["gflop_per_image"][name] = gflop
             if host is not None:
                 results["host_overhead"] = host
-    print(f"fp32 peak (torch.mm 1024^3, {args.threads} threads): {peak:.1f} GFLOP/s")
+    print(f"{machine['cpu']} ({', '.join(machine['cpu_flags'])}); fp32 reference: torch.mm 1024^3, "
+          f"{args.threads} threads: {peak:.1f} GFLOP/s")
     print(f"{'model':>12} {'batch':>5} {'engine':>28} {'ms':>9} {'x ORT fp32':>10} {'GFLOP/s':>8} "
-          f"{'% peak':>6} {'PSNR dB':>8}")
+          f"{'% mm':>6} {'PSNR dB':>8}")
     for r in results["rows"]:
         if "skipped" in r:
             print(f"{r['model']:>12} {r['batch']:>5} {r['engine']:>28}  skipped: {r['skipped']}")

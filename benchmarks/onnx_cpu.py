@@ -23,10 +23,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_machine import ORT_NO_SPIN, cpu_flags, cpu_name, quiet_openmp  # noqa: E402
+
+quiet_openmp()  # before torch loads (bench_machine.py says why)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 import lanit_rt  # noqa: E402
 from lanit_rt import Generator, LanitConfig, LanitModel  # noqa: E402
@@ -62,7 +67,7 @@ def bench_size(size: int, batch: int, iters: int, threads: int, precision: str, 
     t0 = time.perf_counter()
     export_onnx(model, path, precision, validate=False, kinds=("domain_weights",))
     export_s = time.perf_counter() - t0
-    run_ort = onnx_runner(path, threads=threads)
+    run_ort = onnx_runner(path, threads=threads, config=ORT_NO_SPIN)
 
     gen = torch.Generator().manual_seed(size)
     image = torch.rand(batch, 3, size, size, generator=gen) * 2 - 1
@@ -94,16 +99,6 @@ def bench_size(size: int, batch: int, iters: int, threads: int, precision: str, 
         "eager_gflops": gflop / (eager / 1e3), "ort_gflops": gflop / (ort / 1e3),
         "eager_ms_all": torch_ms, "ort_ms_all": ort_ms,
     }
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> int:
@@ -143,19 +138,21 @@ def main(argv=None) -> int:
                 print(f"done {size}px {precision}: eager {r['eager_ms']:.1f} ms, ort {r['ort_ms']:.1f} ms",
                       file=sys.stderr)
     machine = {
-        "cpu": cpu_name(), "cpus": os.cpu_count(),
+        "cpu": cpu_name(), "cpu_flags": cpu_flags(), "cpus": os.cpu_count(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "ort_intra_op_spinning": False,
         "threads": args.threads, "python": platform.python_version(), "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__, "lanit_rt": lanit_rt.__version__,
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
     }
-    header = (f"{'size':>5} {'prec':>5} {'batch':>5} {'GFLOP':>7} {'eager ms':>9} {'ORT ms':>9} "
+    # the eager side is always the fp32 PyTorch model: an fp16 row compares it with ORT's fp16 graph
+    header = (f"{'size':>5} {'ORT':>5} {'batch':>5} {'GFLOP':>7} {'fp32 eager ms':>13} {'ORT ms':>9} "
               f"{'eager/ORT':>9} {'ORT GFLOP/s':>11} {'max err':>9}")
     print(f"onnxruntime CPU vs PyTorch eager ({machine['cpu']}, {args.threads} threads, "
           f"load {load_before[0]:.1f})")
     print(header)
     for r in rows:
         print(f"{r['img_size']:>5} {r['precision']:>5} {r['batch']:>5} {r['gflop']:>7.1f} "
-              f"{r['eager_ms']:>9.1f} {r['ort_ms']:>9.1f} {r['ratio_eager_over_ort']:>9.2f} "
+              f"{r['eager_ms']:>13.1f} {r['ort_ms']:>9.1f} {r['ratio_eager_over_ort']:>9.2f} "
               f"{r['ort_gflops']:>11.1f} {r['max_abs_err']:>9.2e}")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -125,13 +125,16 @@ def validate_artifact(run: Runner, model: LanitModel, kind: str, precision: str,
 
 
 def onnx_runner(path: str | os.PathLike, providers: Sequence[str] = ("CPUExecutionProvider",),
-                threads: int | None = None) -> Runner:
-    """An onnxruntime session wrapped as `run(inputs) -> translated`."""
+                threads: int | None = None, config: dict[str, str] | None = None) -> Runner:
+    """An onnxruntime session wrapped as `run(inputs) -> translated`; `config`: session config
+    entries (e.g. {"session.intra_op.allow_spinning": "0"})."""
     ort = require("onnxruntime", "onnx")
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
 
     def run(inputs: dict[str, np.ndarray]) -> np.ndarray:

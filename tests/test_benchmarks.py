@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import fused_ops  # noqa: E402
 import labeler_ablation  # noqa: E402
 import labeler_memory  # noqa: E402
+import bench_machine  # noqa: E402
 import edge_cpu  # noqa: E402
 import onnx_cpu  # noqa: E402
 import quality  # noqa: E402
@@ -66,6 +67,12 @@ def test_edge_cpu_quick_smoke(tmp_path, capsys):
     host = results["host_overhead"]
     assert host["null_fast_pil_ms"] > 0 and host["null_general_pil_ms"] > 0
     assert "host overhead" in capsys.readouterr().out
+    # what produced the figures: machine, versions, the settings in effect (--quick's own)
+    machine = results["machine"]
+    assert machine["versions"]["onnxruntime"] and machine["ort_intra_op_spinning"] is False
+    assert set(machine["cpu_flags"]) <= set(bench_machine.CPU_FLAGS) and machine["cpu"]
+    assert "--quick" in machine["command"]
+    assert results["settings"]["sizes"] == ["64-small"] and results["settings"]["iters"] == 1
 
 
 def test_quality_rejects_zero_steps(capsys):
