@@ -3,7 +3,9 @@ Translator's host overhead.
 
 Models (random initialisation, seeded; no trained checkpoint is needed or downloaded):
 - "64-small": 64 px at the training defaults' widths (base_dim 32, max_dim 128, mapping_dim 256);
-- "256-stargan": 256 px at StarGAN v2 widths (base_dim None -> 64, max_dim 512, mapping_dim 512).
+- "256-stargan": 256 px at StarGAN v2 widths (base_dim None -> 64, max_dim 512, mapping_dim 512);
+or, with `--checkpoint RUN`, that trained model instead (its size and domains; quantisation and
+bf16 lose less on trained weights than on random ones).
 Real images: the embedded default data (Twemoji people, `training.labeling.emoji.default_dataset`), resized
 to the model size; the first images calibrate INT8, the last ones (never seen by calibration) are
 the held-out set for PSNR.
@@ -27,6 +29,7 @@ Translator's translate(PIL) minus its bare bound graph call, interleaved.
 
     python benchmarks/edge_cpu.py [--quick] [--threads 2] [--iters 5] [--sizes 64-small 256-stargan]
                                   [--batches 1 8] [--engines LABEL ...] [--calib 32] [--heldout 16]
+                                  [--checkpoint RUN]
                                   [--json benchmarks/results/edge_cpu.json]
 """
 
@@ -77,6 +80,11 @@ def real_images(size: int, count: int) -> np.ndarray:
 
 
 def make_model(name: str, domains: tuple[str, ...]) -> LanitModel:
+    """A SIZES model with random weights (seed 0), or the trained checkpoint at `name`."""
+    if name not in SIZES:
+        from lanit_rt import load_checkpoint
+
+        return load_checkpoint(name)
     torch.manual_seed(0)
     config = LanitConfig(domains=domains, **SIZES[name])
     table = torch.randn(config.num_domains, config.style_dim)
@@ -219,10 +227,9 @@ def bench_size(name: str, batches: list[int], threads: int, iters: int, folder: 
     def want(label: str) -> bool:
         return label == "onnxruntime fp32" or not only or label in only
 
-    domains = ("blond hair", "black hair", "beard")
-    model = make_model(name, domains)
-    size, d = model.config.img_size, len(domains)
-    fp32_path = folder / f"{name}.onnx"
+    model = make_model(name, ("blond hair", "black hair", "beard"))
+    size, d = model.config.img_size, model.config.num_domains
+    fp32_path = folder / f"{Path(name).name}.onnx"
     export_onnx(model, fp32_path, "fp32", validate=False, kinds=("domain_weights",))
     images = real_images(size, calib_count + held_count)
     calibration, heldout = images[:calib_count], images[calib_count:]
@@ -249,7 +256,7 @@ def bench_size(name: str, batches: list[int], threads: int, iters: int, folder: 
     for label, keep_ends, method in recipes:
         if not (want(f"onnxruntime {label}") or want(f"openvino QDQ {label}")):
             continue
-        path = folder / f"{name}.{label.replace(' ', '_')}.onnx"
+        path = folder / f"{Path(name).name}.{label.replace(' ', '_')}.onnx"
         recorded_psnr[label] = quantize_onnx_int8(fp32_path, path, calibration, heldout, keep_ends, method)
         if want(f"onnxruntime {label}"):
             engines[f"onnxruntime {label}"] = ort_engine(path, threads)
@@ -294,7 +301,7 @@ def bench_size(name: str, batches: list[int], threads: int, iters: int, folder: 
                          "recorded_psnr_db": recorded_psnr.get(label.replace("onnxruntime ", ""))})
         for label, why in notes.items():
             rows.append({"model": name, "img_size": size, "batch": batch, "engine": label, "skipped": why})
-    host = host_overhead(model, fp32_path, threads, heldout[0], iters) if size == 64 else None
+    host = host_overhead(model, fp32_path, threads, heldout[0], iters) if name == "64-small" else None
     return rows, host, gflop
 
 
@@ -310,6 +317,8 @@ def main(argv=None) -> int:
                         help="keep only these engines (labels as printed; onnxruntime fp32 always runs)")
     parser.add_argument("--calib", type=int, default=32, help="calibration images (default 32)")
     parser.add_argument("--heldout", type=int, default=16, help="held-out PSNR images (default 16)")
+    parser.add_argument("--checkpoint", metavar="RUN",
+                        help="measure this trained run's generator instead of the --sizes models")
     parser.add_argument("--json", default="benchmarks/results/edge_cpu.json")
     args = parser.parse_args(argv)
     for flag, value in (("--threads", args.threads), ("--iters", args.iters), ("--batches", min(args.batches)),
@@ -323,6 +332,14 @@ def main(argv=None) -> int:
         except OutputPathError as err:
             parser.error(f"--json {args.json}: {err}")
     sizes = ["64-small"] if args.quick else args.sizes
+    if args.checkpoint:
+        from lanit_rt import CheckpointError, read_checkpoint_config
+
+        try:
+            read_checkpoint_config(args.checkpoint)
+        except (CheckpointError, ValueError, OSError) as err:
+            parser.error(f"--checkpoint {args.checkpoint}: {err}")
+        sizes = [args.checkpoint]
     batches = [1] if args.quick else args.batches
     iters = 1 if args.quick else args.iters
     torch.set_num_threads(args.threads)

