@@ -97,7 +97,12 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--json: {err}")
 
     out = Path(args.out)
-    if not args.skip_train:
+    if args.skip_train:
+        missing = [str(out / f"stage{stage}") for stage in (1, 2)
+                   if not (out / f"stage{stage}" / "model.safetensors").exists()]
+        if missing:  # training them would take the whole run's time, unasked
+            p.error(f"--skip-train: no trained run in {', '.join(missing)}")
+    else:
         held = [out / f"stage{stage}" for stage in (1, 2) if (out / f"stage{stage}" / "model.safetensors").exists()
                 or (out / f"stage{stage}" / "train_state.pt").exists()]
         if held:  # the trainer refuses a new run there; say so before the first run starts
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     for stage in (1, 2):
         run_dir = out / f"stage{stage}"
         name = "stage 1" if stage == 1 else "stage 1 + prompts"
-        if not (args.skip_train and (run_dir / "model.safetensors").exists()):
+        if not args.skip_train:
             cmd = [sys.executable, "-m", "training.run", "--steps", str(args.steps), "--stage", str(stage),
                    "--out", str(run_dir), "--seed", str(args.seed), "--no-progress"]
             if args.labeler:

@@ -181,7 +181,9 @@ def bench_size(args, size: int, config: LanitConfig, workdir: Path, device: torc
                lambda: generator(x, adain_params=params, impl="ref"))
         if low is not None:
             x_low = x.to(dtype).contiguous(memory_format=torch.channels_last)
-            record("generator", "torch eager", precision_name(dtype),
+            # impl "auto" runs the Triton kernels on CUDA: the row says which it was
+            label = "torch eager" if args.impl == "ref" or device.type != "cuda" else f"torch impl={args.impl}"
+            record("generator", label, precision_name(dtype),
                    lambda: low(x_low, adain_params=params, impl=args.impl))
         if compiled is not None:
             x_c = x.to(dtype).contiguous(memory_format=torch.channels_last) if low is not None else x
@@ -263,6 +265,16 @@ def check_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         parser.error(f"--impl must be one of {IMPLS}, got {args.impl!r}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
+    if args.iters < 1 or args.warmup < 0:
+        parser.error(f"--iters must be at least 1 and --warmup at least 0, got {args.iters} / {args.warmup}")
+    if args.engine is not None:
+        from lanit_rt.backends.base import ArtifactError
+        from lanit_rt.backends.tensorrt import read_sidecar
+
+        try:
+            read_sidecar(args.engine)
+        except ArtifactError as err:
+            parser.error(f"--engine: {err}")
     for size in args.sizes:
         try:
             LanitConfig(domains=DOMAINS, img_size=size, base_dim=args.base_dim, max_dim=args.max_dim)
@@ -312,9 +324,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.base_dim = args.base_dim or 32
         args.max_dim = args.max_dim or 128
     args.max_dim = args.max_dim or 512
-    check_settings(parser, args)
-    args.iters = args.iters or (5 if quick else 50)
+    args.iters = args.iters if args.iters is not None else (5 if quick else 50)
     args.warmup = args.warmup if args.warmup is not None else (2 if quick else 10)
+    check_settings(parser, args)
     args.min_seconds = args.min_seconds if args.min_seconds is not None else (1.0 if quick else 2.0)
     return args
 

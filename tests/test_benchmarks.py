@@ -16,6 +16,7 @@ import bench_machine  # noqa: E402
 import edge_cpu  # noqa: E402
 import onnx_cpu  # noqa: E402
 import quality  # noqa: E402
+import serve  # noqa: E402
 import throughput  # noqa: E402
 import train_step  # noqa: E402
 import translation_probe  # noqa: E402
@@ -97,16 +98,40 @@ def test_edge_cpu_measures_a_trained_checkpoint(tmp_path, tiny_config, capsys):
     assert f"--checkpoint {tmp_path / 'missing'}: no LANIT checkpoint" in capsys.readouterr().err
 
 
+def test_serve_summary_of_a_protocol_whose_every_request_failed():
+    """No latency to take a median of: the row says '-' and counts the errors, not a crash that
+    would lose the JSON of every other cell."""
+    failed = {"img_s": 0.0, "p50_ms": None, "p99_ms": None, "errors": 24, "mismatches": 0,
+              "off_by_one": 0, "mean_batch": None}
+    good = {"img_s": 90.0, "p50_ms": 10.0, "p99_ms": 30.0, "errors": 0, "mismatches": 0,
+            "off_by_one": 2, "mean_batch": 4.0}
+    cell = {"concurrency": 8, "requests": 24, "in_process_batch": 8, "in_process_img_s": [100.0],
+            "http": [failed, failed], "grpc": [good, failed]}
+    summary = serve.summarise(cell, ["http", "grpc"])
+    assert summary["http"]["errors"] == 48 and summary["http"]["p50_ms"] is None
+    assert (summary["grpc"]["p50_ms"], summary["grpc"]["p99_ms"], summary["grpc"]["mean_batch"]) == (10.0, 30.0, 4.0)
+    assert "      - " in serve.format_row(summary, ["http", "grpc"])
+
+
 def test_quality_rejects_zero_steps(capsys):
     with pytest.raises(SystemExit) as exc:
         quality.main(["--steps", "0"])
     assert exc.value.code == 2 and "--steps" in capsys.readouterr().err
 
 
+def test_quality_skip_train_without_runs_refuses_instead_of_training(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        quality.main(["--out", str(tmp_path / "q"), "--skip-train"])
+    assert exc.value.code == 2
+    assert f"--skip-train: no trained run in {tmp_path / 'q' / 'stage1'}, " in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--dtype", "fp64"], "unknown dtype 'fp64'"), (["--impl", "bogus"], "--impl must be one of"),
     (["--sizes", "63"], "--sizes 63: img_size must be a power of two"), (["--threads", "-2"], "--threads"),
     (["--device", "gpu"], "unknown device 'gpu'"), (["--out", "/proc/x/t.json"], "--out"),
+    (["--iters", "-3"], "--iters must be at least 1"), (["--warmup", "-1"], "--warmup at least 0"),
+    (["--engine", "/nonexistent/g.engine"], "--engine: no TensorRT engine at /nonexistent/g.engine"),
 ])
 def test_throughput_rejects_settings_that_would_fail_after_timing(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
