@@ -275,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
     else:
-        device_name = f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} threads)"
+        device_name = (f"CPU: {platform.processor() or platform.machine()} ({args.threads} of "
+                       f"{os.cpu_count()} threads)")
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     timer = make_timer(device)
@@ -341,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         "triton": triton_version,
         "cuda": torch.version.cuda,
         "quick": args.quick,
-        "interpreted_triton": bool(args.interpret and device.type != "cuda"),
+        "interpreted_triton": bool(args.interpret),  # TRITON_INTERPRET=1 was set, on any device
+        "threads": args.threads if device.type == "cpu" else None,
+        "command": " ".join(["python", "benchmarks/fused_ops.py", *(sys.argv[1:] if argv is None else argv)]),
         "bytes_model": "compulsory bytes: inputs + weights read once, output written once",
         "rows": [asdict(r) for r in rows],
     }
