@@ -75,6 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("concurrency, rounds and requests per client must be >= 1")
     if set(args.protocols) - {"http", "grpc"}:
         parser.error(f"--protocols: http and/or grpc, got {args.protocols}")
+    try:
+        LanitConfig(domains=DOMAINS, img_size=args.img_size)
+    except ValueError as err:  # ConfigError: before the server starts, not after
+        parser.error(f"--img-size {args.img_size}: {err}")
     return args
 
 

@@ -161,6 +161,7 @@ def test_throughput_skips_onnx_rows_without_the_onnx_extra(tmp_path, monkeypatch
     (quality, ["--n", "1"], "--n at least 2"),
     (quality, ["--gt", "/missing.csv"], "--gt /missing.csv does not exist"),
     (quality, ["--json", "/proc/x/q.json"], "--json"),
+    (serve, ["--img-size", "63"], "--img-size 63: img_size must be a power of two"),
 ])
 def test_benchmarks_refuse_bad_arguments_before_any_work(module, argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
