@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
     record = {
         "benchmark": "quality", "steps": args.steps, "max_minutes": args.max_minutes,
-        "seed": args.seed, "n": args.n,
+        "seed": args.seed, "n": args.n, "trained": {n: trained_as(out / f"stage{s}") for n, s in zip(names, (1, 2))},
         "labeler": first["labeler"], "domains": first["domains"], "table": table,
         "timings_s": timings, "runs": {n: str(out / f"stage{s}") for n, s in zip(names, (1, 2))},
         "host": {"python": platform.python_version(), "machine": platform.machine(),
@@ -162,6 +162,17 @@ def main(argv: list[str] | None = None) -> int:
     json_path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {json_path}")
     return 0
+
+
+def trained_as(run_dir: Path) -> dict:
+    """What a run folder holds, from its own files: the step its checkpoint was saved at and the
+    settings it trained with (with --skip-train these, not this command's flags, describe it)."""
+    from lanit_rt import read_checkpoint_config
+
+    _, metadata = read_checkpoint_config(run_dir)
+    settings = json.loads((run_dir / "train_config.json").read_text(encoding="utf-8"))
+    keys = ("steps", "max_minutes", "seed", "stage", "prompt_start", "img_size", "labeler", "lr")
+    return {"step": metadata.get("step"), **{k: settings.get(k) for k in keys}}
 
 
 if __name__ == "__main__":

@@ -119,6 +119,17 @@ def test_quality_rejects_zero_steps(capsys):
     assert exc.value.code == 2 and "--steps" in capsys.readouterr().err
 
 
+def test_quality_records_what_each_run_trained_as(tmp_path, tiny_config):
+    from lanit_rt import Generator, MappingNetwork, StyleEncoder, save_checkpoint
+
+    save_checkpoint(tmp_path, tiny_config, Generator(tiny_config), MappingNetwork(tiny_config),
+                    StyleEncoder(tiny_config), metadata={"step": 250})
+    (tmp_path / "train_config.json").write_text(json.dumps({"steps": 500, "max_minutes": 12.0, "seed": 3,
+                                                            "stage": 2, "prompt_start": 250}))
+    trained = quality.trained_as(tmp_path)
+    assert (trained["step"], trained["steps"], trained["max_minutes"], trained["stage"]) == (250, 500, 12.0, 2)
+
+
 def test_quality_skip_train_without_runs_refuses_instead_of_training(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         quality.main(["--out", str(tmp_path / "q"), "--skip-train"])
