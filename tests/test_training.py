@@ -510,7 +510,17 @@ def test_resume_needs_only_the_run_folder(tmp_path, tiny_labeler, monkeypatch, c
     capsys.readouterr()
     assert run.main(["--out", out, "--resume", "--steps", "4", "--set", "lr=5", "--no-progress"]) == 2
     assert "other settings (lr 0.0003 -> 5.0)" in capsys.readouterr().err
-    (tmp_path / "runs" / "own" / "train_config.json").write_text("[1, 2]")
+    record = tmp_path / "runs" / "own" / "train_config.json"
+    settings = json.loads(record.read_text())
+    (tmp_path / "data").rename(tmp_path / "moved")  # the recorded folder is gone: --data names the new one
+    assert run.main(["--out", out, "--resume", "--dry-run"]) == 2
+    assert f"the run's data folder '{tmp_path / 'data'}'" in capsys.readouterr().err  # as resumed above
+    assert run.main(["--out", out, "--resume", "--dry-run", "--data", str(tmp_path / "moved")]) == 0
+    assert json.loads(capsys.readouterr().out)["data"] == str(tmp_path / "moved")
+    record.write_text(json.dumps({**settings, "a_newer_setting": 1}))  # from another version
+    assert run.main(["--out", out, "--resume", "--steps", "4", "--no-progress"]) == 2
+    assert "has settings this lanit-rt does not know (a_newer_setting)" in capsys.readouterr().err
+    record.write_text("[1, 2]")
     assert run.main(["--out", out, "--resume", "--steps", "4", "--no-progress"]) == 2
     assert "train_config.json holds a JSON list, not the run's settings" in capsys.readouterr().err
 

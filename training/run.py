@@ -18,7 +18,7 @@ from lanit_rt.config import ConfigError
 from training.cli import one_line_warnings
 from training.config import TrainConfig, parse_override
 from training.data import DataError
-from training.run_folder import TRAIN_CONFIG_FILE, RunError
+from training.run_folder import TRAIN_CONFIG_FILE, RunError, recorded_path_candidates, run_origin
 from training.train import TrainingInterrupted, train
 from training.labeling.views import VisionLanguageError
 
@@ -68,13 +68,18 @@ def read_domains_file(path: str) -> tuple[str, ...]:
 
 # What train_config.json records beside the settings (the run's resolved templates and images).
 RUN_RECORD_KEYS = ("templates", "num_images", "skipped_images")
+# Folders recorded as given, so relative to the folder the run started in, that a resumed run may
+# find elsewhere (the images are checked by their digest). A relative labeler or templates file is
+# part of what the run is, compared as recorded: resume such a run from the folder it started in.
+RECORDED_PATHS = ("data", "cache_dir")
 
 
-def resumed_settings(out: Path) -> dict:
+def resumed_settings(out: Path, data_given: bool = False) -> dict:
     """The settings the run in `out` was started with (its train_config.json), so that `--resume`
     needs no more than --out; {} when there is none (training then says there is nothing to
-    resume). The recorded --data was relative to the folder the run started in: it is found from
-    there, as `training.eval` finds it."""
+    resume). Recorded relative paths are found from the folder the run started in first, then from
+    here and the folders above the run; a missing data folder is an error, as it is for
+    `training.eval`, unless `data_given` (--data replaces it)."""
     file = out / TRAIN_CONFIG_FILE
     if not file.is_file():
         return {}
@@ -85,13 +90,25 @@ def resumed_settings(out: Path) -> dict:
                           "--resume, or choose another --out") from None
     if not isinstance(saved, dict):
         raise ConfigError(f"{file} holds a JSON {type(saved).__name__}, not the run's settings")
-    return {key: value for key, value in saved.items() if key not in RUN_RECORD_KEYS}
-
-
-def _recorded_data(settings: dict, out: Path) -> str:
-    from training.evaluation.inputs import resolve_data_dir, run_origin  # noqa: PLC0415
-
-    return str(resolve_data_dir(settings["data"], out, run_origin(out, settings.get("out"))))
+    known = {field.name for field in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(saved) - known - set(RUN_RECORD_KEYS))
+    if unknown:  # a run from another lanit-rt version
+        raise ConfigError(f"{file} has settings this lanit-rt does not know ({', '.join(unknown)}); "
+                          "resume it with the version that wrote it, or choose another --out")
+    settings = {key: value for key, value in saved.items() if key in known}
+    origin = run_origin(out, settings.get("out"))
+    for key in RECORDED_PATHS:
+        if key == "data" and data_given:
+            continue
+        if isinstance(settings.get(key), str) and settings[key]:
+            candidates = recorded_path_candidates(settings[key], out, origin, origin_first=True)
+            found = next((c for c in candidates if c.exists()), None)
+            if found is not None:
+                settings[key] = str(found)
+            elif key == "data":
+                raise DataError(f"the run's data folder {settings[key]!r} ({file}) was not found; "
+                                f"tried {', '.join(map(str, candidates))}. Pass it with --data")
+    return settings
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -114,10 +131,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             changes[key] = value
     if args.resume:
         out = Path(changes["out"] if "out" in changes else TrainConfig.out)
-        saved = resumed_settings(out)
-        if saved.get("data") is not None and "data" not in changes:
-            saved["data"] = _recorded_data(saved, out)
-        changes = {**saved, **changes, "out": str(out)}
+        changes = {**resumed_settings(out, data_given="data" in changes), **changes, "out": str(out)}
     config = TrainConfig(**changes)
     config.model_config(config.domains or ("a", "b"))  # validates img_size and widths early
     return config

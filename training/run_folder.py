@@ -28,6 +28,33 @@ from lanit_rt.errors import first_line
 TRAIN_CONFIG_FILE = "train_config.json"
 
 
+def run_origin(run_dir: Path, out: str | None) -> Path | None:
+    """The working folder of the `training.run` that wrote `run_dir`: train_config.json keeps --out
+    as it was given, so a relative `out` that ends the resolved run path gives the folder before it."""
+    if not out or Path(out).is_absolute():
+        return None
+    parts = Path(out).parts
+    resolved = run_dir.resolve()
+    if ".." in parts or not parts or len(parts) >= len(resolved.parts) or resolved.parts[-len(parts):] != parts:
+        return None
+    return resolved.parents[len(parts) - 1]
+
+
+def recorded_path_candidates(recorded: str, run_dir: Path, origin: Path | None,
+                             origin_first: bool = False) -> list[Path]:
+    """Where a path train_config.json records as it was given may be now: itself when absolute;
+    else from the current folder and the folder the run was started in (`origin_first` puts that
+    one first), then from each folder above the run folder (the filesystem root excluded)."""
+    given = Path(recorded).expanduser()
+    if given.is_absolute():
+        return [given]
+    starts = [Path.cwd(), *([origin] if origin is not None else [])]
+    if origin_first:
+        starts.reverse()
+    bases = [*starts, *[p for p in run_dir.resolve().parents if p != Path(p.anchor)]]
+    return list(dict.fromkeys(base / given for base in bases))
+
+
 class RunError(RuntimeError):
     """The run folder cannot be used as asked: not creatable or writable, already holding a run, or
     a save that failed part-way (disk full)."""

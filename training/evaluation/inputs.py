@@ -18,7 +18,7 @@ import torch
 
 from lanit_rt.checkpoint import LanitModel, OutputPathError, check_output_file, load_checkpoint
 from training.data import DataError, check_images, find_images
-from training.run_folder import TRAIN_CONFIG_FILE
+from training.run_folder import TRAIN_CONFIG_FILE, recorded_path_candidates, run_origin
 
 METRICS_FILE = "metrics.jsonl"
 LABELS_FILE = "pseudo_labels.csv"
@@ -45,30 +45,11 @@ class RunInfo:
     origin: Path | None = None  # the folder the run was started from, when it can be told
 
 
-def run_origin(run_dir: Path, out: str | None) -> Path | None:
-    """The working folder of the `training.run` that wrote `run_dir`: train_config.json keeps --out
-    as it was given, so a relative `out` that ends the resolved run path gives the folder before it."""
-    if not out or Path(out).is_absolute():
-        return None
-    parts = Path(out).parts
-    resolved = run_dir.resolve()
-    if ".." in parts or not parts or len(parts) >= len(resolved.parts) or resolved.parts[-len(parts):] != parts:
-        return None
-    return resolved.parents[len(parts) - 1]
-
-
 def resolve_data_dir(data: str, run_dir: Path, origin: Path | None) -> Path:
     """The run's training-image folder. train_config.json keeps --data as it was given, so a
     relative path is tried from the current folder, then from the folder the run was started in,
     then from each folder above the run folder (the filesystem root excluded)."""
-    given = Path(data).expanduser()
-    if given.is_absolute():
-        candidates = [given]
-    else:
-        resolved = run_dir.resolve()
-        bases = [Path.cwd(), *([origin] if origin is not None else []),
-                 *[p for p in resolved.parents if p != Path(p.anchor)]]
-        candidates = list(dict.fromkeys(base / given for base in bases))
+    candidates = recorded_path_candidates(data, run_dir, origin)
     for candidate in candidates:
         if candidate.is_dir():
             return candidate
