@@ -258,8 +258,9 @@ def conv2d_prologue_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     n, c_in, h, w = x.shape
     c_out, _, k, _ = weight.shape
     h_out, w_out = (2 * h, 2 * w) if upsample else (h, w)
-    # (a [N, C, 1, 1] tensor is contiguous in both formats: it stays NCHW, as the reference keeps it)
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    # Channels innermost (a channels_last tensor or a view of one) gives a channels_last output; a
+    # [N, C, 1, 1] tensor is contiguous in both formats and stays NCHW, as the reference keeps it.
+    channels_last = x.stride(1) == 1 and c_in > 1 and not x.is_contiguous()
     y = torch.empty((n, c_out, h_out, w_out), device=x.device, dtype=x.dtype,
                     memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     grid, constexprs, options = launch_config(

@@ -229,7 +229,7 @@ def test_views_reaching_past_int32_offsets_are_refused_not_misindexed(monkeypatc
                   reference.adain_ref(view, gamma, beta), TOL[torch.float32])
 
 
-def test_a_1x1_input_upsampled_keeps_the_references_layout():
+def test_the_conv_output_keeps_the_references_layout():
     x = _input((2, 3, 1, 1), torch.float32)  # contiguous in both formats
     gamma, beta = torch.randn(2, 3), torch.randn(2, 3)
     weight = torch.randn(4, 3, 3, 3)
@@ -238,6 +238,12 @@ def test_a_1x1_input_upsampled_keeps_the_references_layout():
     _assert_close(out, expected, CONV_TOL[torch.float32])
     assert out.stride() == expected.stride() == (16, 4, 2, 1)
     assert out.view(2, -1).shape == (2, 16)
+    view = _input((2, 6, 5, 5), torch.float32, channels_last=True)[:, :3]  # channels innermost, strided
+    out = lanit_kernels.adain_conv2d(view, gamma, beta, weight, upsample=True, impl="triton")
+    expected = reference.adain_conv2d_ref(view, gamma, beta, weight, None, True)
+    _assert_close(out, expected, CONV_TOL[torch.float32])
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert expected.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("setting, tf32", [
