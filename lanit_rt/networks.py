@@ -56,23 +56,38 @@ def _spread(g: torch.Tensor) -> torch.Tensor:
 
 
 class _Pool2(torch.autograd.Function):
-    """avg_pool2d(x, 2) whose backward is `_Spread2`, as ATen's is avg_pool2d_backward."""
+    """avg_pool2d(x, 2) whose backward is `_Spread2`, as ATen's is avg_pool2d_backward. The gradient
+    keeps a channels_last input's layout, as ATen's does; torch.func transforms work on it."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+    def forward(x: torch.Tensor) -> torch.Tensor:
         return _window_mean(x)
 
     @staticmethod
+    def setup_context(ctx, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
+        (x,) = inputs
+        ctx.channels_last = x.stride(1) == 1 and x.shape[1] > 1 and not x.is_contiguous()
+
+    @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return _Spread2.apply(grad)
+        spread = _Spread2.apply(grad)
+        return spread.contiguous(memory_format=torch.channels_last) if ctx.channels_last else spread
 
 
 class _Spread2(torch.autograd.Function):
     """avg_pool2d_backward; its own backward is avg_pool2d again (R1 differentiates through it)."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def forward(grad: torch.Tensor) -> torch.Tensor:
         return _spread(grad)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
+        pass
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:

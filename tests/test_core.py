@@ -69,6 +69,19 @@ def test_the_blocks_pool_is_atens_avg_pool_to_the_bit(channels_last):
     assert type(y.grad_fn).__name__ == "_Pool2Backward"
     for other in (torch.randn(1, 2, 5, 4), x0[:1].bfloat16(), x0[:1].half()):  # ATen's op for these
         assert torch.equal(avg_pool2(other), torch.nn.functional.avg_pool2d(other, 2))
+    # the input gradient's layout is ATen's, and torch.func's transforms see the same function
+    pooled_grads = []
+    for pool in (lambda t: torch.nn.functional.avg_pool2d(t, 2), avg_pool2):
+        x = x0.clone().requires_grad_()
+        pool(x).backward(torch.ones(4, 6, 5, 6))
+        pooled_grads.append(x.grad)
+    assert pooled_grads[0].stride() == pooled_grads[1].stride()
+    assert torch.equal(*pooled_grads)
+    square_sum = lambda pool: lambda t: pool(t).square().sum()  # noqa: E731
+    assert torch.equal(torch.func.grad(square_sum(avg_pool2))(x0),
+                       torch.func.grad(square_sum(lambda t: torch.nn.functional.avg_pool2d(t, 2)))(x0))
+    assert torch.equal(torch.vmap(avg_pool2)(x0.unsqueeze(1)).squeeze(1),
+                       torch.nn.functional.avg_pool2d(x0, 2))
 
 
 def test_default_256_sizes_match_stargan_v2():
