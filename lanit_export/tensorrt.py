@@ -196,7 +196,7 @@ def _recording_logger(trt):
             if self.errors:
                 first, last = self.errors[0], self.errors[-1]
                 return first if first == last else f"{first} (then: {last})"
-            return self.warnings[-1] if self.warnings else None
+            return f"no error logged; last warning: {self.warnings[-1]}" if self.warnings else None
 
     return RecordingLogger()
 

@@ -665,8 +665,8 @@ def test_engine_builder_set_up_failures_quote_what_tensorrt_logged(fp16_onnx, mo
     trt, _ = _fake_tensorrt(10, builder_fails=True)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     with pytest.raises(ExportError, match=r"failed to set up the builder: TypeError: pybind11::init\(\): "
-                       r"factory function returned nullptr \(TensorRT logged: CUDA initialization "
-                       r"failure with error: 35\)$"):
+                       r"factory function returned nullptr \(TensorRT logged: no error logged; last "
+                       r"warning: CUDA initialization failure with error: 35\)$"):
         trt_export.build_engine_bytes(fp16_onnx, "fp16", trt_export.BatchProfile(1, 1, 2))
 
 
