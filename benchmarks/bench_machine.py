@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import os
 import platform
+import shlex
 import sys
 from pathlib import Path
 
@@ -63,11 +64,13 @@ def versions(*modules: str) -> dict[str, str | None]:
     return found
 
 
-def describe(argv: list[str] | None, threads: int, *modules: str) -> dict:
-    """The `machine` record of a benchmark's JSON: CPU, flags, threads, load, versions, command."""
+def describe(script: str, argv: list[str] | None, threads: int, *modules: str) -> dict:
+    """The `machine` record of a benchmark's JSON: CPU, flags, threads, load, versions, and the
+    command (`script` is the file name under benchmarks/; argv None: this process's arguments)."""
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {"cpu": cpu_name(), "cpu_flags": cpu_flags(), "threads": threads, "os_cpus": os.cpu_count(),
             "load_average_1_5_15": list(load) if load else None,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "ort_intra_op_spinning": False,
             "versions": versions("torch", "numpy", *modules),
-            "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)])}
+            "command": shlex.join(["python", f"benchmarks/{script}",
+                                   *(sys.argv[1:] if argv is None else argv)])}

@@ -344,7 +344,7 @@ def main(argv=None) -> int:
     iters = 1 if args.quick else args.iters
     torch.set_num_threads(args.threads)
     peak = fp32_peak_gflops(args.threads, 5 if args.quick else 20)
-    machine = describe(argv, args.threads, "onnxruntime", "openvino", "nncf")
+    machine = describe("edge_cpu.py", argv, args.threads, "onnxruntime", "openvino", "nncf")
     machine.update(fp32_peak_gflops=peak, peak_method="best torch.mm 1024^3 fp32")
     results = {"machine": machine, "settings": {"sizes": sizes, "batches": batches, "iters": iters,
                                                 "calib": args.calib, "heldout": args.heldout,

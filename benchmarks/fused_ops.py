@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
 import os
 import platform
 import statistics
@@ -344,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "interpreted_triton": bool(args.interpret),  # TRITON_INTERPRET=1 was set, on any device
         "threads": args.threads if device.type == "cpu" else None,
-        "command": " ".join(["python", "benchmarks/fused_ops.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": shlex.join(["python", "benchmarks/fused_ops.py", *(sys.argv[1:] if argv is None else argv)]),
         "bytes_model": "compulsory bytes: inputs + weights read once, output written once",
         "rows": [asdict(r) for r in rows],
     }

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# Every check that needs a CUDA GPU, in ONE device call: step timeouts sum to 545 s (the device
-# allows 600 s a call; a typical run needs about half).
+# Every check that needs a CUDA GPU, in ONE device call: step timeouts sum to 505 s; with
+# nvidia-smi's 20 s and each kill's 5 s grace the worst case is 565 s, under the device's 600 s a
+# call (a typical run needs about half).
 #   check     45 s  python3 module versions and a C compiler (Triton builds its launchers with one);
 #                   stops here, with one line, if torch/triton/numpy or a CUDA device is missing
 #                   (nothing is ever installed). 45 s: a bare machine's first CUDA start is slow.
-#   warm     100 s  every Triton launch of the matrix once, filling the Triton cache the later steps
+#   warm      90 s  every Triton launch of the matrix once, filling the Triton cache the later steps
 #                   reuse (TRITON_CACHE_DIR; lanit_kernels.aot lists the 16 variants)
-#   selfcheck 110 s compiled kernels vs the PyTorch references (fp16, bf16; channels_last): about 35
+#   selfcheck 100 s compiled kernels vs the PyTorch references (fp16, bf16; channels_last): about 35
 #                   compiles, most of them not among the warmed ones
-#   bench    110 s  256 px, fp16/bf16, batch 1/32: generator + adain_conv3x3 (+ _up), eager
+#   bench    100 s  256 px, fp16/bf16, batch 1/32: generator + adain_conv3x3 (+ _up), eager
 #                   channels_last, Triton, CUDA graphs (TorchBackend), with max error vs eager
-#   compile  110 s  the torch.compile rows (one fresh compile per shape; the slowest step, last)
+#   compile  100 s  the torch.compile rows (one fresh compile per shape; the slowest step, last)
 #   train     60 s  training steps/s and their phases on the GPU (benchmarks/train_step.py, new side
 #                   only: the GPU machine's copy has no git history), default config and 128 px;
 #                   skipped with a line if python3 lacks Pillow, tqdm or safetensors (training needs
@@ -28,7 +29,13 @@ rehearse="${GPU_SH_REHEARSAL:-0}"
 [ "${1:-}" = "--rehearse" ] && rehearse=1
 out="${OUT:-benchmarks/results/gpu}"
 mkdir -p "$out"
-# Rows are appended line by line; an earlier run's rows in the same folder would mix into this one's.
+# Rows are appended line by line, so an earlier run's rows are cleared first: only in a folder that
+# is empty or that gpu.sh made (its marker file), never in one that holds other files.
+if [ -n "$(ls -A "$out")" ] && [ ! -e "$out/.gpu_sh_out" ]; then
+    echo "gpu.sh: OUT=$out holds files gpu.sh did not write; choose an empty folder" >&2
+    exit 2
+fi
+touch "$out/.gpu_sh_out"
 rm -f "$out"/*.jsonl "$out"/summary.txt "$out"/summary.json "$out"/train_step.json "$out"/gpu.log
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/lanit-gpu-sh-triton-cache}"
@@ -46,10 +53,12 @@ step() {
     shift 2
     log "$name (timeout ${seconds}s)"
     local start=$SECONDS
-    timeout -k 10 "$seconds" "$@" >"$out/$name.txt" 2>&1
+    timeout -k 5 "$seconds" "$@" >"$out/$name.txt" 2>&1
     local rc=$?
     tail -n 40 "$out/$name.txt" | tee -a "$out/gpu.log" >/dev/null
-    log "$name rc=$rc ($((SECONDS - start)) s)$([ $rc -eq 124 ] && echo ' TIMED OUT: rows written so far are kept')"
+    local late=""
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then late=" TIMED OUT: rows written so far are kept"; fi
+    log "$name rc=$rc ($((SECONDS - start)) s)$late"
     return $rc
 }
 
@@ -73,19 +82,19 @@ if [ $rc -ne 0 ]; then
 fi
 cat "$out/check.txt"
 
-step warm 100 python3 benchmarks/gpu_bench.py warm --out-dir "$out" $rehearse_flag
+step warm 90 python3 benchmarks/gpu_bench.py warm --out-dir "$out" $rehearse_flag
 
 if [ "$rehearse" = 1 ]; then
     log "selfcheck skipped in the rehearsal (it needs a CUDA GPU)"
 else
-    step selfcheck 110 python3 -m lanit_kernels.selfcheck --dtypes fp16 bf16 --layouts channels_last \
+    step selfcheck 100 python3 -m lanit_kernels.selfcheck --dtypes fp16 bf16 --layouts channels_last \
         --jsonl "$out/selfcheck.jsonl"
 fi
 
-step bench 110 python3 benchmarks/gpu_bench.py bench --out-dir "$out" $rehearse_flag \
+step bench 100 python3 benchmarks/gpu_bench.py bench --out-dir "$out" $rehearse_flag \
     --impls eager_cl triton_cl graphs
 
-step compile 110 python3 benchmarks/gpu_bench.py bench --out-dir "$out" $rehearse_flag --step compile \
+step compile 100 python3 benchmarks/gpu_bench.py bench --out-dir "$out" $rehearse_flag --step compile \
     --impls compile --ops adain_conv3x3_up adain_conv3x3 generator
 
 if [ "$rehearse" = 1 ]; then

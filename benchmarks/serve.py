@@ -40,6 +40,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -130,7 +131,10 @@ def in_process(translator: Translator, requests, batch: int) -> tuple[float, lis
     return len(requests) / (time.perf_counter() - start), outputs
 
 
-def served(protocol: str, url: str, requests, expected, concurrency: int) -> dict:
+def served(protocol: str, url: str, requests, expected, concurrency: int,
+           counts: Callable[[], tuple[float, float]]) -> dict:
+    """One round of `requests` from `concurrency` client threads; `counts()` reads the server's
+    (inferences, executions) counters, read around the timed requests only: mean_batch."""
     from lanit_rt.triton_client import TritonTranslatorClient
 
     latencies: list[float] = []
@@ -168,16 +172,20 @@ def served(protocol: str, url: str, requests, expected, concurrency: int) -> dic
                 mismatches[0] += diff > 1
 
     threads = [threading.Thread(target=worker, args=(w,)) for w in range(concurrency)]
+    before = counts()
     start = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - start
+    after = counts()
     for client in clients:
         client.close()
     latencies.sort()
+    executions = after[1] - before[1]
     return {"img_s": len(latencies) / wall, "errors": len(errors), "error_examples": errors[:3],
+            "mean_batch": (after[0] - before[0]) / executions if executions else None,
             "mismatches": mismatches[0], "off_by_one": rounding[0], "p50_ms": 1e3 * latencies[len(latencies) // 2] if latencies else None,
             "p99_ms": 1e3 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else None}
 
@@ -244,12 +252,8 @@ def main(argv=None) -> int:
                 for _ in range(args.rounds):
                     cell["in_process_img_s"].append(in_process(translator, requests, batch)[0])
                     for protocol in args.protocols:
-                        before = batcher_counts(metrics_url)
-                        result = served(protocol, urls[protocol], requests, expected, concurrency)
-                        after = batcher_counts(metrics_url)
-                        executions = after[1] - before[1]
-                        result["mean_batch"] = (after[0] - before[0]) / executions if executions else None
-                        cell[protocol].append(result)
+                        cell[protocol].append(served(protocol, urls[protocol], requests, expected,
+                                                     concurrency, lambda: batcher_counts(metrics_url)))
                 rows.append(cell)
                 summary = summarise(cell, args.protocols)
                 print(format_row(summary, args.protocols), flush=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import os
 import platform
 import statistics
@@ -355,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
               "load_average_after": os.getloadavg(), "quick": args.quick,
               "dtype": precision_name(dtype), "impl": args.impl, "configs": configs,
               "rows": rows, "ratios": ratio_rows,
-              "command": " ".join(["python", "benchmarks/throughput.py", *(argv or sys.argv[1:])])}
+              "command": shlex.join(["python", "benchmarks/throughput.py", *(argv or sys.argv[1:])])}
     try:
         import onnxruntime
         result["onnxruntime"] = onnxruntime.__version__

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -113,6 +114,34 @@ def test_serve_summary_of_a_protocol_whose_every_request_failed():
     assert "      - " in serve.format_row(summary, ["http", "grpc"])
 
 
+def test_serve_round_counts_only_its_timed_requests(monkeypatch):
+    """The untimed first request of a round runs on the server too: mean_batch must not count it."""
+    import lanit_rt.triton_client as triton_client
+
+    server = {"inferences": 0.0, "executions": 0.0, "calls": 0}
+
+    class FakeClient:
+        def __init__(self, url, protocol):
+            self.domains = ("a", "b")
+
+        def translate(self, image, target):
+            server["calls"] += 1  # the untimed first request runs alone, the rest in pairs
+            server["inferences"] += 1
+            server["executions"] += 1 if server["calls"] == 1 else 0.5
+            return image
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(triton_client, "TritonTranslatorClient", FakeClient)
+    images = [np.full((1, 4, 4, 3), i, np.uint8) for i in range(8)]
+    requests = [(image, "a") for image in images]
+    result = serve.served("http", "url", requests, images, 2,
+                          lambda: (server["inferences"], server["executions"]))
+    assert server["calls"] == 9 and result["mean_batch"] == 2.0
+    assert result["errors"] == result["mismatches"] == 0 and result["p50_ms"] is not None
+
+
 def test_quality_rejects_zero_steps(capsys):
     with pytest.raises(SystemExit) as exc:
         quality.main(["--steps", "0"])
@@ -202,8 +231,9 @@ def test_gpu_sh_fits_one_device_call_and_installs_nothing():
 
     text = GPU_SH.read_text()
     timeouts = [int(s) for s in re.findall(r"\bstep \w+ (\d+) ", text)]
-    # the device allows 600 s a call; the rest is nvidia-smi (20 s at most) and process start-up
-    assert len(timeouts) == 7 and sum(timeouts) <= 550
+    # the device allows 600 s a call: the steps, nvidia-smi's 20 s, and a 5 s kill grace for each
+    assert len(timeouts) == 7 and sum(timeouts) + 20 + 5 * (len(timeouts) + 1) <= 600
+    assert text.count("timeout -k 5 ") == 2
     assert not re.search(r"\bpip3? install", text) and not re.search(r"(^|\s)python\s", text)
 
 
@@ -214,6 +244,7 @@ def test_gpu_sh_cpu_rehearsal_runs_every_step_and_writes_rows(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "bench.jsonl").write_text(json.dumps({"op": "an earlier run's row"}) + "\n")
+    (out / ".gpu_sh_out").touch()  # an earlier gpu.sh run's folder
     # The kernel steps need torch, triton and numpy only: the GPU machine may lack the rest.
     blocked = tmp_path / "blocked"
     for name in ("safetensors", "PIL", "tqdm", "open_clip", "onnx", "onnxruntime"):
@@ -239,6 +270,15 @@ def test_gpu_sh_cpu_rehearsal_runs_every_step_and_writes_rows(tmp_path):
     summary = (out / "summary.txt").read_text()
     assert "generator" in summary and "triton_cl" in summary and "versions: python" in summary
     assert "summary rc=0" in (out / "gpu.log").read_text()
+
+
+def test_gpu_sh_leaves_a_folder_it_did_not_make_alone(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train_step.json").write_text("a result someone keeps")
+    proc = _gpu_sh(tmp_path, "--rehearse")
+    assert proc.returncode == 2 and "holds files gpu.sh did not write" in proc.stderr
+    assert (out / "train_step.json").read_text() == "a result someone keeps"
 
 
 def test_gpu_sh_stops_with_one_line_when_a_module_is_missing(tmp_path):
