@@ -88,6 +88,34 @@ def test_removed_domain_loss_is_minus_log_relu_cosine():
     torch.testing.assert_close(cosines.grad, torch.tensor([[0.0, -1 / (2 * 0.20), 0.0], [0.0, 0.0, 0.0]]))
 
 
+def test_the_l1_terms_are_mean_absolute_differences():
+    """Closed forms: the official iteration test builds its reference step from these helpers, so
+    they are pinned here on their own (a squared or scaled term would otherwise pass it)."""
+    a = torch.tensor([[0.0, 1.0], [2.0, -3.0]])
+    b = torch.tensor([[1.0, 1.0], [0.0, 1.0]])  # |a - b| = 1, 0, 2, 4: mean 1.75 (L2 would be 5.25)
+    for term in (losses.style_reconstruction_loss, losses.diversity_loss, losses.cycle_loss,
+                 losses.identity_loss):
+        assert term(a, b).item() == 1.75, term.__name__
+
+
+def test_the_ema_update_moves_each_weight_by_one_minus_beta():
+    from training.train import Nets, update_ema
+
+    def nets(value: float) -> Nets:
+        made = [torch.nn.Linear(2, 2) for _ in range(4)]
+        for module in made:
+            torch.nn.init.constant_(module.weight, value)
+            torch.nn.init.constant_(module.bias, value)
+        return Nets(*made)
+
+    ema, live = nets(0.0), nets(1.0)
+    update_ema(ema, live, beta=0.9)  # ema + (1 - beta) * (live - ema)
+    for name, module in ema.modules().items():
+        for p in module.parameters():
+            assert torch.allclose(p, torch.full_like(p, 0.1)), name
+    assert torch.equal(live.generator.weight, torch.ones(2, 2))  # the live nets are left alone
+
+
 def test_schedules():
     assert losses.diversity_weight(0, 1.0, 100) == 1.0
     assert losses.diversity_weight(50, 1.0, 100) == 0.5
