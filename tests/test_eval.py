@@ -226,6 +226,41 @@ def test_real_image_row_reads_the_targets_own_members(run_dir):
     assert tr["real_mean"]["domain_accuracy"] == 1.0 and tr["real_mean"]["top1_accuracy"] == 1.0
 
 
+class _Painter(torch.nn.Module):
+    """A stand-in generator that paints each image its target's colour: the style it gets is the
+    target's one-hot row (the stand-in mapping's), so a translation is its target's pure colour."""
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        colours = torch.tensor([COLOURS[d] for d in DOMAINS], dtype=torch.float32) / 127.5 - 1
+        return (style[:, :3] @ colours)[:, :, None, None].expand(-1, -1, *x.shape[2:])
+
+
+def test_translated_rows_measure_the_translations_into_each_target(run_dir):
+    """With a generator that paints the target's colour and a labeler that reads colours, every
+    translation lands in its target (domain accuracy 1), sits nearer the target's real images than
+    its sources do, and keeps the content the colours share with the sources, computed here."""
+    from training.data import ImageSet
+
+    run = eval_inputs.read_run(run_dir["run"], "cpu", progress=False)
+    run.model.generator = _Painter()
+    run.model.mapping = lambda z, weights: weights  # noqa: E731 (the style is the target row)
+    images = ImageSet(run.paths, 32, progress=False)
+    vl = _ColourReader()
+    feats = lanit_eval.encode(vl, images, 16, "features", False)
+    members = torch.tensor([[float(Path(p).parent.name == d) for d in DOMAINS] for p in run.paths])
+    settings = lanit_eval.EvalSettings(n=6, kid_subsets=2, kid_subset_size=4, progress=False)
+    tr = lanit_eval.translation_quality(vl, run, images, feats, members, _ColourReader.bank, settings)
+    for k, name in enumerate(DOMAINS):
+        row = tr["per_domain"][name]
+        assert row["domain_accuracy"] == 1.0 and row["top1_accuracy"] == 1.0
+        assert row["fd"] < tr["identity"][name]["fd"]  # painted target colour vs untouched sources
+        sources = [run.paths.index(Path(p)) for p in row["sources"]]
+        painted = vl.encode_images(_Painter()(images.batch(torch.tensor(sources)),
+                                              torch.eye(3)[[k] * len(sources)]))
+        assert row["content"] == pytest.approx(metrics.content_preservation(feats[sources], painted))
+        assert row["content"] < 0.99  # the sources are other colours
+
+
 def test_identity_baseline_matches_direct_fd(run_dir):
     """Identity FD of a domain = FD between the features of its listed sources and its reals."""
     from training.data import ImageSet

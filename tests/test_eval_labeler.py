@@ -90,6 +90,10 @@ def test_evaluate_labeler_reports_consistent_numbers():
     assert result["macro_f1"] == pytest.approx(sum(result["f1"].values()) / len(domains), abs=1e-3)
     assert 0.0 < result["active_per_image"] < len(domains)
     assert 0.0 <= result["hair_top1"] <= 1.0 and 0.0 <= result["gender_top1"] <= 1.0
+    # lanit-lite on these 24 (2026-12-07: macro F1 0.712, hair 1.000, gender 0.944): floors a
+    # scoring against the wrong truth or an inverted accuracy cannot reach, with room for a label
+    # or two that another CPU's rounding may flip
+    assert result["macro_f1"] >= 0.6 and result["hair_top1"] >= 0.9 and result["gender_top1"] >= 0.85
 
 
 def _bench_module(name):

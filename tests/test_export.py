@@ -311,6 +311,14 @@ def test_validate_artifact_catches_errors_above_tolerance(model):
     assert not bad.passed and "FAILED" in bad.describe("x")
     assert validate_artifact(perturbed(1e-3), model, "domain_weights", "fp16", batches=(1,)).passed
 
+    def one_pixel_off(inputs):  # the worst error, not the mean, decides: one pixel is enough
+        out = reference_output(model, "domain_weights", inputs).copy()
+        out[0, 0, 0, 0] += 1e-3
+        return out
+
+    bad = validate_artifact(one_pixel_off, model, "domain_weights", "fp32", batches=(1, 3))
+    assert not bad.passed and bad.worst == pytest.approx(1e-3, rel=1e-2)
+
 
 # ----------------------------------------------------------------------------- CLI errors
 

@@ -91,6 +91,15 @@ def test_frechet_samples_match_population_formula():
 
 # --------------------------------------------------------------------------- KID
 
+def test_frechet_small_sets_use_the_unbiased_covariance_by_hand():
+    """1-D, 3 and 4 samples: means 1 and 3, variances (ddof 1) 1 and 20/3, so
+    FD = (1 - 3)^2 + 1 + 20/3 - 2 sqrt(20/3); the biased variances would give 6.015, not 6.503."""
+    a = np.array([[0.0], [1.0], [2.0]])
+    b = np.array([[0.0], [2.0], [4.0], [6.0]])
+    expected = 4.0 + 1.0 + 20.0 / 3.0 - 2.0 * np.sqrt(20.0 / 3.0)
+    assert metrics.frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+
+
 def test_mmd2_constant_sets_by_hand():
     # x_i = (1, 1), y_j = (1, -1), F = 2: k(x,x) = (2/2+1)^3 = 8, k(y,y) = 8, k(x,y) = (0+1)^3 = 1.
     x = np.tile([1.0, 1.0], (4, 1))

@@ -178,6 +178,10 @@ def test_any_size_is_resized_and_optionally_restored(translator, model):
 
     back = translator.translate(arrays, "beard", resize_back=True)
     assert back.shape == (2, 48, 40, 3)
+    translated = _direct(model, resized, torch.tensor([[0.0, 0, 1]]).expand(2, D))
+    restored_size = F.interpolate(translated, size=(48, 40), mode="bilinear", align_corners=False,
+                                  antialias=True)  # back to the input size the way it came in
+    _assert_uint8_close(back, _to_uint8(restored_size))
 
     mixed = [arrays[0], _uint8_images(1, seed=3, h=20, w=70)[0]]
     restored = translator.translate(mixed, "beard", resize_back=True)
