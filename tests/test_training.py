@@ -459,6 +459,29 @@ def test_a_resumed_stage_two_run_keeps_the_scores_of_its_learned_prompts(tmp_pat
     assert all(torch.equal(tensors[key], model[1][key]) for key in tensors)
 
 
+@pytest.mark.parametrize("recipe", ["lanit-official", "lanit-rt"])
+def test_a_stage_two_run_resumes_exactly(tmp_path, tiny_labeler, recipe):
+    """Stopped after step 3 of 5 and resumed, a stage-2 run (prompts learned from step 1, so their
+    Adam state is part of what must come back) ends where the straight run does."""
+    changes = dict(stage=2, recipe=recipe, prompt_start=1, prompt_lr=0.05, relabel_every=2,
+                   sample_every=10, ds_decay_steps=5)
+    straight = train(tiny_cfg(tmp_path / "a", tiny_labeler, steps=5, **changes), progress=False)
+    half = tiny_cfg(tmp_path / "b", tiny_labeler, steps=3, **changes)
+    train(half, progress=False)
+    resumed = train(half.replace(steps=5), resume=True, progress=False)
+    a, b = read_metrics(straight), read_metrics(resumed)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5] and "g_dl_latent" in b[-1]
+    for ra, rb in zip(a, b):
+        for key in ra:
+            if key.startswith(("d_", "g_")):
+                assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), (ra["step"], key)
+    from safetensors.torch import load_file
+
+    prompts_a, prompts_b = load_file(straight / "prompts.safetensors"), load_file(resumed / "prompts.safetensors")
+    assert prompts_a.keys() == prompts_b.keys()
+    assert all(torch.allclose(prompts_a[k], prompts_b[k], atol=1e-6) for k in prompts_a)
+
+
 def _checkpoint_contents(file: Path) -> tuple[dict, dict]:
     """A safetensors file's header metadata and tensors (its header's key order varies between
     writes of the same content, so files are compared by content, not bytes)."""
