@@ -207,19 +207,29 @@ class _ColourReader(torch.nn.Module):
         return torch.eye(3), torch.nn.functional.normalize(torch.ones(3), dim=0)
 
 
-def test_real_image_row_reads_the_targets_own_members(run_dir):
-    """The "real images of the target" accuracies come from the target's members: a labeler that
-    reads colours finds every red image red (1.0), where the sources (other colours) and an
-    untrained generator's translations are not."""
+def _colour_read_quality(run_dir, painted: bool = False):
+    """translation_quality of the run read by _ColourReader (optionally with _Painter as the
+    generator): (result, run, images, features)."""
     from training.data import ImageSet
 
     run = eval_inputs.read_run(run_dir["run"], "cpu", progress=False)
+    if painted:
+        run.model.generator = _Painter()
+        run.model.mapping = lambda z, weights: weights  # noqa: E731 (the style is the target row)
     images = ImageSet(run.paths, 32, progress=False)
     vl = _ColourReader()
     feats = lanit_eval.encode(vl, images, 16, "features", False)
     members = torch.tensor([[float(Path(p).parent.name == d) for d in DOMAINS] for p in run.paths])
     settings = lanit_eval.EvalSettings(n=6, kid_subsets=2, kid_subset_size=4, progress=False)
     tr = lanit_eval.translation_quality(vl, run, images, feats, members, _ColourReader.bank, settings)
+    return tr, run, images, feats
+
+
+def test_real_image_row_reads_the_targets_own_members(run_dir):
+    """The "real images of the target" accuracies come from the target's members: a labeler that
+    reads colours finds every red image red (1.0), where the sources (other colours) and an
+    untrained generator's translations are not."""
+    tr, *_ = _colour_read_quality(run_dir)
     for name in DOMAINS:
         assert tr["real"][name] == {"num_real": PER_DOMAIN, "domain_accuracy": 1.0, "top1_accuracy": 1.0}
         assert tr["identity"][name]["domain_accuracy"] == 0.0
@@ -239,23 +249,13 @@ def test_translated_rows_measure_the_translations_into_each_target(run_dir):
     """With a generator that paints the target's colour and a labeler that reads colours, every
     translation lands in its target (domain accuracy 1), sits nearer the target's real images than
     its sources do, and keeps the content the colours share with the sources, computed here."""
-    from training.data import ImageSet
-
-    run = eval_inputs.read_run(run_dir["run"], "cpu", progress=False)
-    run.model.generator = _Painter()
-    run.model.mapping = lambda z, weights: weights  # noqa: E731 (the style is the target row)
-    images = ImageSet(run.paths, 32, progress=False)
-    vl = _ColourReader()
-    feats = lanit_eval.encode(vl, images, 16, "features", False)
-    members = torch.tensor([[float(Path(p).parent.name == d) for d in DOMAINS] for p in run.paths])
-    settings = lanit_eval.EvalSettings(n=6, kid_subsets=2, kid_subset_size=4, progress=False)
-    tr = lanit_eval.translation_quality(vl, run, images, feats, members, _ColourReader.bank, settings)
+    tr, run, images, feats = _colour_read_quality(run_dir, painted=True)
     for k, name in enumerate(DOMAINS):
         row = tr["per_domain"][name]
         assert row["domain_accuracy"] == 1.0 and row["top1_accuracy"] == 1.0
         assert row["fd"] < tr["identity"][name]["fd"]  # painted target colour vs untouched sources
         sources = [run.paths.index(Path(p)) for p in row["sources"]]
-        painted = vl.encode_images(_Painter()(images.batch(torch.tensor(sources)),
+        painted = _ColourReader().encode_images(_Painter()(images.batch(torch.tensor(sources)),
                                               torch.eye(3)[[k] * len(sources)]))
         assert row["content"] == pytest.approx(metrics.content_preservation(feats[sources], painted))
         assert row["content"] < 0.99  # the sources are other colours
