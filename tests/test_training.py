@@ -708,86 +708,215 @@ def test_freezing_the_nets_a_step_does_not_update_leaves_its_gradients_unchanged
     assert all(p.requires_grad for net in nets.modules().values() for p in net.parameters())
 
 
-def _plain_official_step(trainer: Trainer, lambda_id: float = 0.0) -> None:
-    """The released LANIT / StarGAN v2 stage-1 iteration written pass by pass, as the official code
-    runs it: D on reals and on a latent fake, D on reals and on a reference fake, then the latent
-    G step (G, F and E updated) and the reference G step (G only), then the EMA. `lambda_id`: our
-    identity term in the latent step, the sources rendered in a latent style of their own domains."""
+def _plain_step(trainer: Trainer, lambda_id: float = 0.0) -> None:
+    """The released LANIT / StarGAN v2 iteration written pass by pass, as the official code runs it:
+    D on reals and on a latent fake, D on reals and on a reference fake, then the latent G step (G,
+    F and E updated) and the reference G step (G only), then the EMA, then (stage 2) relabelling.
+    Each recipe's own terms are written out here, not taken from the trainer's routing:
+    - lanit-official: adversarial BCE over active (sample, domain) pairs, R1 on the summed active
+      logits, diversity in the latent step only; once prompts are learned, -log relu(cos) of the
+      removed domain in the latent step;
+    - lanit-rt: both averaged per sample, diversity in both steps, and the two-sided BCE domain
+      loss against an ablated target in both steps whenever there is a labeler.
+    `lambda_id`: our identity term in the latent step, the sources rendered in a latent style of
+    their own domains."""
+    from lanit_rt.style import mix_styles
     from training import losses
+    from training.train import every
 
-    nets, cfg, optims = trainer.nets, trainer.cfg, trainer.optims
-    x_real, x_ref, _, y_org, y_trg, _, _, z1, z2 = trainer._batch()
+    nets, cfg, optims, labeler = trainer.nets, trainer.cfg, trainer.optims, trainer.labeler
+    official = cfg.recipe == "lanit-official"
+    average = "pairs" if official else "samples"
+    learn_prompts = trainer.prompt_optim is not None and trainer.step >= cfg.prompt_start_step
+    x_real, x_ref, x_ref2, y_org, y_trg, y_abl, removed, z1, z2 = trainer._batch()
     r1_weight = losses.lazy_r1_weight(trainer.step, cfg.lambda_r1, cfg.r1_every)
     for make_style in (lambda: nets.mapping(z1, y_trg), lambda: nets.style_encoder(x_ref, y_trg)):
         with torch.no_grad():
             x_fake = nets.generator(x_real, make_style())
         x_in = x_real.detach().requires_grad_(True)
         out_real = nets.discriminator(x_in)
-        loss = (losses.adversarial_loss(out_real, y_org, real=True)
-                + losses.adversarial_loss(nets.discriminator(x_fake), y_trg, real=False))
+        loss = (losses.adversarial_loss(out_real, y_org, real=True, average=average)
+                + losses.adversarial_loss(nets.discriminator(x_fake), y_trg, real=False, average=average))
         if r1_weight > 0:
-            loss = loss + r1_weight * losses.r1_penalty(out_real, y_org, x_in, score="sum")
+            score = "sum" if official else "mean"
+            loss = loss + r1_weight * losses.r1_penalty(out_real, y_org, x_in, score=score)
         optims["discriminator"].zero_grad()
         loss.backward()
         optims["discriminator"].step()
     lambda_ds = losses.diversity_weight(trainer.step, cfg.lambda_ds, cfg.ds_decay_span)
     for latent in (True, False):
-        s_trg = nets.mapping(z1, y_trg) if latent else nets.style_encoder(x_ref, y_trg)
-        x_fake = nets.generator(x_real, s_trg)
-        loss = (losses.adversarial_loss(nets.discriminator(x_fake), y_trg, real=True)
-                + cfg.lambda_sty * losses.style_reconstruction_loss(nets.style_encoder(x_fake, y_trg), s_trg))
         if latent:
+            style, second_style = (lambda y: nets.mapping(z1, y)), (lambda y: nets.mapping(z2, y))
+            s_trg, s_org = style(y_trg), nets.style_encoder(x_real, y_org)
+        else:
+            style, second_style = (lambda y: nets.style_encoder(x_ref, y)), (lambda y: nets.style_encoder(x_ref2, y))
+            # E is not trained in this step: the references' and the sources' styles without
+            # gradients, in one call as the trainer makes them (E has no batch statistics).
+            # lanit-rt's diversity term here compares two nearly equal translations, whose L1 signs
+            # would show the rounding of another batch size or of a pass with gradients.
             with torch.no_grad():
-                x_fake2 = nets.generator(x_real, nets.mapping(z2, y_trg))
-            loss = loss - lambda_ds * losses.diversity_loss(x_fake, x_fake2)
-            if lambda_id:
-                x_id = nets.generator(x_real, nets.mapping(z1, y_org))
-                loss = loss + lambda_id * (x_id - x_real).abs().mean()
-        x_rec = nets.generator(x_fake, nets.style_encoder(x_real, y_org))
-        loss = loss + cfg.lambda_cyc * losses.cycle_loss(x_rec, x_real)
+                ref_styles, own_styles = nets.style_encoder.all_styles(torch.cat([x_ref, x_real])).chunk(2)
+            s_trg, s_org = mix_styles(ref_styles, y_trg), mix_styles(own_styles, y_org)
+        x_fake = nets.generator(x_real, s_trg)
+        loss = (losses.adversarial_loss(nets.discriminator(x_fake), y_trg, real=True, average=average)
+                + cfg.lambda_sty * (nets.style_encoder(x_fake, y_trg) - s_trg).abs().mean())
+        if latent or not official:
+            with torch.no_grad():
+                x_fake2 = nets.generator(x_real, second_style(y_trg))
+            loss = loss - lambda_ds * (x_fake - x_fake2).abs().mean()
+        if latent and lambda_id:
+            x_id = nets.generator(x_real, nets.mapping(z1, y_org))
+            loss = loss + lambda_id * (x_id - x_real).abs().mean()
+        x_rec = nets.generator(x_fake, s_org)
+        loss = loss + cfg.lambda_cyc * (x_rec - x_real).abs().mean()
+        if labeler is not None and cfg.lambda_dl > 0:
+            if official and latent and learn_prompts:
+                cosines = labeler.scores(x_fake, True, relative=False)
+                loss = loss + cfg.lambda_dl * losses.removed_domain_loss(cosines, removed)
+            elif not official:
+                x_abl = nets.generator(x_real, style(y_abl))
+                scores = labeler.scores(torch.cat([x_fake, x_abl]), learn_prompts)
+                n = len(x_real)
+                loss = loss + cfg.lambda_dl * losses.domain_regularization_loss(
+                    scores[:n], y_trg, scores[n:], removed, scale=float(labeler.vl.logit_scale))
         for optim in optims.values():
             optim.zero_grad()
+        if learn_prompts:
+            trainer.prompt_optim.zero_grad()
         loss.backward()
         for name in ("generator", "mapping", "style_encoder") if latent else ("generator",):
             optims[name].step()
-    from training.train import update_ema
-
-    update_ema(trainer.ema, nets, losses.ema_beta(trainer.step, cfg.ema_beta))
+        if learn_prompts:
+            trainer.prompt_optim.step()
+    # the EMA written out: ema + (1 - beta) (p - ema)
+    beta = losses.ema_beta(trainer.step, cfg.ema_beta)
+    with torch.no_grad():
+        for name, ema_net in trainer.ema.modules().items():
+            for p_ema, p in zip(ema_net.parameters(), nets.modules()[name].parameters()):
+                p_ema.add_((1 - beta) * (p - p_ema))
     trainer.step += 1
+    if learn_prompts and every(trainer.step, cfg.relabel_every):
+        trainer.labels, trainer.scores = labeler.label()
+        trainer.pool = trainer._active_pool()
 
 
-@pytest.mark.parametrize("lambda_id", [0.0, 2.0])
-def test_the_training_step_is_the_official_iteration(tmp_path, tiny_labeler, lambda_id):
+@pytest.mark.parametrize("recipe, stage, lambda_id, lambda_ds", [
+    ("lanit-official", 1, 0.0, 1.0), ("lanit-official", 1, 2.0, 1.0), ("lanit-rt", 1, 0.0, 0.0),
+    ("lanit-official", 2, 0.0, 0.0), ("lanit-rt", 2, 0.0, 0.0),
+])
+def test_the_training_step_is_the_official_iteration(tmp_path, tiny_labeler, recipe, stage, lambda_id,
+                                                     lambda_ds):
     """The trainer's step shares passes (one content pass for every fake, reals and fakes in one D
-    pass, the reference step's styles without gradients) but must update every net as the plain
-    official iteration does (with the identity term written as its own G call where it is on).
-    SGD instead of Adam, so a difference in any gradient shows. Noise
-    images and each step started from the same weights on both sides: on flat colours, the L1
-    terms' signs at tied pixels and instance norm turn float rounding into visible differences."""
+    pass, the reference step's styles without gradients) but must update every net (and, in stage
+    2, the prompts and the labels) as the plain iteration does, for each recipe (with the identity
+    term written as its own G call where it is on). SGD instead of Adam, so a difference in any
+    gradient shows. Noise images and each step started from the same weights on both sides: on
+    flat colours, the L1 terms' signs at tied pixels and instance norm turn float rounding into
+    visible differences. The diversity term compares two translations that the lanit-rt init and
+    stage 2's prompt steps leave nearly equal, so its L1 signs flip with the rounding of a batched
+    pass: it is checked in the official stage-1 cases, and off in the others (the lanit-rt
+    reference step's own diversity target has a test of its own below)."""
     folder = tmp_path / "noise"
     folder.mkdir()
     rng = np.random.default_rng(0)
     for i in range(12):
         Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
-    cfg = tiny_cfg(tmp_path, tiny_labeler, r1_every=2, steps=10, data=str(folder), lambda_id=lambda_id)
+    cfg = tiny_cfg(tmp_path, tiny_labeler, r1_every=2, steps=10, data=str(folder), lambda_id=lambda_id,
+                   recipe=recipe, stage=stage, prompt_start=1, relabel_every=2, lambda_ds=lambda_ds)
     fast, plain = (Trainer(cfg, progress=False) for _ in range(2))
     start = {name: {k: v.clone() for k, v in net.state_dict().items()}
              for name, net in fast.nets.modules().items()}
     for trainer in (fast, plain):
         trainer.optims = {name: torch.optim.SGD(net.parameters(), lr=0.05)
                           for name, net in trainer.nets.modules().items()}
-        trainer.labels = torch.eye(3)[torch.arange(12) % 3]  # noise gets one label: give them all three
-    for step in range(3):  # steps 0 and 2 with R1, step 1 without
+        if stage == 2:
+            trainer.prompt_optim = torch.optim.SGD(trainer.prompt_optim.param_groups[0]["params"], lr=0.5)
+        # lanit-rt: multi-hot targets, where its per-sample averages differ from the official ones
+        # over (sample, domain) pairs (one-hot targets elsewhere: with them, the official cases'
+        # near-tied L1 terms stay clear of the 2-thread rounding of the batched passes)
+        trainer.labels = (torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [0, 1, 1], [1, 1, 1.0]]).repeat(2, 1)
+                          if recipe == "lanit-rt" else torch.eye(3)[torch.arange(12) % 3])
+    prompts_start = fast.labeler.prompt_bank.state_dict() if stage == 2 else None
+    prompts_start = {k: v.clone() for k, v in prompts_start.items()} if prompts_start else None
+    for step in range(3):  # steps 0 and 2 with R1, step 1 without; prompts learned from step 1
         logs = fast.train_step()
         assert ("g_id_latent" in logs) == (lambda_id > 0) and "g_id_ref" not in logs
-        _plain_official_step(plain, lambda_id)
-        for nets, other in ((fast.nets, plain.nets), (fast.ema, plain.ema)):
+        assert ("g_dl_ref" in logs) == (recipe == "lanit-rt" and fast.labeler is not None)
+        _plain_step(plain, lambda_id)
+        pairs = [(fast.nets, plain.nets), (fast.ema, plain.ema)]
+        for nets, other in pairs:
             for name, net in nets.modules().items():
                 for (key, a), b in zip(net.state_dict().items(), other.modules()[name].state_dict().values()):
                     torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5, msg=f"step {step}: {name}.{key}")
                 other.modules()[name].load_state_dict(net.state_dict())
+        if stage == 2:
+            banks = fast.labeler.prompt_bank, plain.labeler.prompt_bank
+            for (key, a), b in zip(banks[0].state_dict().items(), banks[1].state_dict().values()):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5, msg=f"step {step}: prompts {key}")
+            banks[1].load_state_dict(banks[0].state_dict())
+            assert torch.equal(fast.labels, plain.labels)
     moved = [not torch.equal(p, start["generator"][k]) for k, p in fast.nets.generator.state_dict().items()]
     assert sum(moved) > 10  # the comparison is between trained nets
+    if stage == 2:  # and the prompts were learned
+        assert any(not torch.equal(v, prompts_start[k]) for k, v in fast.labeler.prompt_bank.state_dict().items())
+
+
+@pytest.mark.parametrize("recipe, average, score", [("lanit-official", "pairs", "sum"),
+                                                     ("lanit-rt", "samples", "mean")])
+def test_the_discriminator_objective_follows_the_recipe(tiny_config, recipe, average, score):
+    """Each recipe's averaging of the adversarial BCE and reduction of R1's score, on multi-hot
+    targets (with one domain a sample, pairs and samples, sums and means agree)."""
+    from lanit_rt import Discriminator, Generator, MappingNetwork, StyleEncoder
+    from training import losses
+    from training.train import Nets, discriminator_step
+
+    nets = Nets(Generator(tiny_config), MappingNetwork(tiny_config), StyleEncoder(tiny_config),
+                Discriminator(tiny_config))
+    gen = torch.Generator().manual_seed(0)
+    size = tiny_config.img_size
+    x_real, x_fake = (torch.randn(4, 3, size, size, generator=gen) for _ in range(2))
+    y_org = torch.tensor([[1, 1, 0], [0, 1, 0], [1, 1, 1], [0, 0, 1.0]])
+    y_trg = torch.tensor([[0, 1, 1], [1, 0, 0], [1, 0, 1], [1, 1, 1.0]])
+    _, logs = discriminator_step(nets, x_real, y_org, y_trg, x_fake, TrainConfig(recipe=recipe), 1.0)
+    x_in = x_real.clone().requires_grad_(True)
+    out_real, out_fake = nets.discriminator(x_in), nets.discriminator(x_fake)
+    assert logs["d_real"] == pytest.approx(losses.adversarial_loss(out_real, y_org, real=True, average=average).item())
+    assert logs["d_fake"] == pytest.approx(losses.adversarial_loss(out_fake, y_trg, real=False, average=average).item())
+    assert logs["d_r1"] == pytest.approx(losses.r1_penalty(out_real, y_org, x_in, score=score).item(), rel=1e-5)
+    other = "mean" if score == "sum" else "sum"  # the other reduction gives another figure here
+    assert logs["d_r1"] != pytest.approx(losses.r1_penalty(out_real, y_org, x_in, score=other).item(), rel=1e-3)
+
+
+def test_lanit_rt_reference_step_diversity_uses_the_generator_the_latent_step_left(tmp_path, tiny_labeler,
+                                                                                  monkeypatch):
+    """lanit-rt's reference step pushes its translation away from a second one in another reference's
+    style, made with G as the latent step left it (it was once made before that step, with the G the
+    step started from)."""
+    from training import losses
+
+    cfg = tiny_cfg(tmp_path, tiny_labeler, recipe="lanit-rt", steps=10)
+    trainer = Trainer(cfg, progress=False)
+    batch = Trainer(cfg, progress=False)._batch()  # the batch the trainer's first step draws
+    seen = []
+    diversity = losses.diversity_loss
+
+    def recording(fake, fake2):
+        seen.append((fake2.detach().clone(), {k: v.clone() for k, v in trainer.nets.generator.state_dict().items()}))
+        return diversity(fake, fake2)
+
+    monkeypatch.setattr(losses, "diversity_loss", recording)
+    trainer.train_step()
+    assert len(seen) == 2  # the latent and the reference step
+    fake2, generator_then = seen[1]
+    x_real, _, x_ref2, _, y_trg = batch[:5]
+    replay = Trainer(cfg, progress=False)
+    replay.nets.generator.load_state_dict(generator_then)
+    replay.nets.style_encoder.load_state_dict(trainer.nets.style_encoder.state_dict())  # E: as left
+    with torch.no_grad():
+        expected = replay.nets.generator(x_real, replay.nets.style_encoder(x_ref2, y_trg))
+    torch.testing.assert_close(fake2, expected, rtol=0, atol=1e-6)
+    assert not all(torch.equal(generator_then[k], v) for k, v in  # the latent step did move G
+                   Trainer(cfg, progress=False).nets.generator.state_dict().items())
 
 
 def test_compile_resolution_rules():

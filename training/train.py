@@ -691,18 +691,17 @@ class Trainer:
         learn_prompts = self.prompt_optim is not None and self.step >= cfg.prompt_start_step
         logs: dict[str, float] = {}
 
-        # One generator pass, without gradients, makes both D steps' fakes and the diversity
-        # terms' second translations: G, F and E do not change until the first G update. The
-        # sources' content features are computed once and rendered in every style.
+        # One generator pass, without gradients, makes both D steps' fakes and the latent step's
+        # second translation for the diversity term: G, F and E do not change until the first G
+        # update. (lanit-rt's reference step makes its own, after the latent step has moved G.)
+        # The sources' content features are computed once and rendered in every style.
         with clock("d_fakes"), torch.no_grad():
             latent1, latent2 = nets.mapping(torch.cat([z1, z2]), y_trg.repeat(2, 1)).chunk(2)
             styles = [latent1, nets.style_encoder(x_ref, y_trg), latent2]
-            if not official(cfg):  # lanit-rt: diversity in the reference step too
-                styles.append(nets.style_encoder(x_ref2, y_trg))
             generator = nets.generator
             content = generator.content(x_real).repeat(len(styles), 1, 1, 1)
             made = generator.render(content, generator.adain_params(torch.cat(styles))).chunk(len(styles))
-            fakes, second = made[:2], {"latent": made[2], "ref": made[3] if len(made) > 3 else None}
+            fakes, second = made[:2], {"latent": made[2], "ref": None}
         r1_weight = losses.lazy_r1_weight(self.step, cfg.lambda_r1, cfg.r1_every)
         for kind, x_fake in zip(("latent", "ref"), fakes):
             with clock(f"d_{kind}"):
