@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -18,7 +17,8 @@ from lanit_rt.config import ConfigError
 from training.cli import one_line_warnings
 from training.config import TrainConfig, parse_override
 from training.data import DataError
-from training.run_folder import TRAIN_CONFIG_FILE, RunError, recorded_path_candidates, run_origin
+from training.run_folder import (TRAIN_CONFIG_FILE, RunError, read_train_config,
+                                 recorded_path_candidates, run_origin)
 from training.train import TrainingInterrupted, train
 from training.labeling.views import VisionLanguageError
 
@@ -83,13 +83,8 @@ def resumed_settings(out: Path, data_given: bool = False) -> dict:
     file = out / TRAIN_CONFIG_FILE
     if not file.is_file():
         return {}
-    try:
-        saved = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{file} is not valid JSON ({err}); pass the run's settings again with "
-                          "--resume, or choose another --out") from None
-    if not isinstance(saved, dict):
-        raise ConfigError(f"{file} holds a JSON {type(saved).__name__}, not the run's settings")
+    saved = read_train_config(file, advice="; pass the run's settings again with --resume, or "
+                                            "choose another --out")
     known = {field.name for field in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(saved) - known - set(RUN_RECORD_KEYS))
     if unknown:  # a run from another lanit-rt version

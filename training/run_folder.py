@@ -21,11 +21,25 @@ from lanit_rt.checkpoint import (
     OutputPathError,
     check_output_file,
 )
+from lanit_rt.config import ConfigError
 from lanit_rt.errors import first_line
 
 
 # Written when a run starts: what marks a folder as a training run's (data scans leave those out).
 TRAIN_CONFIG_FILE = "train_config.json"
+
+
+def read_train_config(file: Path, advice: str = "") -> dict:
+    """A run's train_config.json as a dict; ConfigError (one line, `advice` after it) when it is not
+    UTF-8 JSON holding an object."""
+    try:
+        settings = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{file} is not valid JSON ({err}){advice}") from None
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{file} holds a JSON {type(settings).__name__}, not the run's settings "
+                          f"(an object){advice}")
+    return settings
 
 
 def run_origin(run_dir: Path, out: str | None) -> Path | None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 
 from lanit_rt.checkpoint import LanitModel, OutputPathError, check_output_file, load_checkpoint
 from training.data import DataError, check_images, find_images
-from training.run_folder import TRAIN_CONFIG_FILE, recorded_path_candidates, run_origin
+from training.run_folder import TRAIN_CONFIG_FILE, read_train_config, recorded_path_candidates, run_origin
 
 METRICS_FILE = "metrics.jsonl"
 LABELS_FILE = "pseudo_labels.csv"
@@ -93,13 +92,7 @@ def read_run(run_dir: str | Path, device: str | torch.device = "cpu", progress: 
     cfg_file = run_dir / TRAIN_CONFIG_FILE
     if not cfg_file.exists():
         raise EvalError(f"{run_dir} has no {TRAIN_CONFIG_FILE}; is it a `python -m training.run` folder?")
-    try:
-        train_config = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise EvalError(f"{cfg_file} is not valid JSON: {err}") from None
-    if not isinstance(train_config, dict):
-        raise EvalError(f"{cfg_file} holds a JSON {type(train_config).__name__}, not the run's "
-                        "settings (an object)")
+    train_config = read_train_config(cfg_file)
     check_output_folder(run_dir)
     model = load_checkpoint(run_dir, device)
     cfg_domains = train_config.get("domains")
