@@ -204,9 +204,7 @@ def _run_triton(args: argparse.Namespace) -> None:
             from lanit_export.tensorrt import batch_profile, import_tensorrt  # noqa: PLC0415
 
             profile = batch_profile(args.min_batch, args.opt_batch, args.max_batch)
-            if profile.min != 1:
-                raise ExportError(triton_repo.TRITON_MIN_BATCH_NEEDED.format(
-                    path="the engine", low=profile.min))
+            triton_repo.check_served_profile(profile, "the engine")  # before the export
             options = triton_repo.ServingOptions(max_batch=profile.max, kind=kind, **given)
         else:
             if args.max_batch is not None:

@@ -47,9 +47,6 @@ LABELS_FILE = "domains.txt"
 WARMUP_DIR = "warmup"
 WARMUP_WEIGHTS = "domain_weights"
 VERSION = "1"
-# Triton's dynamic batcher sends any batch from 1 up, and TensorRT refuses shapes below the profile.
-TRITON_MIN_BATCH_NEEDED = ("{path}'s profile starts at batch {low}; Triton sends batches from 1 up, "
-                           "so a served engine needs --min-batch 1")
 DEFAULT_NAME = "lanit"
 DEFAULT_MAX_BATCH = 16
 DEFAULT_QUEUE_DELAY_US = 2000
@@ -365,6 +362,14 @@ def write_onnx_repository(repo: str | os.PathLike, onnx_path: str | os.PathLike,
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def check_served_profile(profile, engine: str) -> None:
+    """ExportError unless a TensorRT profile starts at batch 1: Triton's dynamic batcher sends any
+    batch from 1 up, and TensorRT refuses shapes below the profile."""
+    if profile.min != 1:
+        raise ExportError(f"{engine}'s profile starts at batch {profile.min}; Triton sends batches "
+                          "from 1 up, so a served engine needs --min-batch 1")
+
+
 def write_engine_repository(repo: str | os.PathLike, engine_path: str | os.PathLike,
                             options: ServingOptions | None = None, name: str = DEFAULT_NAME,
                             onnx_path: str | os.PathLike | None = None) -> TritonModel:
@@ -383,8 +388,7 @@ def write_engine_repository(repo: str | os.PathLike, engine_path: str | os.PathL
     sidecar, config, profile = read_sidecar(engine_path)
     if sidecar.get("kind", "domain_weights") != "domain_weights":
         raise ExportError(f"{engine_path} is not a domain_weights engine")
-    if profile.min != 1:
-        raise ExportError(TRITON_MIN_BATCH_NEEDED.format(path=engine_path, low=profile.min))
+    check_served_profile(profile, str(engine_path))
     options = options or ServingOptions(max_batch=profile.max, kind="KIND_GPU")
     if options.max_batch > profile.max:
         raise ExportError(f"max batch {options.max_batch} exceeds the engine's profile "
