@@ -70,7 +70,8 @@ def describe(script: str, argv: list[str] | None, threads: int, *modules: str) -
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {"cpu": cpu_name(), "cpu_flags": cpu_flags(), "threads": threads, "os_cpus": os.cpu_count(),
             "load_average_1_5_15": list(load) if load else None,
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "ort_intra_op_spinning": False,
-            "versions": versions("torch", "numpy", *modules),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "ort_intra_op_spinning": ORT_NO_SPIN.get("session.intra_op.allow_spinning") != "0",
+            "python": platform.python_version(), "versions": versions("torch", "numpy", *modules),
             "command": shlex.join(["python", f"benchmarks/{script}",
                                    *(sys.argv[1:] if argv is None else argv)])}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,14 +25,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_machine import ORT_NO_SPIN, cpu_flags, cpu_name, quiet_openmp  # noqa: E402
+from bench_machine import ORT_NO_SPIN, describe, quiet_openmp  # noqa: E402
 
 quiet_openmp()  # before torch loads (bench_machine.py says why)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import lanit_rt  # noqa: E402
 from lanit_rt import Generator, LanitConfig, LanitModel  # noqa: E402
 from lanit_rt.checkpoint import OutputPathError, check_output_file  # noqa: E402
 from lanit_export.onnx_export import export_onnx  # noqa: E402
@@ -137,13 +135,8 @@ def main(argv=None) -> int:
                 r = rows[-1]
                 print(f"done {size}px {precision}: eager {r['eager_ms']:.1f} ms, ort {r['ort_ms']:.1f} ms",
                       file=sys.stderr)
-    machine = {
-        "cpu": cpu_name(), "cpu_flags": cpu_flags(), "cpus": os.cpu_count(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "ort_intra_op_spinning": False,
-        "threads": args.threads, "python": platform.python_version(), "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__, "lanit_rt": lanit_rt.__version__,
-        "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-    }
+    machine = {**describe("onnx_cpu.py", argv, args.threads, "onnxruntime", "lanit_rt"),
+               "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     # the eager side is always the fp32 PyTorch model: an fp16 row compares it with ORT's fp16 graph
     header = (f"{'size':>5} {'ORT':>5} {'batch':>5} {'GFLOP':>7} {'fp32 eager ms':>13} {'ORT ms':>9} "
               f"{'eager/ORT':>9} {'ORT GFLOP/s':>11} {'max err':>9}")
