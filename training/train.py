@@ -701,7 +701,7 @@ class Trainer:
             generator = nets.generator
             content = generator.content(x_real).repeat(len(styles), 1, 1, 1)
             made = generator.render(content, generator.adain_params(torch.cat(styles))).chunk(len(styles))
-            fakes, second = made[:2], {"latent": made[2], "ref": None}
+            fakes, latent_second = made[:2], made[2]
         r1_weight = losses.lazy_r1_weight(self.step, cfg.lambda_r1, cfg.r1_every)
         for kind, x_fake in zip(("latent", "ref"), fakes):
             with clock(f"d_{kind}"):
@@ -737,7 +737,8 @@ class Trainer:
                 g_loss, g_logs = generator_step(nets, self.labeler, x_real, y_org, y_trg, y_abl, removed,
                                                 style_of, cfg, lambda_ds, learn_prompts,
                                                 latent=kind == "latent", clock=clock,
-                                                x_fake2=second[kind], s_org=s_org)
+                                                x_fake2=latent_second if kind == "latent" else None,
+                                                s_org=s_org)
                 for name in optims:
                     optims[name].zero_grad(set_to_none=True)
                 if learn_prompts:
