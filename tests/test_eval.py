@@ -19,6 +19,7 @@ from training.evaluation import eval as lanit_eval
 from training.evaluation import inputs as eval_inputs
 from training.evaluation import report as eval_report
 from training.evaluation import metrics
+from training import run_folder
 
 DOMAINS = ("red", "green", "blue")
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 210)}
@@ -436,6 +437,21 @@ def test_a_relative_data_folder_is_found_from_another_folder(run_dir, tmp_path, 
     config = json.loads((run / "train_config.json").read_text())
     (run / "train_config.json").write_text(json.dumps({**config, "out": str(tmp_path / "gone")}))
     assert eval_inputs.read_run(run, progress=False).data_dir == project / "data"
+
+
+def test_the_runs_start_folder_comes_before_a_same_named_folder_here(run_dir, tmp_path, monkeypatch):
+    """A `data` folder under the current folder is another folder: the run's own (from the folder it
+    was started in) is found first, by training.eval as by --resume."""
+    project, run = _project(run_dir, tmp_path)
+    decoy = tmp_path / "elsewhere" / "data"
+    shutil.copytree(project / "data", decoy)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert eval_inputs.read_run(run, progress=False).data_dir == project / "data"
+    origin = run_folder.run_origin(run, "runs/base")
+    assert origin == project
+    assert run_folder.recorded_path_candidates("data", run, origin)[:2] == [project / "data", decoy]
+    shutil.rmtree(project / "data")  # gone from the start folder: the one here is the next place tried
+    assert eval_inputs.read_run(run, progress=False).data_dir == decoy
 
 
 def test_a_missing_data_folder_names_the_places_tried_and_data_overrides_it(run_dir, tmp_path, monkeypatch,

@@ -96,7 +96,7 @@ def resumed_settings(out: Path, data_given: bool = False) -> dict:
         if key == "data" and data_given:
             continue
         if isinstance(settings.get(key), str) and settings[key]:
-            candidates = recorded_path_candidates(settings[key], out, origin, origin_first=True)
+            candidates = recorded_path_candidates(settings[key], out, origin)
             found = next((c for c in candidates if c.exists()), None)
             if found is not None:
                 settings[key] = str(found)

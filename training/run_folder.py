@@ -54,18 +54,16 @@ def run_origin(run_dir: Path, out: str | None) -> Path | None:
     return resolved.parents[len(parts) - 1]
 
 
-def recorded_path_candidates(recorded: str, run_dir: Path, origin: Path | None,
-                             origin_first: bool = False) -> list[Path]:
+def recorded_path_candidates(recorded: str, run_dir: Path, origin: Path | None) -> list[Path]:
     """Where a path train_config.json records as it was given may be now: itself when absolute;
-    else from the current folder and the folder the run was started in (`origin_first` puts that
-    one first), then from each folder above the run folder (the filesystem root excluded)."""
+    else from the folder the run was started in, then the current folder, then each folder above
+    the run folder (the filesystem root excluded). The start folder comes first: a folder of the
+    same name under the current one is another folder."""
     given = Path(recorded).expanduser()
     if given.is_absolute():
         return [given]
-    starts = [Path.cwd(), *([origin] if origin is not None else [])]
-    if origin_first:
-        starts.reverse()
-    bases = [*starts, *[p for p in run_dir.resolve().parents if p != Path(p.anchor)]]
+    bases = [*([origin] if origin is not None else []), Path.cwd(),
+             *[p for p in run_dir.resolve().parents if p != Path(p.anchor)]]
     return list(dict.fromkeys(base / given for base in bases))
 
 

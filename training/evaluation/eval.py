@@ -405,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labeler", help="VL model for labels and features (default: the run's labeler)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
     p.add_argument("--data", help="the run's training-image folder (default: the one in train_config.json, "
-                                  "searched from here, the run's working folder and the folders above the run)")
+                                  "searched from the run's working folder, here, then the folders above the run)")
     p.add_argument("--batch-size", type=int, default=EvalSettings.batch_size)
     p.add_argument("--cache-dir", help="image-feature cache (default: the trainer's)")
     p.add_argument("--topk", type=int, help="k of the top-k mode (default: the run's)")

@@ -46,7 +46,7 @@ class RunInfo:
 
 def resolve_data_dir(data: str, run_dir: Path, origin: Path | None) -> Path:
     """The run's training-image folder. train_config.json keeps --data as it was given, so a
-    relative path is tried from the current folder, then from the folder the run was started in,
+    relative path is tried from the folder the run was started in, then from the current folder,
     then from each folder above the run folder (the filesystem root excluded)."""
     candidates = recorded_path_candidates(data, run_dir, origin)
     for candidate in candidates:
