@@ -310,22 +310,32 @@ def bench_size(name: str, batches: list[int], threads: int, iters: int, folder: 
     return rows, host, gflop
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked, with --quick's defaults filled in."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="64-small, batch 1, 1 iteration, one int8 recipe, no NNCF (CI smoke)")
+                        help="CI smoke: one int8 recipe, no NNCF; and unless given, --sizes 64-small "
+                             "--batches 1 --iters 1 --calib 4 --heldout 2")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--iters", type=int, help="timed runs per engine (default 5)")
+    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), help=f"default: {' '.join(SIZES)}")
+    parser.add_argument("--batches", nargs="+", type=int, help="default: 1 8")
     parser.add_argument("--engines", nargs="+", metavar="LABEL",
                         help="keep only these engines (labels as printed; onnxruntime fp32 always runs)")
-    parser.add_argument("--calib", type=int, default=32, help="calibration images (default 32)")
-    parser.add_argument("--heldout", type=int, default=16, help="held-out PSNR images (default 16)")
+    parser.add_argument("--calib", type=int, help="calibration images (default 32)")
+    parser.add_argument("--heldout", type=int, help="held-out PSNR images (default 16)")
     parser.add_argument("--checkpoint", metavar="RUN",
                         help="measure this trained run's generator instead of the --sizes models")
     parser.add_argument("--json", default="benchmarks/results/edge_cpu.json")
     args = parser.parse_args(argv)
+    if args.checkpoint and args.sizes:
+        parser.error("--checkpoint measures that run's generator: leave out --sizes")
+    # --quick picks small defaults; what is given on the command line still counts
+    args.sizes = args.sizes or (["64-small"] if args.quick else list(SIZES))
+    args.batches = args.batches or ([1] if args.quick else [1, 8])
+    for name, quick, full in (("iters", 1, 5), ("calib", 4, 32), ("heldout", 2, 16)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
     for flag, value in (("--threads", args.threads), ("--iters", args.iters), ("--batches", min(args.batches)),
                         ("--calib", args.calib), ("--heldout", args.heldout)):
         if value < 1:
@@ -336,7 +346,6 @@ def main(argv=None) -> int:
             check_output_file(args.json)
         except OutputPathError as err:
             parser.error(f"--json {args.json}: {err}")
-    sizes = ["64-small"] if args.quick else args.sizes
     if args.checkpoint:
         from lanit_rt import CheckpointError, read_checkpoint_config
 
@@ -344,9 +353,14 @@ def main(argv=None) -> int:
             read_checkpoint_config(args.checkpoint)
         except (CheckpointError, ValueError, OSError) as err:
             parser.error(f"--checkpoint {args.checkpoint}: {err}")
-        sizes = [args.checkpoint]
-    batches = [1] if args.quick else args.batches
-    iters = 1 if args.quick else args.iters
+        args.sizes = [args.checkpoint]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    sizes = args.sizes
+    batches, iters = args.batches, args.iters
     torch.set_num_threads(args.threads)
     peak = fp32_peak_gflops(args.threads, 5 if args.quick else 20)
     machine = describe("edge_cpu.py", argv, args.threads, "onnxruntime", "openvino", "nncf")
@@ -357,9 +371,8 @@ def main(argv=None) -> int:
                "rows": [], "host_overhead": None, "gflop_per_image": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in sizes:
-            calib, held = (4, 2) if args.quick else (args.calib, args.heldout)
-            rows, host, gflop = bench_size(name, batches, args.threads, iters, Path(tmp), args.quick, calib, held,
-                                           args.engines)
+            rows, host, gflop = bench_size(name, batches, args.threads, iters, Path(tmp), args.quick,
+                                           args.calib, args.heldout, args.engines)
             results["rows"] += rows
             results["gflop_per_image"][name] = gflop
             if host is not None:

@@ -66,10 +66,11 @@ class Row:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
-                   help="tiny CPU smoke run: 32 px toy generator and ops, batch 1, fp32")
-    p.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
-    p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp16", "bf16", "fp32"])
+                   help="tiny CPU smoke run: toy generator; and unless given, --sizes 32 --batches 1 "
+                        "--dtypes fp32")
+    p.add_argument("--sizes", type=int, nargs="+", help="default: 128 256")
+    p.add_argument("--batches", type=int, nargs="+", help="default: 1 8 32 64")
+    p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), help="default: fp16 bf16 fp32")
     p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     p.add_argument("--interpret", action="store_true",
@@ -79,10 +80,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="CPU threads for torch (1 keeps shared, loaded machines from stalling)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fused_ops.json")
     args = p.parse_args(argv)
-    if args.threads < 1 or min(args.batches) < 1:
-        p.error("--threads and --batches must be at least 1")
-    if args.quick:
-        args.sizes, args.batches, args.dtypes = [32], [1], ["fp32"]
+    # --quick picks small defaults; what is given on the command line still counts
+    args.sizes = args.sizes or ([32] if args.quick else [128, 256])
+    args.batches = args.batches or ([1] if args.quick else [1, 8, 32, 64])
+    args.dtypes = args.dtypes or (["fp32"] if args.quick else ["fp16", "bf16", "fp32"])
+    if args.threads < 1 or min(args.batches) < 1 or min(args.sizes) < 1:
+        p.error("--threads, --sizes and --batches must be at least 1")
     return args
 
 

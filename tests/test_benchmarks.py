@@ -52,6 +52,27 @@ def test_edge_cpu_rejects_bad_arguments(argv, capsys):
     assert exc.value.code == 2 and argv[0] in capsys.readouterr().err
 
 
+def test_edge_cpu_checkpoint_and_sizes_together_are_refused(capsys):
+    with pytest.raises(SystemExit) as exc:
+        edge_cpu.parse_args(["--checkpoint", "runs/x", "--sizes", "64-small"])
+    assert exc.value.code == 2 and "leave out --sizes" in capsys.readouterr().err
+
+
+def test_quick_fills_defaults_but_given_flags_win():
+    """--quick's small settings apply only where the command line is silent."""
+    quick = edge_cpu.parse_args(["--quick", "--json", ""])
+    assert (quick.sizes, quick.batches, quick.iters, quick.calib, quick.heldout) == (["64-small"], [1], 1, 4, 2)
+    given = edge_cpu.parse_args(["--quick", "--json", "", "--sizes", "256-stargan", "--batches", "4",
+                                 "--iters", "3", "--calib", "8", "--heldout", "5"])
+    assert (given.sizes, given.batches, given.iters, given.calib, given.heldout) == (["256-stargan"], [4], 3, 8, 5)
+    full = edge_cpu.parse_args(["--json", ""])
+    assert (full.sizes, full.batches, full.iters, full.calib) == (list(edge_cpu.SIZES), [1, 8], 5, 32)
+    assert (fused_ops.parse_args(["--quick"]).sizes, fused_ops.parse_args(["--quick"]).dtypes) == ([32], ["fp32"])
+    fused = fused_ops.parse_args(["--quick", "--sizes", "64", "--batches", "2", "--dtypes", "bf16"])
+    assert (fused.sizes, fused.batches, fused.dtypes) == ([64], [2], ["bf16"])
+    assert fused_ops.parse_args([]).batches == [1, 8, 32, 64]
+
+
 def test_edge_cpu_quick_smoke(tmp_path, capsys):
     """--quick runs every available engine once on 64-small and writes rows with PSNR and GFLOP/s."""
     pytest.importorskip("onnxruntime")
