@@ -97,10 +97,13 @@ step bench 100 python3 benchmarks/gpu_bench.py bench --out-dir "$out" $rehearse_
 step compile 100 python3 benchmarks/gpu_bench.py bench --out-dir "$out" $rehearse_flag --step compile \
     --impls compile --ops adain_conv3x3_up adain_conv3x3 generator
 
-if [ "$rehearse" = 1 ]; then
+# the check step's row lists what training needs and python3 here cannot import
+lacking=$(python3 -c 'import json, sys; row = json.loads(open(sys.argv[1]).read().splitlines()[-1])
+print(" ".join(row["training_modules_missing"]))' "$out/check.jsonl" 2>&1) || lacking="? ($lacking)"
+if [ -n "$lacking" ]; then
+    log "train skipped: python3 here cannot import $lacking, which training needs"
+elif [ "$rehearse" = 1 ]; then
     log "train skipped in the rehearsal (benchmarks/train_step.py runs on the CPU by itself)"
-elif ! python3 -c "import PIL, tqdm, safetensors" 2>/dev/null; then
-    log "train skipped: python3 here lacks Pillow, tqdm or safetensors, which training needs"
 else
     step train 60 python3 benchmarks/train_step.py --device cuda --sizes default 128 --steps 10 \
         --warmup 3 --rounds 1 --baseline "" --json "$out/train_step.json"

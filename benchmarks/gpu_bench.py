@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
-import importlib.util
 import json
 import os
 import platform
@@ -88,6 +87,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _imports(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except Exception:  # ImportError, or a broken install raising something else
+        return False
+    return True
+
+
 def check(args) -> int:
     """Print module versions; exit 3 with one line naming what is missing."""
     versions, missing = {}, []
@@ -106,8 +113,8 @@ def check(args) -> int:
     # row fails (each says so), while the eager rows still run, so this is reported, not fatal.
     row["c_compiler"] = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or \
         shutil.which("clang") or "none found: Triton and torch.compile rows will fail"
-    row["training_modules_missing"] = [name for name in TRAINING_MODULES
-                                       if importlib.util.find_spec(name) is None]
+    # gpu.sh reads this list to skip its train step (imported, not just found: a broken install counts)
+    row["training_modules_missing"] = [name for name in TRAINING_MODULES if not _imports(name)]
     if not missing:
         import torch
 

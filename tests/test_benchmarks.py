@@ -304,9 +304,13 @@ def test_gpu_sh_cpu_rehearsal_runs_every_step_and_writes_rows(tmp_path):
     assert warm["note"] == "" and warm["seconds"] > 0
     check = json.loads((out / "check.jsonl").read_text())
     assert check["missing"] == [] and check["c_compiler"]
+    # the blocked training modules: named in the check row, and gpu.sh's train step skips on that row
+    assert check["training_modules_missing"] == ["PIL", "tqdm", "safetensors"]
+    log = (out / "gpu.log").read_text()
+    assert "train skipped: python3 here cannot import PIL tqdm safetensors, which training needs" in log
     summary = (out / "summary.txt").read_text()
     assert "generator" in summary and "triton_cl" in summary and "versions: python" in summary
-    assert "summary rc=0" in (out / "gpu.log").read_text()
+    assert "summary rc=0" in log
 
 
 def test_gpu_sh_leaves_a_folder_it_did_not_make_alone(tmp_path):
