@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_machine import describe  # noqa: E402
 from training.labeling import align as A  # noqa: E402
 from training.labeling import align_data as AD  # noqa: E402
 from training.labeling import emoji as emoji_data  # noqa: E402
@@ -256,7 +257,9 @@ def main(argv=None) -> int:
     row: dict = {"pool": args.pool, "steps": args.steps, "seed": args.seed, "weight_decay": args.weight_decay,
                  "feature_dropout": args.feature_dropout, "set_centre_weight": w,
                  "image_side": args.image_side, "nap": args.nap, "embed_dim": args.embed_dim,
-                 "train_seconds": summary["seconds"]}
+                 "train_seconds": summary["seconds"],
+                 "machine": describe("labeler_ablation.py", argv, torch.get_num_threads(), "open_clip",
+                                     "transformers")}
     persons = test["persons"]
     s = scores(vl, proj, join(persons["parts"]), persons["domains"])
     truth = persons["truth"]

@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import labeler_ablation as ablation  # noqa: E402
+from bench_machine import describe  # noqa: E402
 from training.labeling import align as A  # noqa: E402
 from training.labeling import emoji as emoji_data  # noqa: E402
 from training.evaluation.eval_labeler import f1_scores, top1_accuracy  # noqa: E402
@@ -217,6 +218,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(2)
     name = f"{args.heads} + {'/'.join(memory_vendors)} memory -> {args.vendor}"
     rows = grid(Split(args.heads, memory_vendors, args.vendor))
+    # the split's machine record rides on its first row (text only), not on each of the grid's rows
+    rows[0]["machine"] = describe("labeler_memory.py", argv, torch.get_num_threads(), "open_clip")
     out = Path(args.out)
     splits = json.loads(out.read_text()) if out.is_file() else {}
     splits[name] = rows

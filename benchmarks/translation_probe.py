@@ -33,6 +33,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_machine import describe  # noqa: E402
+
 PATCH_ROWS, PATCH_COLS = (0.40, 0.60), (0.28, 0.72)
 
 
@@ -171,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {r['content']:.3f} | {r['colour']:.1f} |")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"n": args.n, "seed": args.seed, "runs": results,
-                                               "references": references}, indent=2) + "\n")
+        machine = describe("translation_probe.py", argv, torch.get_num_threads(), "open_clip")
+        Path(args.json).write_text(json.dumps({"n": args.n, "seed": args.seed, "machine": machine,
+                                               "runs": results, "references": references}, indent=2) + "\n")
     return 0
 
 
