@@ -230,7 +230,8 @@ def test_throughput_skips_onnx_rows_without_the_onnx_extra(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("module, argv, message", [
-    (fused_ops, ["--threads", "0"], "--threads and --batches must be at least 1"),
+    (fused_ops, ["--threads", "0"], "--threads, --sizes and --batches must be at least 1"),
+    (fused_ops, ["--quick", "--sizes", "0"], "--threads, --sizes and --batches must be at least 1"),
     (labeler_ablation, ["--nap", "-1"], "--nap at least 0"),
     (labeler_ablation, ["--set-centre-weight", "1.5"], "--set-centre-weight must be in [0, 1]"),
     (labeler_memory, ["--vendor", "noto"], "were made from its drawings"),
