@@ -327,8 +327,21 @@ def _load_prefixed(net: torch.nn.Module, tensors: dict[str, torch.Tensor], prefi
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        first = first_line(err)
-        raise CheckpointError(f"{file}: weights under '{prefix}' do not match its config: {first}") from None
+        raise CheckpointError(f"{file}: weights under '{prefix}' do not match its config: "
+                              f"{_first_mismatch(err)}") from None
+
+
+def _first_mismatch(err: RuntimeError, limit: int = 300) -> str:
+    """The first of the mismatches torch's load_state_dict lists under its heading line ("size
+    mismatch for w: ..."), with how many more follow; the heading itself says nothing."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    details = lines[1:] if lines and lines[0].startswith("Error(s) in loading state_dict") else lines
+    if not details:
+        return first_line(err)
+    first = details[0].rstrip(".")
+    if len(first) > limit:
+        first = first[:limit] + "..."
+    return first + (f" (and {len(details) - 1} more)" if len(details) > 1 else "")
 
 
 def _unwrap(net: torch.nn.Module) -> torch.nn.Module:

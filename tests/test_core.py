@@ -228,8 +228,11 @@ def test_checkpoint_errors(tmp_path, tiny_config):
         header = f.metadata()
     save_file(tensors, str(tmp_path / "mixed.safetensors"), metadata=header)
     assert read_checkpoint_config(tmp_path / "mixed.safetensors")[0] == tiny_config
-    with pytest.raises(CheckpointError, match="do not match its config"):
+    with pytest.raises(CheckpointError, match="do not match its config") as exc:
         load_checkpoint(tmp_path / "mixed.safetensors")
+    # the mismatch itself, not torch's heading line, in one line
+    message = str(exc.value)
+    assert "size mismatch for " in message and "in current model is" in message and "\n" not in message
 
 
 def test_foreign_errors_are_quoted_in_one_line(tmp_path, tiny_config, monkeypatch):
