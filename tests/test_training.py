@@ -18,7 +18,7 @@ from training.config import TrainConfig
 from training.acceleration import (COMPILE_MIN_STEPS, keep_freed_memory, release_freed_memory,
                                    should_compile)
 from training.run_folder import RunError
-from training.train import Trainer, TrainingInterrupted, train
+from training.train import NothingToTrain, Trainer, TrainingInterrupted, train
 
 DOMAINS = ("red", "green", "blue")
 REPO = Path(__file__).resolve().parents[1]
@@ -336,8 +336,13 @@ def test_ctrl_c_says_whether_anything_was_saved(tmp_path, tiny_labeler, monkeypa
     assert run.main(tiny_argv(tmp_path, tiny_labeler, "--steps", "3", "--resume")) == 0
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
     capsys.readouterr()
-    assert run.main(tiny_argv(tmp_path, tiny_labeler, "--steps", "2", "--resume")) == 0
-    assert "already at step 3 of --steps 2: nothing to train" in capsys.readouterr().out
+    # A finished run resumed again, or with fewer steps: nothing trained and no file rewritten (a
+    # smaller --steps must not become the recorded setting)
+    before = {f.name: f.read_bytes() for f in (tmp_path / "run").rglob("*") if f.is_file()}
+    for steps in ("3", "2"):
+        assert run.main(tiny_argv(tmp_path, tiny_labeler, "--steps", steps, "--resume")) == 0
+        assert f"already at step 3 of --steps {steps}: nothing to train" in capsys.readouterr().out
+    assert {f.name: f.read_bytes() for f in (tmp_path / "run").rglob("*") if f.is_file()} == before
 
 
 def _sigint_during(train_step, at_step: int, times: int = 1):
@@ -452,7 +457,9 @@ def test_a_resumed_stage_two_run_keeps_the_scores_of_its_learned_prompts(tmp_pat
     trainer = Trainer(cfg, progress=False)
     trainer.resume()
     assert not torch.allclose(trainer.scores, first)  # the learned prompts moved the scores
-    train(cfg, resume=True, progress=False)  # at its last step already: saves again, trains nothing
+    with pytest.raises(NothingToTrain):  # train() leaves a finished run alone ...
+        train(cfg, resume=True, progress=False)
+    trainer.run()  # ... the resumed trainer at its last step saves again and trains nothing
     assert {name: (out / name).read_bytes() for name in files} == saved
     metadata, tensors = _checkpoint_contents(out / "model.safetensors")
     assert metadata == model[0] and tensors.keys() == model[1].keys()

@@ -19,7 +19,7 @@ from training.config import TrainConfig, parse_override
 from training.data import DataError
 from training.run_folder import (TRAIN_CONFIG_FILE, RunError, read_train_config,
                                  recorded_path_candidates, run_origin)
-from training.train import TrainingInterrupted, train
+from training.train import NothingToTrain, TrainingInterrupted, train
 from training.labeling.views import VisionLanguageError
 
 # Problems with the user's arguments, data, labeler, files or machine: one line and exit code 2,
@@ -176,6 +176,9 @@ def _main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as err:
         print(interrupted_message(err, out), file=sys.stderr)
         return 130
+    except NothingToTrain as err:  # not an error: a job resubmitted after it finished
+        print(f"{err}; python -m training.eval {out} evaluates it")
+        return 0
     except USER_ERRORS as err:
         print(f"error: {describe(err)}", file=sys.stderr)
         return 2

@@ -73,6 +73,15 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.step = step
 
 
+class NothingToTrain(Exception):
+    """--resume of a run already at or past --steps: nothing was trained, and nothing written."""
+
+    def __init__(self, out: Path, step: int, steps: int):
+        super().__init__(f"the run in {out} is already at step {step} of --steps {steps}: nothing to "
+                         "train, nothing changed; pass a larger --steps to continue it")
+        self.step = step
+
+
 @contextlib.contextmanager
 def stop_requests() -> Iterator[threading.Event]:
     """While the loop runs, the first Ctrl-C (SIGINT) only sets the yielded event: the step under
@@ -810,9 +819,6 @@ class Trainer:
         if self.compiled and self.dist.main and self.progress and self.step < cfg.steps:
             tqdm.write("the first steps compile the generator and style encoder (torch.compile: "
                        "30-45 s on 2 CPU cores the first time, seconds once cached)")
-        if self.step >= cfg.steps and self.dist.main:
-            tqdm.write(f"the run is already at step {self.step} of --steps {cfg.steps}: nothing to "
-                       "train; pass a larger --steps to continue it")
         mid_step = False
         if self.device.type == "cpu":
             # From here on, not while labelling: what that frees would stay resident (train()
@@ -878,6 +884,10 @@ def train(cfg: TrainConfig, vl=None, resume: bool = False, progress: bool = True
     nothing is written there until both the data and the resume state are known to fit."""
     prepare_out_folder(Path(cfg.out), resume)
     state = load_train_state(cfg.out) if resume else None
+    # Before the run's files are rewritten: a finished run resumed again (a resubmitted job) stays
+    # as it is, and a smaller --steps must not become its recorded setting.
+    if state is not None and isinstance(state.get("step"), int) and state["step"] >= cfg.steps:
+        raise NothingToTrain(Path(cfg.out), state["step"], cfg.steps)
     trainer = Trainer(cfg, vl=vl, progress=progress, resume_state=state)
     if state is not None:
         trainer.resume(state)
