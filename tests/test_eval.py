@@ -1,6 +1,7 @@
 """`python -m training.eval` end to end on a tiny run folder built here, with a tiny random open_clip
 labeler on disk (loaded through training.labeling.vl like any local checkpoint)."""
 
+import copy
 import csv
 import json
 import warnings
@@ -124,6 +125,19 @@ def test_eval_writes_every_output(run_dir):
         assert curves.size == (900, 170)  # 3 curves, 3 panels per row
     md = (run / "eval.md").read_text()
     assert "mean (mFD, mKID)" in md and "| learned |" in md and "| stage1 |" in md
+
+
+def test_reports_say_how_many_sources_each_target_had(run_dir):
+    """A data set with few images outside a target translates fewer sources than --n: the report
+    and the closing table say so instead of quoting --n."""
+    result = copy.deepcopy(run_dir["result"])
+    assert "n = 6 translations per domain" in eval_report.markdown_report(result)
+    result["settings"]["n"] = 50
+    note = "6 (fewer than the n = 50 asked: only that many images lie outside the target)"
+    assert f"{note} translations per domain" in eval_report.markdown_report(result)
+    assert f"{note} sources per domain" in eval_report.headline_table(result)
+    result["translation"]["per_domain"]["red"]["num_translated"] = 4
+    assert eval_report.markdown_report(result).count("4-6 (fewer than the n = 50 asked") == 1
 
 
 def test_trainer_labels_scored_against_ground_truth(run_dir):

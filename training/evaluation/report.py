@@ -98,10 +98,21 @@ def _fmt(value: float | None, digits: int = 3, scale: float = 1.0) -> str:
     return "-" if value is None else f"{value * scale:.{digits}f}"
 
 
+def translated_per_domain(result: dict[str, Any]) -> str:
+    """How many sources each target translated: "n = 50", or what a small data set allowed (the
+    sources of a target are the images outside it) beside the n asked for."""
+    n = result["settings"]["n"]
+    counts = sorted({row.get("num_translated", n) for row in result["translation"]["per_domain"].values()})
+    if counts == [n]:
+        return f"n = {n}"
+    got = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    return f"{got} (fewer than the n = {n} asked: only that many images lie outside the target)"
+
+
 def markdown_report(result: dict[str, Any]) -> str:
     lines = [f"# Evaluation of `{result['run_dir']}`", "",
              f"Labeler / feature extractor: `{result['labeler']}`; seed {result['seed']}; "
-             f"n = {result['settings']['n']} translations per domain; step {result['step']}.", ""]
+             f"{translated_per_domain(result)} translations per domain; step {result['step']}.", ""]
     labels = result["pseudo_labels"]
     if labels.get("ground_truth") is None:
         lines += ["Pseudo-label quality: no ground truth (pass --gt).", ""]
@@ -157,7 +168,7 @@ def headline_table(result: dict[str, Any]) -> str:
     rows = [("translations", tr["mean"]), ("untranslated sources", tr["identity_mean"]),
             ("real images of the target", tr["real_mean"])]
     lines = [f"quality at step {result['step']} ({result['labeler']} features; "
-             f"{result['settings']['n']} sources per domain):", "",
+             f"{translated_per_domain(result)} sources per domain):", "",
              "| | domain accuracy | top-1 accuracy | content | mFD | mKID x1e3 |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {name} | {_fmt(m['domain_accuracy'])} | {_fmt(m['top1_accuracy'])} | {_fmt(m['content'])} | "
