@@ -127,6 +127,22 @@ def test_eval_writes_every_output(run_dir):
     assert "mean (mFD, mKID)" in md and "| learned |" in md and "| stage1 |" in md
 
 
+def test_out_writes_the_report_elsewhere_and_leaves_the_runs_own(run_dir, tmp_path, capsys):
+    """--out DIR takes the four files; the run folder's (training's closing evaluation) stay."""
+    run = run_dir["run"]
+    before = {name: (run / name).read_bytes() for name in eval_inputs.OUTPUT_FILES if (run / name).exists()}
+    assert "eval.json" in before
+    out = tmp_path / "quick" / "eval"
+    assert lanit_eval.main([*run_dir["argv"], "--out", str(out)]) == 0
+    assert f"wrote {out / 'eval.json'}" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == sorted(eval_inputs.OUTPUT_FILES)
+    assert json.loads((out / "eval.json").read_text())["summary"] == run_dir["result"]["summary"]
+    assert {name: (run / name).read_bytes() for name in before} == before
+    (tmp_path / "afile").write_text("")
+    assert lanit_eval.main([*run_dir["argv"], "--out", str(tmp_path / "afile" / "x")]) == 1
+    assert "cannot write the evaluation into --out" in capsys.readouterr().err
+
+
 def test_reports_say_how_many_sources_each_target_had(run_dir):
     """A data set with few images outside a target translates fewer sources than --n: the report
     and the closing table say so instead of quoting --n."""

@@ -293,15 +293,15 @@ def sample_sheet(path: Path, model: LanitModel, images: ImageSet, members: torch
 def evaluate_run(run_dir: str | Path, vl=None, *, gt: str | Path | None = None,
                  labeler: str | None = None, settings: EvalSettings = EvalSettings(),
                  cache_dir: str | Path | None = None, device: str = "cpu",
-                 data: str | Path | None = None) -> dict[str, Any]:
-    """Evaluate a run folder, write eval.json / eval.md / eval_samples.png / eval_curves.png, and
-    return the eval.json content. `vl` (a VisionLanguage) overrides `labeler` (a name for
-    training.labeling.vl.load_vision_language; default: the labeler the run was trained with); `data`
-    overrides the run's image folder. Bad settings (device, top-k, an unwritable run folder) raise
-    EvalError before any image is encoded."""
+                 data: str | Path | None = None, out: str | Path | None = None) -> dict[str, Any]:
+    """Evaluate a run folder, write eval.json / eval.md / eval_samples.png / eval_curves.png into
+    `out` (default: the run folder), and return the eval.json content. `vl` (a VisionLanguage)
+    overrides `labeler` (a name for training.labeling.vl.load_vision_language; default: the labeler
+    the run was trained with); `data` overrides the run's image folder. Bad settings (device, top-k,
+    an unwritable output folder) raise EvalError before any image is encoded."""
     device = str(check_device(device))
     torch.manual_seed(settings.seed)
-    run = read_run(run_dir, device, progress=settings.progress, data=data)
+    run = read_run(run_dir, device, progress=settings.progress, data=data, out_dir=out)
     domains = run.model.config.domains
     labeler = labeler or run.train_config.get("labeler") or "lanit-lite"
     topk = settings.topk if settings.topk is not None else int(run.train_config.get("topk", 1))
@@ -364,9 +364,9 @@ def evaluate_run(run_dir: str | Path, vl=None, *, gt: str | Path | None = None,
             members_from = f"ground truth ({truth.source}) where known, else stage-1 pseudo-labels"
     translation = translation_quality(vl, run, images, feats, members, banks["stage1"], settings)
 
-    out_dir = run.run_dir
+    out_dir = run.run_dir if out is None else Path(out)
     samples = sample_sheet(out_dir / "eval_samples.png", run.model, images, members, settings)
-    curves = read_curves(out_dir / METRICS_FILE)
+    curves = read_curves(run.run_dir / METRICS_FILE)
     if curves:
         curves_plot(out_dir / "eval_curves.png", curves)
 
@@ -410,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="image-feature cache (default: the trainer's)")
     p.add_argument("--topk", type=int, help="k of the top-k mode (default: the run's)")
     p.add_argument("--threshold", type=float, help="threshold of the threshold mode (default: the run's)")
+    p.add_argument("--out", metavar="DIR", help="folder for eval.json, eval.md and the two PNGs (default: the "
+                                                 "run folder, replacing the files of training's closing evaluation)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -436,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with one_line_warnings():
             result = evaluate_run(args.run_dir, gt=args.gt, labeler=args.labeler, settings=settings,
-                                  cache_dir=args.cache_dir, device=args.device, data=args.data)
+                                  cache_dir=args.cache_dir, device=args.device, data=args.data,
+                                  out=args.out)
     except (EvalError, CheckpointError, ConfigError, DataError, ImageFeatureError, VisionLanguageError,
             OSError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -445,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: eval.json and eval.md were not written", file=sys.stderr)
         return 130
     print(markdown_report(result))
-    print(f"wrote {Path(args.run_dir) / 'eval.json'}, eval.md, eval_samples.png"
+    print(f"wrote {Path(args.out or args.run_dir) / 'eval.json'}, eval.md, eval_samples.png"
           + (", eval_curves.png" if result["curves"] else ""))
     return 0
 

@@ -73,19 +73,20 @@ def check_device(name: str | torch.device) -> torch.device:
     return device
 
 
-def check_output_folder(run_dir: Path) -> None:
-    """The eval files must be writable in `run_dir`: checked before any work, not at the last write."""
+def check_output_folder(folder: Path, what: str = "the run folder") -> None:
+    """The eval files must be writable in `folder`: checked before any work, not at the last write."""
     for name in OUTPUT_FILES:
         try:
-            check_output_file(run_dir / name)
+            check_output_file(folder / name)
         except OutputPathError as err:
-            raise EvalError(f"cannot write the evaluation into the run folder: {err}") from None
+            raise EvalError(f"cannot write the evaluation into {what}: {err}") from None
 
 
 def read_run(run_dir: str | Path, device: str | torch.device = "cpu", progress: bool = True,
-             data: str | Path | None = None) -> RunInfo:
+             data: str | Path | None = None, out_dir: str | Path | None = None) -> RunInfo:
     """Load the checkpoint and resolve the run's training images (as the trainer did). `data`
-    replaces the image folder recorded in train_config.json (moved data, another working folder)."""
+    replaces the image folder recorded in train_config.json (moved data, another working folder);
+    `out_dir` is where the evaluation will be written (default: the run folder), checked first."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise EvalError(f"run folder {run_dir} does not exist")
@@ -93,7 +94,10 @@ def read_run(run_dir: str | Path, device: str | torch.device = "cpu", progress: 
     if not cfg_file.exists():
         raise EvalError(f"{run_dir} has no {TRAIN_CONFIG_FILE}; is it a `python -m training.run` folder?")
     train_config = read_train_config(cfg_file)
-    check_output_folder(run_dir)
+    if out_dir is None:
+        check_output_folder(run_dir)
+    else:
+        check_output_folder(Path(out_dir), f"--out {out_dir}")
     model = load_checkpoint(run_dir, device)
     cfg_domains = train_config.get("domains")
     if cfg_domains is not None and tuple(cfg_domains) != model.config.domains:
