@@ -90,7 +90,18 @@ class LanitConfig:
         try:
             return self.domains.index(name)
         except ValueError:
-            raise KeyError(f"unknown domain {name!r}; known domains: {list(self.domains)}") from None
+            raise KeyError(f"unknown domain {name!r}{self._domain_hint(name)}; known domains: "
+                           f"{list(self.domains)}") from None
+
+    def _domain_hint(self, name: str) -> str:
+        """What the caller may have meant: a name differing in case or spaces, or several names."""
+        folded = {" ".join(d.split()).casefold(): d for d in self.domains}
+        if " ".join(name.split()).casefold() in folded:
+            return f" (did you mean {folded[' '.join(name.split()).casefold()]!r}? names match exactly)"
+        parts = [" ".join(part.split()) for part in name.split(",")]
+        if len(parts) > 1 and all(part in self.domains for part in parts):
+            return f" (several domains are a list: {parts!r})"
+        return ""
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -295,7 +295,9 @@ class Translator:
             for item in domains:
                 index = self._index(item)
                 if weights[0, index]:
-                    raise ValueError(f"domain {self.domains[index]!r} is given twice in {list(domains)!r}")
+                    hint = ("; a list holds domain names or indices: pass 0/1 weights as a numpy array "
+                            "or tensor" if all(type(v) is int and v in (0, 1) for v in domains) else "")
+                    raise ValueError(f"domain {self.domains[index]!r} is given twice in {list(domains)!r}{hint}")
                 weights[0, index] = 1.0
         elif isinstance(domains, (torch.Tensor, np.ndarray)):
             weights = _host_tensor(domains, "domain weights", torch.float64)
@@ -366,7 +368,8 @@ class Translator:
         raw = load_images(reference)
         n = weights.shape[0]
         if raw.spec.count not in (1, n):
-            raise ValueError(f"got {raw.spec.count} reference images for {n} images; pass 1 or {n}")
+            raise ValueError(f"got {raw.spec.count} reference images for {n} image{'s' * (n != 1)}; "
+                             f"pass {'1' if n == 1 else f'1 or {n}'}")
         refs = to_model_batch(raw, self.config.img_size, self.style_device)
         styles = self.style_encoder.all_styles(refs).float()  # [R, D, S]
         styles = styles.expand(n, -1, -1)

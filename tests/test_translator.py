@@ -283,8 +283,10 @@ def test_unknown_domains_and_bad_specs(translator):
         translator.translate(images, "beard", style=torch.zeros(1, CONFIG.style_dim))
     with pytest.raises(ValueError, match="at most one"):
         translator.translate(images, "beard", seed=1, reference=images)
-    with pytest.raises(ValueError, match="reference images for 2 images"):
+    with pytest.raises(ValueError, match="reference images for 2 images; pass 1 or 2$"):
         translator.translate(_images(2), "beard", reference=_images(3))
+    with pytest.raises(ValueError, match="2 reference images for 1 image; pass 1$"):
+        translator.translate(_images(1), "beard", reference=_images(2))
 
 
 def test_images_of_any_mode_are_read_as_training_reads_them(translator, tmp_path):
@@ -424,8 +426,19 @@ def test_targets_and_latents_that_would_give_silent_garbage_are_refused(translat
     with pytest.raises(TypeError, match="only names or only numbers"):
         translator.translate(image, np.array(["beard", 1], dtype=object))
     for spec in (["beard", "beard"], {"beard": 1, CONFIG.domain_index("beard"): 1}):
-        with pytest.raises(ValueError, match="'beard' is given twice"):
+        with pytest.raises(ValueError, match="'beard' is given twice") as exc:
             translator.translate(image, spec)
+        assert "numpy array" not in str(exc.value)
+    # A 0/1 list reads as indices: the error says where 0/1 weights go
+    with pytest.raises(ValueError, match="given twice.*pass 0/1 weights as a numpy array or tensor"):
+        translator.translate(image, [1] + [0] * (CONFIG.num_domains - 1))
+    # Near misses of a name: case and spaces, or several names in one string
+    with pytest.raises(KeyError, match=r"unknown domain 'Beard ' \(did you mean 'beard'\?"):
+        translator.translate(image, "Beard ")
+    with pytest.raises(KeyError, match=r"several domains are a list: \['beard', 'black hair'\]"):
+        translator.translate(image, "beard, black hair")
+    with pytest.raises(KeyError, match=r"unknown domain 'purple'; known domains"):
+        translator.translate(image, "purple")
     for seed in (3.7, "3", True, 2 ** 64, -1):
         with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*63\)"):
             translator.translate(image, "beard", seed=seed)
