@@ -53,8 +53,12 @@ def read_metrics(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_train_writes_a_loadable_self_describing_run(tmp_path, tiny_labeler):
+def test_train_writes_a_loadable_self_describing_run(tmp_path, tiny_labeler, capsys):
     out = train(tiny_cfg(tmp_path, tiny_labeler), progress=False)
+    # no progress bar: a status line at each sample / save (every 2 steps here) instead
+    status = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split(" (")[0] for line in status] == ["step 2/4", "step 4/4"]
+    assert all(" steps/s): d " in line and ", cyc " in line for line in status)
     for name in ("model.safetensors", "config.json", "train_config.json", "train_state.pt",
                  "metrics.jsonl", "pseudo_labels.csv", "samples/step_000002.png",
                  "samples/step_000004.png"):

@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any training config key (repeatable)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (logs, CI): a status line at each sample and save instead")
     p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=None,
                    help="evaluate the model at the end (quick settings; default: on for the "
                         "embedded data, off with --data)")

@@ -795,6 +795,13 @@ class Trainer:
             with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def _status_line(self, logs: dict[str, float], started: float, start_step: int) -> str:
+        """What the progress bar shows, as one line (--no-progress prints it at each sample or save)."""
+        rate = (self.step - start_step) / max(time.perf_counter() - started, 1e-9)
+        return (f"step {self.step}/{self.cfg.steps} ({rate:.2f} steps/s): "
+                f"d {logs['d_real_latent'] + logs['d_fake_latent']:.2f}, g {logs['g_adv_latent']:.2f}, "
+                f"cyc {logs['g_cyc_latent']:.3f}")
+
     def sample(self) -> Path | None:
         if not self.dist.main:
             return None
@@ -854,6 +861,9 @@ class Trainer:
                                         g=f"{logs['g_adv_latent']:.2f}", cyc=f"{logs['g_cyc_latent']:.3f}")
                     if every(self.step, cfg.sample_every):
                         self.sample()
+                    if not self.progress and self.dist.main and \
+                            (every(self.step, cfg.sample_every) or every(self.step, cfg.save_every)):
+                        print(self._status_line(logs, started, start_step), flush=True)
                     if every(self.step, cfg.save_every) and self.step < cfg.steps:
                         self.save()
         except KeyboardInterrupt:
