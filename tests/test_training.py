@@ -315,6 +315,18 @@ def test_cli_rejects_an_unusable_out_folder_before_any_work(tmp_path, refuse_new
     assert "cannot write in folder" in capsys.readouterr().err
 
 
+def test_a_run_that_fails_before_writing_leaves_no_empty_folder(tmp_path, capsys):
+    """A bad labeler fails while the run is set up: the folders made for --out go again, while a
+    folder that was there before stays."""
+    out = tmp_path / "runs" / "new"
+    assert run.main(tiny_argv(tmp_path, str(tmp_path / "no_such_labeler"), "--out", str(out))) == 2
+    assert "error:" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "mine").mkdir()
+    assert run.main(tiny_argv(tmp_path, str(tmp_path / "no_such_labeler"), "--out", str(tmp_path / "mine"))) == 2
+    assert (tmp_path / "mine").is_dir()
+
+
 def test_ctrl_c_says_whether_anything_was_saved(tmp_path, tiny_labeler, monkeypatch, capsys):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt

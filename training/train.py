@@ -52,8 +52,8 @@ from training.config import TrainConfig
 from training.data import DataError, ImageSet, check_images, find_images
 from training.distributed import average_gradients, init_distributed
 from training.grid import save_sample_grid
-from training.run_folder import (TRAIN_CONFIG_FILE, RunError, images_digest, logged_step,
-                                 prepare_out_folder, saving)
+from training.run_folder import (TRAIN_CONFIG_FILE, RunError, images_digest, logged_step, outermost_missing,
+                                 prepare_out_folder, remove_unused_folders, saving)
 
 # Settings a resumed run may change: when and where it stops, logs and saves, and where the same
 # data lives (the images themselves are checked by count and digest). Any other change would make
@@ -892,13 +892,18 @@ def train(cfg: TrainConfig, vl=None, resume: bool = False, progress: bool = True
 
     The output folder and any resume state are checked before images are loaded or labelled, and
     nothing is written there until both the data and the resume state are known to fit."""
-    prepare_out_folder(Path(cfg.out), resume)
+    out, made = Path(cfg.out), outermost_missing(Path(cfg.out))
+    prepare_out_folder(out, resume)
     state = load_train_state(cfg.out) if resume else None
     # Before the run's files are rewritten: a finished run resumed again (a resubmitted job) stays
     # as it is, and a smaller --steps must not become its recorded setting.
     if state is not None and isinstance(state.get("step"), int) and state["step"] >= cfg.steps:
-        raise NothingToTrain(Path(cfg.out), state["step"], cfg.steps)
-    trainer = Trainer(cfg, vl=vl, progress=progress, resume_state=state)
+        raise NothingToTrain(out, state["step"], cfg.steps)
+    try:
+        trainer = Trainer(cfg, vl=vl, progress=progress, resume_state=state)
+    except BaseException:  # a bad labeler, data that labels badly, Ctrl-C: no empty run folder left
+        remove_unused_folders(out, made)
+        raise
     if state is not None:
         trainer.resume(state)
     try:
