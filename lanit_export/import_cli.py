@@ -19,6 +19,7 @@ exit 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -56,8 +57,15 @@ def _run(args: argparse.Namespace) -> None:
     out = Path(args.out).expanduser()
     if (out / MODEL_FILE).exists():
         raise UsageError(f"{out} already holds a checkpoint; choose another --out or delete it")
+    made = not out.exists()
     check_output_file(out / MODEL_FILE)
-    model = convert_official(args.checkpoint, domains)
+    try:
+        model = convert_official(args.checkpoint, domains)
+    except BaseException:  # a foreign or damaged file: the folder made for it goes again
+        if made:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
     table = latent_style_table(model.mapping, num_z=args.num_z)
     metadata = {"imported_from": str(Path(args.checkpoint).name), "source": "stargan-v2/lanit",
                 "source_nets": list(model.source_keys), "num_style_z": args.num_z}
