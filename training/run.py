@@ -15,7 +15,7 @@ from pathlib import Path
 from lanit_rt.checkpoint import TRAIN_STATE_FILE, CheckpointError
 from lanit_rt.config import ConfigError
 from training.cli import one_line_warnings
-from training.config import TrainConfig, parse_override
+from training.config import DEFAULT_DATA_MAX_MINUTES, DEFAULT_DATA_STEPS, STEPS, TrainConfig, parse_override
 from training.data import DataError
 from training.run_folder import (TRAIN_CONFIG_FILE, RunError, read_train_config,
                                  recorded_path_candidates, run_origin)
@@ -34,13 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--domains", help='comma-separated domain texts, e.g. "blond hair,black hair"')
     group.add_argument("--domains-file", help="text file with one domain text per line")
-    p.add_argument("--out", help="output folder (default runs/default)")
-    p.add_argument("--img-size", type=int)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--labeler", help="lanit-lite, an open_clip model name[:tag], or a checkpoint path")
+    defaults = TrainConfig()
+    p.add_argument("--out", help=f"output folder (default {defaults.out}, with --data too: name one per run)")
+    p.add_argument("--img-size", type=int, help=f"image side in pixels, a power of two (default {defaults.img_size})")
+    p.add_argument("--steps", type=int, help=f"training steps (default {DEFAULT_DATA_STEPS} on the embedded data, "
+                                             f"within {DEFAULT_DATA_MAX_MINUTES:g} minutes; {STEPS} with --data)")
+    p.add_argument("--batch-size", type=int, help=f"images per step (default {defaults.batch_size})")
+    p.add_argument("--labeler", help="lanit-lite (the default), an open_clip model name[:tag], or a checkpoint path")
     p.add_argument("--stage", type=int, choices=(1, 2), help="2 adds prompt learning")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help=f"random seed (default {defaults.seed})")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

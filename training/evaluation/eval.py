@@ -400,13 +400,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a `python -m training.run` output folder")
     p.add_argument("--gt", help="ground truth: CSV (path + 0/1 domain columns, or path,domains with "
                                 "';') or a folder with one sub-folder per domain")
-    p.add_argument("--n", type=int, default=EvalSettings.n, help="sources translated per domain")
-    p.add_argument("--seed", type=int, default=EvalSettings.seed)
+    p.add_argument("--n", type=int, default=EvalSettings.n,
+                   help=f"sources translated per domain (default {EvalSettings.n}; training's closing "
+                        f"evaluation uses {QUICK_SETTINGS.n})")
+    p.add_argument("--seed", type=int, default=EvalSettings.seed,
+                   help=f"seed of the sources, latents and KID subsets (default {EvalSettings.seed})")
     p.add_argument("--labeler", help="VL model for labels and features (default: the run's labeler)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
     p.add_argument("--data", help="the run's training-image folder (default: the one in train_config.json, "
                                   "searched from the run's working folder, here, then the folders above the run)")
-    p.add_argument("--batch-size", type=int, default=EvalSettings.batch_size)
+    p.add_argument("--batch-size", type=int, default=EvalSettings.batch_size,
+                   help=f"images per forward pass (default {EvalSettings.batch_size})")
     p.add_argument("--cache-dir", help="image-feature cache (default: the trainer's)")
     p.add_argument("--topk", type=int, help="k of the top-k mode (default: the run's)")
     p.add_argument("--threshold", type=float, help="threshold of the threshold mode (default: the run's)")
