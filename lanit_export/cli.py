@@ -57,12 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _refuse_given(flags: dict[str, object], why: str) -> None:
-    """UsageError naming every flag in `flags` that was given (its value not None), with `why`:
-    a flag another target ignores is refused, not dropped."""
+def _refuse_given(flags: dict[str, object], where: str) -> None:
+    """UsageError naming every flag in `flags` that was given (its value not None) and `where` it
+    applies ("only with --trt"): a flag another target ignores is refused, not dropped."""
     given = [flag for flag, value in flags.items() if value is not None]
     if given:
-        raise UsageError(f"{', '.join(given)} {why}")
+        raise UsageError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} {where}")
 
 
 def _check_device(text: str) -> None:
@@ -97,7 +97,7 @@ def _run(args: argparse.Namespace) -> None:
         return _run_triton(args)
     _refuse_given({"--triton-backend": args.triton_backend, "--triton-name": args.triton_name,
                    "--instances": args.instances, "--max-queue-delay-us": args.max_queue_delay_us},
-                  "only apply with --triton-repo DIR")
+                  "only with --triton-repo DIR")
     if args.openvino is not None:
         return _run_openvino(args)
     if args.onnx is None and args.trt is None:
@@ -105,8 +105,8 @@ def _run(args: argparse.Namespace) -> None:
 
     if args.onnx is not None:
         _refuse_given({"--onnx-path": args.onnx_path, "--min-batch": args.min_batch,
-                       "--opt-batch": args.opt_batch, "--max-batch": args.max_batch, "--out": args.out},
-                      "only apply with --trt")
+                       "--opt-batch": args.opt_batch, "--out": args.out}, "only with --trt")
+        _refuse_given({"--max-batch": args.max_batch}, "only with --trt or --triton-repo DIR")
         if Path(args.onnx).suffix != ".onnx":  # ".onnx" alone is a hidden file without a suffix
             raise UsageError(f"--onnx needs a file name ending in .onnx (e.g. model.onnx), got {args.onnx!r}")
     else:
@@ -193,7 +193,7 @@ def _run_triton(args: argparse.Namespace) -> None:
         raise UsageError("--triton-backend python serves the fp32 ONNX graph; leave out --fp16")
     if args.trt is None:
         _refuse_given({"--onnx-path": args.onnx_path, "--min-batch": args.min_batch,
-                       "--opt-batch": args.opt_batch, "--out": args.out}, "only apply with --trt")
+                       "--opt-batch": args.opt_batch, "--out": args.out}, "only with --trt")
     if args.onnx is not None and Path(args.onnx).suffix != ".onnx":
         raise UsageError(f"--onnx needs a file name ending in .onnx, got {args.onnx!r}")
     if args.trt is not None and args.onnx is not None:
@@ -257,8 +257,8 @@ def _run_openvino(args: argparse.Namespace) -> None:
     _refuse_given({"--fp16": args.fp16 or None, "--onnx-path": args.onnx_path,
                    "--min-batch": args.min_batch, "--opt-batch": args.opt_batch,
                    "--max-batch": args.max_batch, "--out": args.out},
-                  "do not apply to --openvino (the IR keeps fp32 weights; pick the precision when "
-                  "loading it)")
+                  "only to ONNX and TensorRT exports, not to --openvino (the IR keeps fp32 weights; "
+                  "pick the precision when loading it)")
     if Path(args.openvino).suffix != ".xml":
         raise UsageError(f"--openvino needs a file name ending in .xml (e.g. model.xml), got {args.openvino!r}")
     _check_device(args.device)

@@ -380,7 +380,10 @@ def test_cli_foreign_checkpoints(capsys, tmp_path):
     (["--trt", "fp32", "--min-batch", "2", "--opt-batch", "1"], "outside the batch range"),
     (["--trt", "fp32", "--max-batch", "0"], "positive integer"),
     (["--trt", "fp16", "--fp16"], "--fp16 applies to --onnx"),
-    (["--onnx", "out.onnx", "--max-batch", "4"], "only apply with --trt"),
+    (["--onnx", "out.onnx", "--max-batch", "4"], "--max-batch applies only with --trt or --triton-repo DIR"),
+    (["--onnx", "out.onnx", "--min-batch", "1", "--out", "x.engine"], "--min-batch, --out apply only with --trt"),
+    (["--openvino", "m.xml", "--max-batch", "4"], "--max-batch applies only to ONNX and TensorRT exports, not to "
+                                                  "--openvino"),
     (["--onnx", "out.txt"], "needs a file name ending in .onnx"),
     (["--onnx", ".onnx"], "needs a file name ending in .onnx (e.g. model.onnx), got '.onnx'"),
     ([], "one of the arguments --onnx --trt"),

@@ -243,7 +243,7 @@ def test_export_cli_triton_usage_errors(checkpoint, tmp_path, capsys, monkeypatc
     assert main([str(checkpoint), "--triton-repo", str(tmp_path), "--triton-backend", "tensorrt"]) == 2
     assert "--triton-backend tensorrt needs --trt" in capsys.readouterr().err
     assert main([str(checkpoint), "--triton-repo", str(tmp_path), "--min-batch", "2"]) == 2
-    assert "only apply with --trt" in capsys.readouterr().err
+    assert "--min-batch applies only with --trt" in capsys.readouterr().err
     assert main([str(checkpoint), "--triton-repo", str(tmp_path), "--trt", "fp16", "--min-batch", "2"]) == 2
     assert "the engine's profile starts at batch 2; Triton sends batches from 1 up" in capsys.readouterr().err
     (tmp_path / "lanit").mkdir()
@@ -255,9 +255,9 @@ def test_export_cli_triton_usage_errors(checkpoint, tmp_path, capsys, monkeypatc
     onnx, ir = str(tmp_path / "m.onnx"), str(tmp_path / "m.xml")
     for argv, message in (
             (["--onnx", onnx, "--triton-backend", "python", "--instances", "4"],
-             "--triton-backend, --instances only apply with --triton-repo DIR"),
+             "--triton-backend, --instances apply only with --triton-repo DIR"),
             (["--openvino", ir, "--triton-name", "x", "--max-queue-delay-us", "0"],
-             "--triton-name, --max-queue-delay-us only apply with --triton-repo DIR"),
+             "--triton-name, --max-queue-delay-us apply only with --triton-repo DIR"),
             (["--triton-repo", str(tmp_path / "r"), "--openvino", ir],
              "--openvino and --triton-repo exclude each other"),
             (["--triton-repo", str(tmp_path / "r"), "--max-batch", "0"], "max batch must be an integer >= 1, got 0"),
