@@ -1,4 +1,5 @@
-"""`lanit-export`: ONNX graphs and TensorRT engines of a LANIT checkpoint's generator.
+"""`lanit-export`: ONNX graphs, OpenVINO IRs, TensorRT engines and Triton model repositories of a
+LANIT checkpoint's generator.
 
     lanit-export CHECKPOINT --onnx OUT.onnx [--fp16]
     lanit-export CHECKPOINT --openvino OUT.xml      (OpenVINO IR: OUT.xml/.bin, OUT.style.xml/.bin)

@@ -204,17 +204,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("checkpoint", help="run folder or model.safetensors")
     parser.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch"),
                         help="runtime inside the server (default onnxruntime)")
-    parser.add_argument("--onnx", metavar="OUT.onnx", help="(onnxruntime) serve this exported graph "
+    parser.add_argument("--onnx", metavar="MODEL.onnx", help="(onnxruntime) serve this exported graph "
                         "(default: RUN/model.onnx when current, else a fresh export)")
     parser.add_argument("--address", default="127.0.0.1", help="listen address (default 127.0.0.1; "
                         "0.0.0.0 for every interface)")
-    parser.add_argument("--http-port", type=_port, default=8000)
-    parser.add_argument("--grpc-port", type=_port, default=8001)
-    parser.add_argument("--metrics-port", type=_port, default=8002)
+    parser.add_argument("--http-port", type=_port, default=8000, help="HTTP/REST port (8000)")
+    parser.add_argument("--grpc-port", type=_port, default=8001, help="gRPC port (8001)")
+    parser.add_argument("--metrics-port", type=_port, default=8002, help="Prometheus metrics port (8002)")
     parser.add_argument("--max-batch", type=_count(1), default=16, help="largest dynamic batch (16)")
     parser.add_argument("--max-queue-delay-us", type=_count(0), default=2000,
                         help="how long the batcher waits to fill a batch (2000 us)")
-    parser.add_argument("--instances", type=_count(1), default=1, help="model instances (processes)")
+    parser.add_argument("--instances", type=_count(1), default=1, help="model instances (processes; 1)")
     parser.add_argument("--threads", type=_count(0), default=0,
                         help="intra-op threads per instance (0: the runtime's default)")
     parser.add_argument("--max-image-side", type=_count(1), default=2048,
