@@ -195,7 +195,9 @@ class Translator:
                 from lanit_rt.backends.onnxruntime import OnnxRuntimeBackend
                 runner = OnnxRuntimeBackend(artifact_path, device=device, providers=providers,
                                             threads=threads, optimization=optimization, spin_wait=spin_wait)
-                _check_precision(runner.precision, dtype, device, str(artifact_path))
+                _check_precision(runner.precision, dtype, device, str(artifact_path),
+                                 f"ONNX graphs are fp32 or fp16: `lanit-export {path} --onnx OUT.onnx "
+                                 "[--fp16]` writes one, then pass artifact='OUT.onnx'")
             else:
                 from lanit_rt.backends.openvino import OpenVINOBackend
                 if dtype is not None:
@@ -203,14 +205,20 @@ class Translator:
                 runner = OpenVINOBackend(artifact_path, precision=precision,
                                          performance_hint=performance_hint, threads=threads)
             check_same_config(runner.config, model.config, str(artifact_path))
-            check_same_weights(runner.weights_digest, model.weights_digest(), str(artifact_path), str(path))
+            again = (f"`lanit-export {path} --onnx {artifact_path}`" if artifact_path.suffix == ".onnx"
+                     else f"`lanit-export {path} --openvino {artifact_path}`")
+            check_same_weights(runner.weights_digest, model.weights_digest(), str(artifact_path), str(path), again)
         else:
             from lanit_rt.backends.tensorrt import TensorRTBackend
             engine_path = Path(artifact) if artifact is not None else folder / ENGINE_FILE
             runner = TensorRTBackend(engine_path, device=device)
             check_same_config(runner.config, model.config, str(engine_path))
-            check_same_weights(runner.weights_digest, model.weights_digest(), str(engine_path), str(path))
-            _check_precision(runner.precision, dtype, device, str(engine_path))
+            check_same_weights(runner.weights_digest, model.weights_digest(), str(engine_path), str(path),
+                               f"`lanit-export {path} --trt {runner.precision} --out {engine_path}`")
+            wanted = _PRECISION_NAMES[resolve_dtype(dtype, device)] if dtype is not None else None
+            _check_precision(runner.precision, dtype, device, str(engine_path),
+                             f"`lanit-export {path} --trt {wanted} --out OUT.engine` builds one; pass "
+                             "artifact='OUT.engine'")
         return cls(runner, mapping=model.mapping, style_encoder=model.style_encoder, style_device=device)
 
     @classmethod
@@ -576,10 +584,11 @@ def _export_onnx(model: Any, onnx_path: Path) -> None:
     export_onnx(model, onnx_path, "fp32")  # validated against the PyTorch generator before it appears
 
 
-def _check_precision(found: str, dtype: Any, device: torch.device | str, source: str) -> None:
-    """For exported artifacts `dtype` only states an expectation; raise when it is not met."""
+def _check_precision(found: str, dtype: Any, device: torch.device | str, source: str, remedy: str) -> None:
+    """For exported artifacts `dtype` only states an expectation; raise when it is not met, saying
+    how to make the one asked for (`remedy`)."""
     if dtype is None:
         return
     wanted = _PRECISION_NAMES[resolve_dtype(dtype, device)]
     if wanted != found:
-        raise ArtifactError(f"{source} is a {found} artifact, not the requested {wanted}")
+        raise ArtifactError(f"{source} is a {found} artifact, not the requested {wanted}; {remedy}")

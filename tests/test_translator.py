@@ -678,8 +678,9 @@ def test_an_export_of_other_weights_is_refused(checkpoint, onnx_path, model, tmp
         generator.to_rgb[-1].weight.mul_(0.5)
     save_checkpoint(retrained, CONFIG, generator, model.mapping, model.style_encoder,
                     latent_table=model.latent_table)
-    with pytest.raises(ArtifactError, match="exported from other weights than"):
+    with pytest.raises(ArtifactError, match="exported from other weights than") as exc:
         Translator.from_checkpoint(retrained, backend="onnxruntime")
+    assert f"export it again: `lanit-export {retrained} --onnx {retrained / 'model.onnx'}`" in str(exc.value)
     assert Translator.from_checkpoint(checkpoint, backend="onnxruntime").backend.supports_style
 
     export_onnx(load_checkpoint(retrained), retrained / "model.onnx", precision="fp32", validate=False)
@@ -705,7 +706,7 @@ def test_mismatched_or_foreign_onnx_artifacts(checkpoint, onnx_path, tmp_path):
 
     with pytest.raises(ArtifactError, match="not the expected"):
         Translator.from_onnx(onnx_path, domains=["smiling", "blond hair", "beard"])
-    with pytest.raises(ArtifactError, match="fp32 artifact, not the requested fp16"):
+    with pytest.raises(ArtifactError, match=r"fp32 artifact, not the requested fp16; .*--onnx OUT.onnx \[--fp16\]"):
         Translator.from_checkpoint(checkpoint, backend="onnxruntime", dtype="fp16")
     with pytest.raises(ArtifactError, match="lanit-export"):
         Translator.from_checkpoint(checkpoint, backend="onnxruntime", artifact=tmp_path / "none.onnx")
@@ -739,3 +740,24 @@ def test_mismatched_or_foreign_onnx_artifacts(checkpoint, onnx_path, tmp_path):
         style_only.translate(_images(1), "beard")
     style = torch.randn(1, CONFIG.style_dim)
     assert style_only.translate(_images(1), style=style).shape == (1, 3, SIZE, SIZE)
+
+
+def test_a_stale_or_other_precision_engine_says_how_to_build_the_one_wanted(checkpoint, model, monkeypatch):
+    """backend='tensorrt' against a stand-in for the engine runner (TensorRT runs on neither machine):
+    an engine from other weights, or of another precision than dtype=, names the lanit-export command."""
+    from lanit_rt.backends import tensorrt as trt_backend
+
+    class Engine:
+        def __init__(self, path, device="cuda"):
+            self.config, self.precision, self.weights_digest = model.config, "fp16", digest
+
+    monkeypatch.setattr(trt_backend, "TensorRTBackend", Engine)
+    engine = checkpoint / "model.engine"
+    digest = "0" * 16
+    with pytest.raises(ArtifactError, match="other weights") as exc:
+        Translator.from_checkpoint(checkpoint, backend="tensorrt")
+    assert f"export it again: `lanit-export {checkpoint} --trt fp16 --out {engine}`" in str(exc.value)
+    digest = model.weights_digest()
+    with pytest.raises(ArtifactError, match="fp16 artifact, not the requested fp32") as exc:
+        Translator.from_checkpoint(checkpoint, backend="tensorrt", dtype="fp32")
+    assert f"`lanit-export {checkpoint} --trt fp32 --out OUT.engine` builds one" in str(exc.value)

@@ -139,13 +139,13 @@ def check_int8_quality(info: Mapping[str, Any], source: str) -> None:
                             "to run here; use the fp32 graph (or bf16 in OpenVINO on a CPU that has it)")
 
 
-def check_same_weights(found: str | None, expected: str, source: str, checkpoint: str) -> None:
+def check_same_weights(found: str | None, expected: str, source: str, checkpoint: str, again: str) -> None:
     """Raise ArtifactError when an artifact's weights digest (LanitModel.weights_digest() at export)
     is not the checkpoint's: it was exported from other weights, e.g. before more training.
-    Artifacts without a digest (older exports) pass."""
+    Artifacts without a digest (older exports) pass. `again`: the command that exports it anew."""
     if found is not None and found != expected:
         raise ArtifactError(f"{source} was exported from other weights than {checkpoint} (an export "
-                            f"from before more training?); export it again with lanit-export")
+                            f"from before more training?); export it again: {again}")
 
 
 def check_expected_domains(found: tuple[str, ...], expected: Any, source: str) -> None:
