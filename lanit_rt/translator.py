@@ -78,14 +78,20 @@ def resolve_dtype(dtype: Any, device: torch.device | str) -> torch.dtype:
     return dtype
 
 
-def check_device(device: torch.device | str) -> torch.device:
-    """`device` as a torch.device the backends run on ("cpu", "cuda", "cuda:N"); ValueError otherwise."""
+def check_device(device: torch.device | str, present: bool = True) -> torch.device:
+    """`device` as a torch.device the backends run on ("cpu", "cuda", "cuda:N") and, with `present`,
+    that this machine has; ValueError otherwise."""
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
         raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
     if resolved.type not in ("cpu", "cuda"):
         raise ValueError(f"device {device!r} cannot run a Translator; use 'cpu', 'cuda' or 'cuda:N'")
+    if present and resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device '{resolved}': no CUDA device is available here; use 'cpu'")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device '{resolved}': only {torch.cuda.device_count()} CUDA device(s) here")
     return resolved
 
 
@@ -145,7 +151,7 @@ class Translator:
         """
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-        device = check_device(device)
+        device = check_device(device, present=False)  # the arguments' own errors first, then the machine
         if backend != "torch":
             torch_only = [name for name, given in (("impl", impl != "auto"), ("cuda_graphs", cuda_graphs),
                                                    ("channels_last", channels_last is not None)) if given]
@@ -175,6 +181,7 @@ class Translator:
         if export and backend == "tensorrt":
             raise ValueError("export=True writes ONNX graphs; build TensorRT engines with "
                              "`lanit-export CHECKPOINT --trt fp16`")
+        check_device(device)
         model = load_checkpoint(path, device=device)
         folder = _checkpoint_folder(path)
         if backend == "torch":
@@ -252,7 +259,7 @@ class Translator:
                     domains: Sequence[str] | None = None) -> "Translator":
         """Run a TensorRT engine OUT.engine described by OUT.engine.json."""
         from lanit_rt.backends.tensorrt import TensorRTBackend, read_sidecar
-        device = check_device(device)
+        device = check_device(device, present=False)  # the engine's own errors come first
         check_expected_domains(read_sidecar(path)["domains"], domains, str(path))
         return cls(TensorRTBackend(path, device=device))
 

@@ -761,3 +761,10 @@ def test_a_stale_or_other_precision_engine_says_how_to_build_the_one_wanted(chec
     with pytest.raises(ArtifactError, match="fp16 artifact, not the requested fp32") as exc:
         Translator.from_checkpoint(checkpoint, backend="tensorrt", dtype="fp32")
     assert f"`lanit-export {checkpoint} --trt fp32 --out OUT.engine` builds one" in str(exc.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_a_gpu_is_one_clear_line(checkpoint):
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ValueError, match=f"device '{device}': no CUDA device is available here; use 'cpu'"):
+            Translator.from_checkpoint(checkpoint, device=device)
