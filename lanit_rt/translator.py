@@ -316,10 +316,12 @@ class Translator:
                 weights[0, index] = 1.0
         elif isinstance(domains, (torch.Tensor, np.ndarray)):
             weights = _host_tensor(domains, "domain weights", torch.float64)
+            given = tuple(weights.shape)
             if weights.dim() == 1:
                 weights = weights[None]
             if weights.dim() != 2 or weights.shape[1] != d:
-                raise ValueError(f"domain weights must be [N, {d}] (or [{d}]), got {tuple(weights.shape)}")
+                raise ValueError(f"domain weights must be [N, {d}] (or [{d}]) for the {d} domains "
+                                 f"{list(self.domains)}, got shape {given}")
             if not bool(torch.isfinite(weights).all()):
                 raise ValueError("domain weights hold NaN or infinite values")
         else:

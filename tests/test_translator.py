@@ -429,6 +429,8 @@ def test_targets_and_latents_that_would_give_silent_garbage_are_refused(translat
         with pytest.raises(ValueError, match="'beard' is given twice") as exc:
             translator.translate(image, spec)
         assert "numpy array" not in str(exc.value)
+    with pytest.raises(ValueError, match=r"must be \[N, 3\] \(or \[3\]\) for the 3 domains .*got shape \(2,\)$"):
+        translator.translate(image, np.array([1.0, 0.0]))
     # A 0/1 list reads as indices: the error says where 0/1 weights go
     with pytest.raises(ValueError, match="given twice.*pass 0/1 weights as a numpy array or tensor"):
         translator.translate(image, [1] + [0] * (CONFIG.num_domains - 1))
