@@ -32,8 +32,17 @@ def psnr_db(reference: np.ndarray, test: np.ndarray) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(4.0 / mse))
 
 
-def _as_model_batch(images: np.ndarray) -> np.ndarray:
-    """uint8 [N, H, W, 3] -> float32 [N, 3, H, W] in [-1, 1] (v / 127.5 - 1)."""
+def _as_model_batch(images: np.ndarray, what: str, side: int | None = None) -> np.ndarray:
+    """uint8 [N, H, W, 3] (H = W = `side` when given) -> float32 [N, 3, H, W] in [-1, 1] (v / 127.5 - 1).
+    Anything else is an ExportError naming `what`: float images would calibrate on the wrong scale."""
+    shape = getattr(images, "shape", None)
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        raise ExportError(f"{what} must be a uint8 numpy array [N, H, W, 3] (0-255 RGB, as images load), "
+                          f"got {type(images).__name__} of dtype {getattr(images, 'dtype', None)}")
+    if images.ndim != 4 or shape[-1] != 3 or shape[0] < 1:
+        raise ExportError(f"{what} must be uint8 [N, H, W, 3] with N >= 1, got shape {shape}")
+    if side is not None and shape[1:3] != (side, side):
+        raise ExportError(f"{what} must be {side}x{side} images (the graph's size), got {shape[1]}x{shape[2]}")
     return (images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)).transpose(0, 3, 1, 2).copy()
 
 
@@ -70,7 +79,9 @@ def quantize_onnx_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike
         raise ExportError(f"{fp32_path} is not an fp32 domain_weights graph of lanit-export")
     num_domains = len(proto.graph.input[1].type.tensor_type.shape.dim) and \
         proto.graph.input[1].type.tensor_type.shape.dim[1].dim_value
-    calib = _as_model_batch(calibration)
+    side = proto.graph.input[0].type.tensor_type.shape.dim[-1].dim_value or None  # 0: a dynamic size
+    calib = _as_model_batch(calibration, "calibration", side)
+    held = _as_model_batch(heldout, "heldout", side)
     targets = _targets(len(calib), num_domains)
 
     class Reader(q.CalibrationDataReader):
@@ -92,7 +103,6 @@ def quantize_onnx_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike
                           weight_type=q.QuantType.QInt8, op_types_to_quantize=["Conv"],
                           nodes_to_exclude=exclude, calibrate_method=methods[method],
                           extra_options={"CalibTensorRangeSymmetric": False})
-        held = _as_model_batch(heldout)
         held_targets = _targets(len(held), num_domains)
         options = ort.SessionOptions()
         options.log_severity_level = 3

@@ -346,6 +346,15 @@ def test_int8_graphs_run_only_above_the_psnr_line(checkpoint, reference, tmp_pat
     assert "first/last conv fp32" in meta["int8_recipe"]
     ops = {node.op_type for node in onnx.load(str(int8_path)).graph.node}
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    # Images in another form than uint8 [N, S, S, 3] would calibrate on the wrong scale: refused
+    from lanit_export.errors import ExportError
+    side = images.shape[1]
+    for calibration, message in ((images[:4].astype(np.float32) / 127.5 - 1, "uint8 numpy array"),
+                                 (images[:4].transpose(0, 3, 1, 2).copy(), "got shape"),
+                                 (images[:4, : side // 2, : side // 2], f"{side}x{side} images")):
+        with pytest.raises(ExportError, match=f"calibration must be .*{message}"):
+            quantize_onnx_int8(checkpoint / "model.onnx", tmp_path / "bad.onnx", calibration, images[4:])
+    assert not (tmp_path / "bad.onnx").exists()
 
     def with_psnr(value):
         proto = onnx.load(str(int8_path))
