@@ -239,8 +239,17 @@ def format_row(record: dict) -> str:
             f"{record['registers']:>4} {spill:>7} {record['shared']:>7}  {len(record['layers'])}")
 
 
+def _json_lines(result: dict) -> str:
+    """`result` as JSON with a field, and a variant, per line: read by people as well as parsed."""
+    fields = [f" {json.dumps(key)}: {json.dumps(value)}" for key, value in result.items() if key != "variants"]
+    if "variants" in result:
+        rows = ",\n".join(f"  {json.dumps(variant)}" for variant in result["variants"])
+        fields.append(f' "variants": [\n{rows}\n ]')
+    return "{\n" + ",\n".join(fields) + "\n}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m lanit_kernels.aot", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80, 90")
     parser.add_argument("--size", type=int, default=256, help="image size gpu.sh runs")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
@@ -290,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         print(f"lanit_kernels.aot: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
-    text = json.dumps(result)
+    text = _json_lines(result)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
