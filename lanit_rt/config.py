@@ -95,9 +95,12 @@ class LanitConfig:
 
     def _domain_hint(self, name: str) -> str:
         """What the caller may have meant: a name differing in case or spaces, or several names."""
-        folded = {" ".join(d.split()).casefold(): d for d in self.domains}
-        if " ".join(name.split()).casefold() in folded:
-            return f" (did you mean {folded[' '.join(name.split()).casefold()]!r}? names match exactly)"
+        def fold(text: str) -> str:
+            return " ".join(text.split()).casefold()
+
+        near = next((d for d in self.domains if fold(d) == fold(name)), None)
+        if near is not None:
+            return f" (did you mean {near!r}? names match exactly)"
         parts = [" ".join(part.split()) for part in name.split(",")]
         if len(parts) > 1 and all(part in self.domains for part in parts):
             return f" (several domains are a list: {parts!r})"
