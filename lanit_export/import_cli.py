@@ -19,7 +19,6 @@ exit 2.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -42,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> None:
     from lanit_export.official import LANIT_DOMAIN_SETS, convert_official, describe, resolve_domains
-    from lanit_rt.checkpoint import MODEL_FILE, check_output_file, save_checkpoint
+    from lanit_rt.checkpoint import (MODEL_FILE, check_output_file, outermost_missing, remove_unused_folders,
+                                     save_checkpoint)
     from lanit_rt.style import latent_style_table
 
     if args.list_domain_sets:
@@ -57,14 +57,12 @@ def _run(args: argparse.Namespace) -> None:
     out = Path(args.out).expanduser()
     if (out / MODEL_FILE).exists():
         raise UsageError(f"{out} already holds a checkpoint; choose another --out or delete it")
-    made = not out.exists()
+    made = outermost_missing(out)
     check_output_file(out / MODEL_FILE)
     try:
         model = convert_official(args.checkpoint, domains)
-    except BaseException:  # a foreign or damaged file: the folder made for it goes again
-        if made:
-            with contextlib.suppress(OSError):
-                out.rmdir()
+    except BaseException:  # a foreign or damaged file: the folders made for it go again
+        remove_unused_folders(out, made)
         raise
     table = latent_style_table(model.mapping, num_z=args.num_z)
     metadata = {"imported_from": str(Path(args.checkpoint).name), "source": "stargan-v2/lanit",

@@ -123,6 +123,31 @@ def check_output_file(path: str | os.PathLike) -> Path:
     return path
 
 
+def outermost_missing(folder: Path) -> Path | None:
+    """The outermost of `folder` and its parents that does not exist yet: what creating `folder`
+    makes (None when it exists)."""
+    missing = None
+    for path in (folder.absolute(), *folder.absolute().parents):
+        if path.exists():
+            break
+        missing = path
+    return missing
+
+
+def remove_unused_folders(folder: Path, outermost: Path | None) -> None:
+    """Take back the folders that creating `folder` made (up to `outermost`, from outermost_missing)
+    where they are still empty: a command that failed before writing anything leaves no trace."""
+    if outermost is None:
+        return
+    for path in (folder.absolute(), *folder.absolute().parents):
+        try:
+            path.rmdir()  # only an empty folder goes
+        except OSError:
+            return
+        if path == outermost:
+            return
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)` then rename the temporary file onto `path` (same folder, so atomic).
 

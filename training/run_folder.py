@@ -72,31 +72,6 @@ class RunError(RuntimeError):
     a save that failed part-way (disk full)."""
 
 
-def outermost_missing(folder: Path) -> Path | None:
-    """The outermost of `folder` and its parents that does not exist yet: what creating `folder`
-    makes (None when it exists)."""
-    missing = None
-    for path in (folder.absolute(), *folder.absolute().parents):
-        if path.exists():
-            break
-        missing = path
-    return missing
-
-
-def remove_unused_folders(folder: Path, outermost: Path | None) -> None:
-    """Take back the folders that creating `folder` made (up to `outermost`, from outermost_missing)
-    where they are still empty: a run that failed before writing anything leaves no trace."""
-    if outermost is None:
-        return
-    for path in (folder.absolute(), *folder.absolute().parents):
-        try:
-            path.rmdir()  # only an empty folder goes
-        except OSError:
-            return
-        if path == outermost:
-            return
-
-
 def prepare_out_folder(out: Path, resume: bool) -> None:
     """Create the run folder and check that it takes files, before any heavy work. A new run refuses
     a folder that holds a saved run (resume state or checkpoint); `resume` needs the resume state.

@@ -38,6 +38,8 @@ from lanit_rt.checkpoint import (
     atomic_write_text,
     load_train_state,
     older_format_message,
+    outermost_missing,
+    remove_unused_folders,
     save_checkpoint,
     save_train_state,
 )
@@ -52,8 +54,8 @@ from training.config import TrainConfig
 from training.data import DataError, ImageSet, check_images, find_images
 from training.distributed import average_gradients, init_distributed
 from training.grid import save_sample_grid
-from training.run_folder import (TRAIN_CONFIG_FILE, RunError, images_digest, logged_step, outermost_missing,
-                                 prepare_out_folder, remove_unused_folders, saving)
+from training.run_folder import (TRAIN_CONFIG_FILE, RunError, images_digest, logged_step,
+                                 prepare_out_folder, saving)
 
 # Settings a resumed run may change: when and where it stops, logs and saves, and where the same
 # data lives (the images themselves are checked by count and digest). Any other change would make
@@ -79,7 +81,6 @@ class NothingToTrain(Exception):
     def __init__(self, out: Path, step: int, steps: int):
         super().__init__(f"the run in {out} is already at step {step} of --steps {steps}: nothing to "
                          "train, nothing changed; pass a larger --steps to continue it")
-        self.step = step
 
 
 @contextlib.contextmanager
@@ -798,9 +799,8 @@ class Trainer:
     def _status_line(self, logs: dict[str, float], started: float, start_step: int) -> str:
         """What the progress bar shows, as one line (--no-progress prints it at each sample or save)."""
         rate = (self.step - start_step) / max(time.perf_counter() - started, 1e-9)
-        return (f"step {self.step}/{self.cfg.steps} ({rate:.2f} steps/s): "
-                f"d {logs['d_real_latent'] + logs['d_fake_latent']:.2f}, g {logs['g_adv_latent']:.2f}, "
-                f"cyc {logs['g_cyc_latent']:.3f}")
+        losses = ", ".join(f"{name} {value}" for name, value in loss_summary(logs).items())
+        return f"step {self.step}/{self.cfg.steps} ({rate:.2f} steps/s): {losses}"
 
     def sample(self) -> Path | None:
         if not self.dist.main:
@@ -857,8 +857,7 @@ class Trainer:
                     bar.update(1)
                     if self._log_due(self.step):
                         self._log(logs, started, start_step)
-                        bar.set_postfix(d=f"{logs['d_real_latent'] + logs['d_fake_latent']:.2f}",
-                                        g=f"{logs['g_adv_latent']:.2f}", cyc=f"{logs['g_cyc_latent']:.3f}")
+                        bar.set_postfix(loss_summary(logs))
                     if every(self.step, cfg.sample_every):
                         self.sample()
                     if not self.progress and self.dist.main and \
@@ -882,6 +881,12 @@ class Trainer:
         return self.out
 
 
+def loss_summary(logs: dict[str, float]) -> dict[str, str]:
+    """The losses a person watches, formatted: D's latent-step total, G's adversarial and cycle terms."""
+    return {"d": f"{logs['d_real_latent'] + logs['d_fake_latent']:.2f}", "g": f"{logs['g_adv_latent']:.2f}",
+            "cyc": f"{logs['g_cyc_latent']:.3f}"}
+
+
 def every(step: int, period: int) -> bool:
     """Whether a periodic action (log, sample, save, relabel) is due at `step`; period 0: never."""
     return period > 0 and step % period == 0
@@ -892,7 +897,8 @@ def train(cfg: TrainConfig, vl=None, resume: bool = False, progress: bool = True
 
     The output folder and any resume state are checked before images are loaded or labelled, and
     nothing is written there until both the data and the resume state are known to fit."""
-    out, made = Path(cfg.out), outermost_missing(Path(cfg.out))
+    out = Path(cfg.out)
+    made = outermost_missing(out)
     prepare_out_folder(out, resume)
     state = load_train_state(cfg.out) if resume else None
     # Before the run's files are rewritten: a finished run resumed again (a resubmitted job) stays
