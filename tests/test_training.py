@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -245,12 +246,42 @@ def test_time_budget_stops_cleanly_with_a_checkpoint(tmp_path, tiny_labeler, cap
     cfg = tiny_cfg(tmp_path, tiny_labeler, steps=50, max_minutes=0.0)
     out = train(cfg, progress=True)
     printed = capsys.readouterr()  # the bar says that the run may end before its 50 steps
-    assert "training (stops after 0 min)" in printed.err
+    assert "training (stops within 0.0 min)" in printed.err
     assert "time budget of 0.0 min reached at step 0" in printed.out
     model = load_checkpoint(out)
     assert model.metadata["step"] == 0 and model.metadata["final"] is True
     assert cfg.replace(max_minutes=None, data=None).time_budget_s == 11 * 60
     assert cfg.replace(max_minutes=None).time_budget_s is None
+
+
+@pytest.mark.parametrize("started_ago, reserve_s, steps_done", [
+    (0.0, 0.0, 2),      # a minute is plenty for two tiny steps
+    (61.0, 0.0, 0),     # the minute was spent before train() was called (loading, labelling)
+    (0.0, 60.0, 0),     # the caller keeps the whole minute for what follows (the closing evaluation)
+])
+def test_time_budget_counts_from_the_commands_start_and_leaves_the_reserve(
+        tmp_path, tiny_labeler, started_ago, reserve_s, steps_done):
+    cfg = tiny_cfg(tmp_path, tiny_labeler, steps=2, max_minutes=1.0)
+    out = train(cfg, progress=False, started=time.monotonic() - started_ago, reserve_s=reserve_s)
+    model = load_checkpoint(out)
+    assert model.metadata["step"] == steps_done and model.metadata["final"] is True
+
+
+@pytest.mark.parametrize("extra, reserve_s", [((), 0.0), (("--eval",), run.CLOSING_EVAL_RESERVE_S)])
+def test_cli_times_the_run_from_its_start_and_reserves_the_closing_evaluation(
+        tmp_path, tiny_labeler, monkeypatch, extra, reserve_s):
+    seen = {}
+
+    def fake_train(cfg, **kwargs):
+        seen.update(kwargs)
+        raise KeyboardInterrupt  # stop here: the arguments are what this test is about
+
+    monkeypatch.setattr(run, "train", fake_train)
+    before = time.monotonic()
+    assert run.main(tiny_argv(tmp_path, tiny_labeler, *extra), started=before - 30.0) == 130
+    assert seen["started"] == before - 30.0 and seen["reserve_s"] == reserve_s
+    run.main(tiny_argv(tmp_path, tiny_labeler))  # called without a start: the clock starts with the call
+    assert before <= seen["started"] <= time.monotonic()
 
 
 # ----------------------------------------------------------------------------- user-facing failures

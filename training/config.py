@@ -30,8 +30,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     "lanit-rt": {"lr": 2e-4, "mapping_lr": 2e-4, "lambda_dl": 1.0},
 }
 
-# The embedded default must finish within 13 minutes on 2 CPU cores, labelling and the closing
-# evaluation included (those took about 1.5-2 minutes on the slower machine measured).
+# The embedded default must finish within 13 minutes on 2 CPU cores, its install included (pip took
+# 1.5-1.8 minutes on the machines measured). The run's own budget counts from the command's start,
+# so labelling, the first compile and the closing evaluation are inside it (`max_minutes`).
 DEFAULT_DATA_MAX_MINUTES = 11.0
 # Its steps: as many as a fast 2-core machine makes in that budget (4.5-4.7 steps/s on a Xeon
 # with AMX). Slower machines stop at the budget, about 1,000 steps, no worse off than a 1,000-step
@@ -123,11 +124,14 @@ class TrainConfig:
     device: str = "auto"  # auto (a GPU when PyTorch sees one), cpu, cuda or cuda:N
     # torch.compile of the generator's blocks and the style encoder's trunk (training.acceleration):
     # the same arithmetic, fused, about 1.3x the steps/s at the default 32 px on 2 CPU cores after a
-    # 30-45 s first compile. None (`--set compile=auto`): on for single-process CPU runs of 1,000
+    # 30-70 s first compile. None (`--set compile=auto`): on for single-process CPU runs of 1,000
     # steps or more, where torch.compile works (a one-line warning otherwise)
     compile: bool | None = None
-    # Wall-clock cap on the training loop (minutes); the run then saves and ends as if finished.
-    # None: no cap, except for the embedded default data (DEFAULT_DATA_MAX_MINUTES).
+    # Wall-clock cap on the whole run (minutes), counted from the start of `python -m training.run`
+    # (of `train()` when called from Python): loading, labelling and the first compile use it up too,
+    # and training stops early enough to leave the closing evaluation its time. The run then saves
+    # and ends as if finished. None: no cap, except for the embedded default data
+    # (DEFAULT_DATA_MAX_MINUTES).
     max_minutes: float | None = None
     # Steps between metrics lines, sample grids and saves; 0 turns the periodic one off. The last
     # step is always logged, sampled and saved.

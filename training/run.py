@@ -10,7 +10,12 @@ import argparse
 import dataclasses
 import shlex
 import sys
+import time
 from pathlib import Path
+
+# The command's start when this runs as `python -m training.run`, taken before torch is imported:
+# the time budget (`max_minutes`) counts from here.
+STARTED = time.monotonic()
 
 from lanit_rt.checkpoint import TRAIN_STATE_FILE, CheckpointError
 from lanit_rt.config import ConfigError
@@ -21,6 +26,10 @@ from training.run_folder import (TRAIN_CONFIG_FILE, RunError, read_train_config,
                                  recorded_path_candidates, run_origin)
 from training.train import NothingToTrain, TrainingInterrupted, train
 from training.labeling.views import VisionLanguageError
+
+# The closing evaluation's share of a time budget: it took 12-15 s on the 2-core machines measured
+# (benchmarks/RESULTS.md), after a 3,000-step run of the embedded default.
+CLOSING_EVAL_RESERVE_S = 20.0
 
 # Problems with the user's arguments, data, labeler, files or machine: one line and exit code 2,
 # no traceback. ImportError: a missing optional extra, whose message names what to install.
@@ -38,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help=f"output folder (default {defaults.out}, with --data too: name one per run)")
     p.add_argument("--img-size", type=int, help=f"image side in pixels, a power of two (default {defaults.img_size})")
     p.add_argument("--steps", type=int, help=f"training steps (default {DEFAULT_DATA_STEPS} on the embedded data, "
-                                             f"within {DEFAULT_DATA_MAX_MINUTES:g} minutes; {STEPS} with --data)")
+                                             f"fewer where its {DEFAULT_DATA_MAX_MINUTES:g}-minute budget for "
+                                             f"the whole run ends first; {STEPS} with --data)")
     p.add_argument("--batch-size", type=int, help=f"images per step (default {defaults.batch_size})")
     p.add_argument("--labeler", help="lanit-lite (the default), an open_clip model name[:tag], or a checkpoint path")
     p.add_argument("--stage", type=int, choices=(1, 2), help="2 adds prompt learning")
@@ -155,13 +165,16 @@ def interrupted_message(err: KeyboardInterrupt, out: Path | None) -> str:
     return "interrupted: nothing was saved yet; a rerun starts over"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, started: float | None = None) -> int:
+    """The command; `started` (a `time.monotonic()` reading) is when it began, where that is
+    before this call (default: now)."""
+    started = time.monotonic() if started is None else started
     args = build_parser().parse_args(argv)
     with one_line_warnings():
-        return _main(args)
+        return _main(args, started)
 
 
-def _main(args: argparse.Namespace) -> int:
+def _main(args: argparse.Namespace, started: float) -> int:
     out = None
     try:
         cfg = config_from_args(args)
@@ -175,7 +188,9 @@ def _main(args: argparse.Namespace) -> int:
             if len(find_images(cfg.data)) < 2:  # a missing or empty folder fails in find_images
                 raise DataError(f"{cfg.data} holds one image; LANIT translates between images, it "
                                 "needs at least 2")
-        out = train(cfg, resume=args.resume, progress=not args.no_progress)
+        evaluate = args.eval if args.eval is not None else cfg.data is None
+        out = train(cfg, resume=args.resume, progress=not args.no_progress, started=started,
+                    reserve_s=CLOSING_EVAL_RESERVE_S if evaluate else 0.0)
     except KeyboardInterrupt as err:
         print(interrupted_message(err, out), file=sys.stderr)
         return 130
@@ -186,7 +201,7 @@ def _main(args: argparse.Namespace) -> int:
         print(f"error: {describe(err)}", file=sys.stderr)
         return 2
     print(f"done: checkpoint in {out}")
-    if args.eval if args.eval is not None else cfg.data is None:
+    if evaluate:
         return report_quality(out, progress=not args.no_progress)
     print(f"evaluate it with: python -m training.eval {out}")
     return 0
@@ -215,4 +230,4 @@ def report_quality(out: Path, progress: bool) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(started=STARTED))

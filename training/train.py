@@ -772,10 +772,10 @@ class Trainer:
         logs["lambda_ds"] = lambda_ds
         return logs
 
-    def _stop_reason(self, started: float, budget: float | None, stop: threading.Event) -> str | None:
-        """"interrupt" (Ctrl-C), "time" (the wall-clock budget is spent) or None; all processes
-        agree (rank 0 decides), without a device sync when there is only one."""
-        flags = [stop.is_set(), budget is not None and time.perf_counter() - started >= budget]
+    def _stop_reason(self, stop_at: float | None, stop: threading.Event) -> str | None:
+        """"interrupt" (Ctrl-C), "time" (`time.monotonic()` has reached `stop_at`) or None; all
+        processes agree (rank 0 decides), without a device sync when there is only one."""
+        flags = [stop.is_set(), stop_at is not None and time.monotonic() >= stop_at]
         if self.dist.world > 1:
             shared = torch.tensor([float(f) for f in flags], device=self.device)
             dist.broadcast(shared, src=0)
@@ -810,22 +810,25 @@ class Trainer:
                          seed=self.cfg.seed, device=self.device, step=self.step)
         return path
 
-    def run(self) -> Path:
+    def run(self, stop_at: float | None = None) -> Path:
+        """Train to `cfg.steps`, or until `time.monotonic()` reaches `stop_at` (train() sets it from
+        the config's time budget), then save as finished."""
         cfg = self.cfg
         self.write_run_files()
         metrics_path = self.out / METRICS_FILE
         if self.dist.main and self.step == 0 and metrics_path.exists():
             metrics_path.unlink()  # left by an earlier attempt that never saved; this one starts over
-        budget = cfg.time_budget_s
         # With a time budget the bar's total (the step count) is an upper bound, not the end.
-        desc = "training" if budget is None else f"training (stops after {budget / 60:g} min)"
+        desc = "training"
+        if stop_at is not None:
+            desc += f" (stops within {max(stop_at - time.monotonic(), 0.0) / 60:.1f} min)"
         bar = tqdm(total=cfg.steps, initial=self.step, desc=desc, unit="step",
                    disable=not (self.progress and self.dist.main), dynamic_ncols=True)
         started, start_step = time.perf_counter(), self.step
         logs = None
         if self.compiled and self.dist.main and self.progress and self.step < cfg.steps:
             tqdm.write("the first steps compile the generator and style encoder (torch.compile: "
-                       "30-45 s on 2 CPU cores the first time, seconds once cached)")
+                       "30-70 s on 2 CPU cores the first time, seconds once cached)")
         mid_step = False
         if self.device.type == "cpu":
             # From here on, not while labelling: what that frees would stay resident (train()
@@ -834,12 +837,13 @@ class Trainer:
         try:
             with stop_requests() as stop:
                 while self.step < cfg.steps:
-                    reason = self._stop_reason(started, budget, stop)
+                    reason = self._stop_reason(stop_at, stop)
                     if reason == "interrupt":
                         raise KeyboardInterrupt
                     if reason == "time":
                         if self.dist.main:
-                            tqdm.write(f"time budget of {budget / 60:.1f} min reached at step {self.step}")
+                            tqdm.write(f"time budget of {cfg.time_budget_s / 60:.1f} min reached at "
+                                       f"step {self.step}")
                         break
                     mid_step = True
                     try:
@@ -892,11 +896,17 @@ def every(step: int, period: int) -> bool:
     return period > 0 and step % period == 0
 
 
-def train(cfg: TrainConfig, vl=None, resume: bool = False, progress: bool = True) -> Path:
+def train(cfg: TrainConfig, vl=None, resume: bool = False, progress: bool = True, *,
+          started: float | None = None, reserve_s: float = 0.0) -> Path:
     """Train a LANIT model per `cfg`; returns the output folder (see the module docstring).
 
     The output folder and any resume state are checked before images are loaded or labelled, and
-    nothing is written there until both the data and the resume state are known to fit."""
+    nothing is written there until both the data and the resume state are known to fit.
+
+    The config's time budget counts from `started` (a `time.monotonic()` reading; default: now),
+    and training stops `reserve_s` seconds before it runs out, for what the caller does after
+    (training.run's closing evaluation)."""
+    started = time.monotonic() if started is None else started
     out = Path(cfg.out)
     made = outermost_missing(out)
     prepare_out_folder(out, resume)
@@ -912,8 +922,9 @@ def train(cfg: TrainConfig, vl=None, resume: bool = False, progress: bool = True
         raise
     if state is not None:
         trainer.resume(state)
+    budget = cfg.time_budget_s
     try:
-        return trainer.run()
+        return trainer.run(stop_at=None if budget is None else started + budget - reserve_s)
     finally:
         if trainer.dist.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
