@@ -70,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=2000, help="training steps per setting")
     p.add_argument("--max-minutes", type=float,
-                   help="wall-clock cap per training run (the trainer's max_minutes; the embedded "
-                        "default data is capped at 12 minutes unless this is given)")
+                   help="wall-clock cap per training run, from its start to the end of its closing "
+                        "evaluation (the trainer's max_minutes; without it the embedded default data "
+                        "gets its default budget, training.config.DEFAULT_DATA_MAX_MINUTES)")
     p.add_argument("--out", default="runs/quality", help="folder for the two runs and the JSON")
     p.add_argument("--n", type=int, default=100, help="translations per target domain in the eval")
     p.add_argument("--seed", type=int, default=0)
