@@ -247,7 +247,8 @@ def test_time_budget_stops_cleanly_with_a_checkpoint(tmp_path, tiny_labeler, cap
     out = train(cfg, progress=True)
     printed = capsys.readouterr()  # the bar says that the run may end before its 50 steps
     assert "training (stops within 0.0 min)" in printed.err
-    assert "time budget of 0.0 min reached at step 0" in printed.out
+    assert "time budget of 0.0 min reached at step 0 of 50; the rest: python -m training.run " \
+           f"--out {tmp_path / 'run'} --resume" in printed.out
     model = load_checkpoint(out)
     assert model.metadata["step"] == 0 and model.metadata["final"] is True
     assert cfg.replace(max_minutes=None, data=None).time_budget_s == 11 * 60

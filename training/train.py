@@ -17,6 +17,7 @@ import copy
 import json
 import math
 import os
+import shlex
 import signal
 import threading
 import time
@@ -843,7 +844,8 @@ class Trainer:
                     if reason == "time":
                         if self.dist.main:
                             tqdm.write(f"time budget of {cfg.time_budget_s / 60:.1f} min reached at "
-                                       f"step {self.step}")
+                                       f"step {self.step} of {cfg.steps}; the rest: python -m "
+                                       f"training.run --out {shlex.quote(str(self.out))} --resume")
                         break
                     mid_step = True
                     try:
