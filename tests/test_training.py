@@ -153,7 +153,12 @@ def test_cli_dry_run_prints_the_resolved_config(capsys):
     # The embedded default labels top-1 (its domains exclude each other); own data: adaptive.
     assert printed["label_mode"] == "topk" and printed["topk"] == 1
     assert run.main(["--dry-run", "--data", "/photos", "--domains", "a,b"]) == 0
-    assert json.loads(capsys.readouterr().out)["label_mode"] == "adaptive"
+    printed = json.loads(capsys.readouterr().out)
+    # own data: adaptive labels, and a run folder named after the data (runs/default is the
+    # embedded data's) unless --out names one
+    assert printed["label_mode"] == "adaptive" and printed["out"] == "runs/photos"
+    assert run.main(["--dry-run", "--data", "/photos/", "--domains", "a,b", "--out", "mine"]) == 0
+    assert json.loads(capsys.readouterr().out)["out"] == "mine"
     assert TrainConfig(data="/photos", domains=("a", "b"), label_mode="threshold").label_rule == "threshold"
     with pytest.raises(ConfigError, match="--domains"):  # own data names its own domains
         TrainConfig(data="/photos")
@@ -601,6 +606,18 @@ def test_resume_needs_only_the_run_folder(tmp_path, tiny_labeler, monkeypatch, c
     record.write_text("[1, 2]")
     assert run.main(["--out", out, "--resume", "--steps", "4", "--no-progress"]) == 2
     assert "train_config.json holds a JSON list, not the run's settings" in capsys.readouterr().err
+
+
+def test_a_data_run_without_out_goes_to_runs_and_the_data_folders_name(tmp_path, tiny_labeler,
+                                                                         monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = tiny_argv(tmp_path, tiny_labeler)
+    del argv[argv.index("--out"):argv.index("--out") + 2]
+    assert run.main(argv) == 0
+    assert load_checkpoint(tmp_path / "runs" / "data").metadata["step"] == 1  # the data: tmp_path/data
+    capsys.readouterr()
+    assert run.main(argv + ["--resume", "--dry-run"]) == 0  # --resume finds it the same way
+    assert json.loads(capsys.readouterr().out)["out"] == "runs/data"
 
 
 def test_resume_with_other_data_or_domains_fails_before_writing(tmp_path, tiny_labeler):

@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--domains", help='comma-separated domain texts, e.g. "blond hair,black hair"')
     group.add_argument("--domains-file", help="text file with one domain text per line")
     defaults = TrainConfig()
-    p.add_argument("--out", help=f"output folder (default {defaults.out}, with --data too: name one per run)")
+    p.add_argument("--out", help=f"output folder (default {defaults.out}; with --data, runs/ and the data "
+                                 "folder's name)")
     p.add_argument("--img-size", type=int, help=f"image side in pixels, a power of two (default {defaults.img_size})")
     p.add_argument("--steps", type=int, help=f"training steps (default {DEFAULT_DATA_STEPS} on the embedded data, "
                                              f"fewer where its {DEFAULT_DATA_MAX_MINUTES:g}-minute budget for "
@@ -137,12 +138,21 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         value = getattr(args, flag)
         if value is not None:
             changes[key] = value
+    if "out" not in changes and "data" in changes:
+        changes["out"] = str(default_out_for_data(changes["data"]))
     if args.resume:
         out = Path(changes["out"] if "out" in changes else TrainConfig.out)
         changes = {**resumed_settings(out, data_given="data" in changes), **changes, "out": str(out)}
     config = TrainConfig(**changes)
     config.model_config(config.domains or ("a", "b"))  # validates img_size and widths early
     return config
+
+
+def default_out_for_data(data: str) -> Path:
+    """Where a run on `--data` goes without `--out`: runs/ and the data folder's name, so runs on
+    different folders do not meet in one run folder (the embedded data's run is runs/default)."""
+    name = Path(data).expanduser().resolve().name or "data"
+    return Path(TrainConfig.out).parent / name
 
 
 def describe(err: BaseException) -> str:
