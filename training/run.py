@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from training.cli import one_line_warnings
 from training.config import DEFAULT_DATA_MAX_MINUTES, DEFAULT_DATA_STEPS, STEPS, TrainConfig, parse_override
 from training.data import DataError
 from training.run_folder import (TRAIN_CONFIG_FILE, RunError, read_train_config,
-                                 recorded_path_candidates, run_origin)
+                                 recorded_path_candidates, resume_command, run_origin)
 from training.train import NothingToTrain, TrainingInterrupted, train
 from training.labeling.views import VisionLanguageError
 
@@ -167,7 +166,7 @@ def describe(err: BaseException) -> str:
 def interrupted_message(err: KeyboardInterrupt, out: Path | None) -> str:
     """Say what Ctrl-C left behind (a state saved in the loop, an earlier one, or nothing) and the
     command that continues it: the run's settings come back from its folder."""
-    again = f"continue with: python -m training.run --out {shlex.quote(str(out))} --resume"
+    again = f"continue with: {resume_command(out)}"
     if isinstance(err, TrainingInterrupted):
         return f"interrupted: state saved at step {err.step}; {again}"
     if out is not None and (out / TRAIN_STATE_FILE).is_file():

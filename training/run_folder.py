@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 from pathlib import Path
 from typing import Sequence
 
@@ -70,6 +71,11 @@ def recorded_path_candidates(recorded: str, run_dir: Path, origin: Path | None) 
 class RunError(RuntimeError):
     """The run folder cannot be used as asked: not creatable or writable, already holding a run, or
     a save that failed part-way (disk full)."""
+
+
+def resume_command(out: Path) -> str:
+    """The command that continues the run in `out`: its settings come back from the folder."""
+    return f"python -m training.run --out {shlex.quote(str(out))} --resume"
 
 
 def prepare_out_folder(out: Path, resume: bool) -> None:

@@ -17,7 +17,6 @@ import copy
 import json
 import math
 import os
-import shlex
 import signal
 import threading
 import time
@@ -56,7 +55,7 @@ from training.data import DataError, ImageSet, check_images, find_images
 from training.distributed import average_gradients, init_distributed
 from training.grid import save_sample_grid
 from training.run_folder import (TRAIN_CONFIG_FILE, RunError, images_digest, logged_step,
-                                 prepare_out_folder, saving)
+                                 prepare_out_folder, resume_command, saving)
 
 # Settings a resumed run may change: when and where it stops, logs and saves, and where the same
 # data lives (the images themselves are checked by count and digest). Any other change would make
@@ -844,8 +843,8 @@ class Trainer:
                     if reason == "time":
                         if self.dist.main:
                             tqdm.write(f"time budget of {cfg.time_budget_s / 60:.1f} min reached at "
-                                       f"step {self.step} of {cfg.steps}; the rest: python -m "
-                                       f"training.run --out {shlex.quote(str(self.out))} --resume")
+                                       f"step {self.step} of {cfg.steps}; the rest: "
+                                       f"{resume_command(self.out)}")
                         break
                     mid_step = True
                     try:
