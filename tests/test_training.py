@@ -1039,9 +1039,20 @@ def test_freed_memory_is_kept_while_training_and_handed_back_after():
     assert defaults_again < 16  # and glibc's defaults are back
 
 
-def test_compiled_training_matches_eager_training(tmp_path, tiny_labeler):
+def test_compiled_training_matches_eager_training(tmp_path, tiny_labeler, monkeypatch):
+    import training.train as train_module
+
+    batching, original = [], train_module.batched_kernel_builds
+
+    def batched_kernel_builds():  # the compiled run builds inductor's kernels per graph
+        batching.append(True)
+        return original()
+
+    monkeypatch.setattr(train_module, "batched_kernel_builds", batched_kernel_builds)
     eager = train(tiny_cfg(tmp_path / "a", tiny_labeler, steps=2, compile=False), progress=False)
+    assert batching == []
     compiled = train(tiny_cfg(tmp_path / "b", tiny_labeler, steps=2, compile=True), progress=False)
+    assert batching == [True]
     for ra, rb in zip(read_metrics(eager), read_metrics(compiled), strict=True):
         for key in ra:
             if key.startswith(("d_", "g_")):
@@ -1082,7 +1093,7 @@ def test_a_broken_torch_compile_warns_or_fails_in_one_line(tmp_path, tiny_labele
                                                              setting):
     import training.train as train_module
 
-    monkeypatch.setattr(train_module, "compile_unusable_reason", lambda device: "no C++ compiler")
+    monkeypatch.setattr(train_module, "probe_compile", lambda device: (False, "no C++ compiler"))
     monkeypatch.setattr(train_module, "should_compile", lambda *args: True)
     compiled = []
     monkeypatch.setattr(train_module, "compile_blocks", compiled.append)

@@ -13,6 +13,8 @@ encoder's trunk, which fuses each block's normalisation, activation, pooling and
 few kernels around the convolutions. The discriminator stays eager: R1 needs the gradient of a
 gradient through it, which compiled autograd does not support, and compiling it for the other steps
 gave no measurable gain. `Module.compile` keeps parameter names, so checkpoints do not change.
+`probe_compile(device)` checks first that compiling works here, with inductor's kernels built one
+library per compiled graph (training.kernel_batching) where that works too.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import platform
 import torch
 
 from lanit_rt.errors import describe
+from training.kernel_batching import batched_kernel_builds
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -88,8 +91,8 @@ def should_compile(setting: bool | None, device: torch.device, steps: int, world
 
 def compile_unusable_reason(device: torch.device) -> str | None:
     """None when torch.compile works here, else why not, in one line. It compiles and runs a small
-    convolution forward and backward, which needs what the training blocks need: on CPUs a C++
-    compiler and the Python headers."""
+    convolution forward and backward, which needs what the training blocks need (on CPUs a C++
+    compiler and the Python headers), and checks both against eager mode."""
     # Inductor imports torch.utils.cpp_extension, which warns on import when it finds a CUDA
     # toolkit but no GPU; that says nothing about a CPU run, so import it with the warning off.
     logger = logging.getLogger("torch.utils.cpp_extension")
@@ -100,16 +103,40 @@ def compile_unusable_reason(device: torch.device) -> str | None:
     finally:
         logger.setLevel(level)
     try:
-        conv = torch.nn.Conv2d(2, 2, 3, padding=1).to(device)
+        # Its own random numbers: the trainer probes while it labels, and training's must not
+        # depend on the probe.
+        numbers = torch.Generator().manual_seed(0)
+        weight, bias, x = (torch.randn(shape, generator=numbers).to(device)
+                           for shape in ((2, 2, 3, 3), (2,), (1, 2, 4, 4)))
+        x.requires_grad_(True)
 
         def probe(x: torch.Tensor) -> torch.Tensor:
-            return torch.nn.functional.leaky_relu(conv(x), 0.2).mean()
+            return torch.nn.functional.leaky_relu(torch.nn.functional.conv2d(x, weight, bias, padding=1),
+                                                  0.2).mean()
 
-        x = torch.randn(1, 2, 4, 4, device=device, requires_grad=True)
-        torch.compile(probe, dynamic=False)(x).backward()
+        compiled = torch.compile(probe, dynamic=False)(x)
+        compiled.backward()
+        grad, x.grad = x.grad, None
+        eager = probe(x)
+        eager.backward()
+        if not (torch.allclose(compiled, eager, rtol=1e-4, atol=1e-6)
+                and torch.allclose(grad, x.grad, rtol=1e-4, atol=1e-6)):
+            return "the compiled probe's results differ from eager mode's"
     except Exception as err:  # noqa: BLE001 - any failure means: train eagerly
         return describe(err)[:200]
     return None
+
+
+def probe_compile(device: torch.device) -> tuple[bool, str | None]:
+    """Whether torch.compile works here: (batched, None), or (False, why not). It first tries with
+    inductor's kernels built one library per graph (training.kernel_batching), and where that
+    fails, without: `batched` says which worked."""
+    with batched_kernel_builds() as batched:
+        reason = compile_unusable_reason(device)
+    if reason is None or not batched:
+        return batched, reason
+    torch._dynamo.reset()
+    return False, compile_unusable_reason(device)
 
 
 def compile_blocks(nets) -> None:

@@ -48,12 +48,13 @@ from lanit_rt.errors import describe
 from lanit_rt.networks import Discriminator, Generator, MappingNetwork, StyleEncoder
 from lanit_rt.style import latent_style_table, mix_styles, reference_style_table
 from training import losses
-from training.acceleration import (compile_blocks, compile_unusable_reason, keep_freed_memory,
+from training.acceleration import (compile_blocks, keep_freed_memory, probe_compile,
                                    release_freed_memory, should_compile)
 from training.config import TrainConfig
 from training.data import DataError, ImageSet, check_images, find_images
 from training.distributed import average_gradients, init_distributed
 from training.grid import save_sample_grid
+from training.kernel_batching import batched_kernel_builds
 from training.run_folder import (TRAIN_CONFIG_FILE, RunError, images_digest, logged_step,
                                  prepare_out_folder, resume_command, saving)
 
@@ -439,10 +440,11 @@ class Trainer:
         self.nets, self.ema = build_nets(self.model_config, self.device,
                                          init="he" if official(cfg) else "default")
         self.optims = make_optimizers(self.nets, cfg)
-        self.compiled = self._accelerate()
         self.gen = torch.Generator().manual_seed(cfg.seed + 1000 * self.dist.rank)
         self.step = 0
         self.clock = PhaseClock()  # benchmarks/train_step.py turns it on
+        self.batched_builds = False  # run(): inductor's kernels one library per graph (_accelerate)
+        self.compiled = self._accelerate()
 
         self.labeler = self._build_labeler(vl, scan.paths)
         self.prompt_optim = None
@@ -458,14 +460,15 @@ class Trainer:
         they are compiled."""
         if not should_compile(self.cfg.compile, self.device, self.cfg.steps, self.dist.world):
             return False
-        reason = compile_unusable_reason(self.device)
+        batched, reason = probe_compile(self.device)
         if reason is not None:
             if self.cfg.compile:
                 raise RunError(f"compile=true, but torch.compile does not work here ({reason}); "
                                "pass --set compile=false")
             warnings.warn(f"training without torch.compile, which does not work here ({reason}); "
-                          "each step takes about 1.3x longer", stacklevel=2)
+                          "each step takes 1.3-1.6x longer", stacklevel=2)
             return False
+        self.batched_builds = batched
         compile_blocks(self.nets)
         return True
 
@@ -834,8 +837,9 @@ class Trainer:
             # From here on, not while labelling: what that frees would stay resident (train()
             # restores glibc's defaults when the run ends).
             keep_freed_memory()
+        batching = batched_kernel_builds() if self.batched_builds else contextlib.nullcontext()
         try:
-            with stop_requests() as stop:
+            with stop_requests() as stop, batching:
                 while self.step < cfg.steps:
                     reason = self._stop_reason(stop_at, stop)
                     if reason == "interrupt":
