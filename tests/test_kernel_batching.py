@@ -62,9 +62,9 @@ def test_batched_builds_compute_what_inductors_own_builds_do(monkeypatch):
     original = AsyncCompile.cpp_pybinding
     sources.clear()
     torch._dynamo.reset()
-    with batched_kernel_builds() as batched:
-        assert batched
+    with batched_kernel_builds() as batching:
         together = forward_backward(torch.compile(two_reductions, dynamic=False), x, weight)
+    assert batching.active and batching.worked
     assert AsyncCompile.cpp_pybinding is original  # put back
     libraries = [s for s in sources if "lanit_kernel_0" in s]
     assert libraries and len(libraries) == len(sources)  # every kernel went into a library
@@ -73,6 +73,20 @@ def test_batched_builds_compute_what_inductors_own_builds_do(monkeypatch):
         assert torch.equal(a, b)  # the same C++, the same flags: the same bits
     eager = forward_backward(two_reductions, x, weight)
     for a, b in zip(eager, together, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_library_that_does_not_build_leaves_its_kernels_to_inductor(monkeypatch):
+    import training.kernel_batching as kernel_batching
+
+    monkeypatch.setattr(kernel_batching, "library_source", lambda kernels, module: "#error broken\n")
+    numbers = torch.Generator().manual_seed(1)
+    x, weight = torch.randn(2, 3, 8, 8, generator=numbers), torch.randn(4, 3, 3, 3, generator=numbers)
+    torch._dynamo.reset()
+    with batched_kernel_builds() as batching:
+        compiled = forward_backward(torch.compile(two_reductions, dynamic=False), x, weight)
+    assert batching.active and batching.failures >= 2 and not batching.worked  # forward, backward
+    for a, b in zip(forward_backward(two_reductions, x, weight), compiled, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 

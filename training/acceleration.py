@@ -131,10 +131,12 @@ def probe_compile(device: torch.device) -> tuple[bool, str | None]:
     """Whether torch.compile works here: (batched, None), or (False, why not). It first tries with
     inductor's kernels built one library per graph (training.kernel_batching), and where that
     fails, without: `batched` says which worked."""
-    with batched_kernel_builds() as batched:
+    with batched_kernel_builds() as batching:
         reason = compile_unusable_reason(device)
-    if reason is None or not batched:
-        return batched, reason
+    if reason is None and batching.worked:
+        return True, None
+    if not batching.active:
+        return False, reason
     torch._dynamo.reset()
     return False, compile_unusable_reason(device)
 

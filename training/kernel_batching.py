@@ -1,27 +1,29 @@
 """One C++ library per compiled graph instead of one per kernel, for torch.compile on CPUs.
 
-Inductor's CPU backend builds every fused kernel as its own shared library. On the 2-core
-machines of benchmarks/RESULTS.md each such g++ run takes about 0.8 s, nearly all of it fixed
-cost (instantiating the vectorisation templates of inductor's precompiled header, Python's
-headers), so the first step of the embedded default run built ~100 of them: ~108 s of compiler
-time. Built together, 100 of the same kernels take 8.7 s: each kernel adds about 0.08 s.
+Inductor's CPU backend builds every fused kernel as its own shared library. On the 2-core Zen 4
+machine of benchmarks/RESULTS.md each such g++ run takes about 0.9 s, nearly all of it the same
+for every kernel (the C++ front end's work on inductor's headers and their templates), and the
+first step of the embedded default run built 106 of them: ~108 s of compiler time. Built as one
+file, 100 of those kernels take 8.7 s: each kernel adds about 0.08 s.
 
 `batched_kernel_builds()` makes inductor gather the kernels of each module it generates (one per
 compiled graph) and build them as one library with a Python binding per kernel. Each kernel's C++
 is inductor's own, renamed; the flags are inductor's (the cache's C++ loader picks them), so the
-machine code and the results are the same, bit for bit (tests/test_training.py). Inductor's
+machine code and the results are the same, bit for bit (tests/test_kernel_batching.py). Inductor's
 on-disk cache keys the library by its whole source, so a later run loads it without a compile.
 
 Inductor does not offer this; it is done by replacing `AsyncCompile.cpp_pybinding`, a private
 API, while the context is open. Kernels it does not recognise (another entry point, an argument
-that is not a pointer) go through inductor's own path, and the trainer's compile probe runs with
-the batching on, falling back to inductor's builds when anything about it fails there.
+that is not a pointer) go through inductor's own path, as do the kernels of a library that fails to
+build or load; the trainer's compile probe runs with the batching on, and turns it off for the
+run when anything about it fails there.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 # How inductor's CPU kernels open their entry function (torch 2.14).
@@ -100,17 +102,34 @@ PyMODINIT_FUNC PyInit_{module}(void) {{
     return "\n".join(parts)
 
 
+@dataclass
+class Batching:
+    """What `batched_kernel_builds` yields: whether it is on (this torch has what it needs), and
+    how many libraries failed to build or load, their kernels built by inductor instead."""
+
+    active: bool
+    failures: int = 0
+
+    @property
+    def worked(self) -> bool:
+        return self.active and self.failures == 0
+
+
 class _Library:
     """The kernels one generated module asks for, built together when the module's closing `wait`
-    (or a first call) needs them, by then all of them."""
+    (or a first call) needs them, by then all of them. Where the library does not build or load,
+    each kernel is built on its own by `build_one` (inductor's own path), so a run goes on."""
 
-    def __init__(self) -> None:
+    def __init__(self, build_one: Callable[[list[str], str], Any], state: Batching) -> None:
         self.kernels: list[tuple[list[str], str]] = []
-        self._load = None
+        self._build_one = build_one
+        self._state = state
+        self._load: Callable[[], Any] | None = None
+        self._failed = False
 
     @property
     def started(self) -> bool:
-        return self._load is not None
+        return self._load is not None or self._failed
 
     def add(self, argtypes: Sequence[str], source: str) -> _Pending:
         self.kernels.append((list(argtypes), source))
@@ -119,11 +138,20 @@ class _Library:
     def kernel(self, index: int) -> Any:
         from torch._inductor.codecache import CppPythonBindingsCodeCache as Loader
 
-        if self._load is None:
-            # The loader imports the library as "<key>.<entry_function>", so that is the name its
-            # init function must carry. Built in this process: the module waits for it anyway.
-            self._load = Loader.load_async(library_source(self.kernels, Loader.entry_function), "cpu")
-        return getattr(self._load(), f"kernel_{index}")
+        if not self._failed:
+            try:
+                if self._load is None:
+                    # The loader imports the library as "<key>.<entry_function>", so that is the
+                    # name its init function must carry. Built in this process: the module waits
+                    # for it anyway.
+                    source = library_source(self.kernels, Loader.entry_function)
+                    self._load = Loader.load_async(source, "cpu")
+                return getattr(self._load(), f"kernel_{index}")
+            except Exception:  # noqa: BLE001 - whatever failed, inductor's own builds remain
+                self._failed = True
+                self._state.failures += 1
+        built = self._build_one(*self.kernels[index])
+        return built.result() if hasattr(built, "result") else built  # a future, or the kernel
 
 
 class _Pending:
@@ -141,29 +169,31 @@ class _Pending:
 
 
 @contextlib.contextmanager
-def batched_kernel_builds() -> Iterator[bool]:
+def batched_kernel_builds() -> Iterator[Batching]:
     """While open, inductor builds the CPU kernels of each generated module as one library (see
-    the module docstring). Yields False, and changes nothing, where this torch lacks the parts
-    it needs."""
+    the module docstring). Where this torch lacks the parts it needs, it changes nothing and
+    yields an inactive `Batching`."""
     try:
         from torch._inductor.async_compile import AsyncCompile
         from torch._inductor.codecache import CppPythonBindingsCodeCache
     except ImportError:
-        yield False
+        yield Batching(active=False)
         return
     original_binding = AsyncCompile.__dict__.get("cpp_pybinding")
     original_wait = AsyncCompile.__dict__.get("wait")
     if original_binding is None or original_wait is None or \
             not hasattr(CppPythonBindingsCodeCache, "load_async"):
-        yield False
+        yield Batching(active=False)
         return
+    state = Batching(active=True)
 
     def cpp_pybinding(self, argtypes, source_code):
         if not batchable(argtypes, source_code):
             return original_binding(self, argtypes, source_code)
         library = self.__dict__.get("_lanit_library")
         if library is None or library.started:
-            library = self.__dict__["_lanit_library"] = _Library()
+            library = _Library(lambda argtypes, source: original_binding(self, argtypes, source), state)
+            self.__dict__["_lanit_library"] = library
         return library.add(argtypes, source_code)
 
     def wait(self, scope):
@@ -174,6 +204,6 @@ def batched_kernel_builds() -> Iterator[bool]:
 
     AsyncCompile.cpp_pybinding, AsyncCompile.wait = cpp_pybinding, wait
     try:
-        yield True
+        yield state
     finally:
         AsyncCompile.cpp_pybinding, AsyncCompile.wait = original_binding, original_wait
