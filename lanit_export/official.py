@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from lanit_export.errors import ExportError
-from lanit_rt.checkpoint import torch_load_failure
+from lanit_rt.checkpoint import not_a_torch_file, torch_load_failure
 from lanit_rt.config import ConfigError, LanitConfig
 from lanit_rt.errors import first_line
 from lanit_rt.networks import Generator, MappingNetwork, StyleEncoder
@@ -150,6 +150,9 @@ def load_official_state(path: str | os.PathLike) -> dict[str, dict[str, torch.Te
     path = Path(path)
     if not path.is_file():
         raise ImportCheckpointError(f"no checkpoint file at {path}")
+    reason = not_a_torch_file(path)
+    if reason is not None:
+        raise ImportCheckpointError(f"{path} is not a PyTorch checkpoint ({reason})")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several unrelated types for non-checkpoint files

@@ -388,11 +388,31 @@ def load_train_state(path: str | os.PathLike) -> dict[str, Any]:
         file = file / TRAIN_STATE_FILE
     if not file.exists():
         raise CheckpointError(f"no resume state at {file}")
+    reason = not_a_torch_file(file)
+    if reason is not None:
+        raise CheckpointError(f"{file} is damaged or not a LANIT resume state ({reason})")
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several unrelated types for bad pickles
         raise CheckpointError(f"{file} is damaged or not a LANIT resume state "
                               f"({torch_load_failure(err)})") from None
+
+
+# How a file that torch.load reads begins: torch.save's zip archive, or a pickle (protocol 2 or
+# later: the legacy format, and the released StarGAN v2 / LANIT checkpoints).
+TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")
+
+
+def not_a_torch_file(path: str | os.PathLike) -> str | None:
+    """Why the file at `path` cannot be one torch.save wrote, judged by its first bytes; None when
+    it may be (torch.load then says what else is wrong)."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+    if head.startswith(TORCH_FILE_STARTS):
+        return None
+    if not head:
+        return "the file is empty"
+    return f"neither a zip archive, as torch.save writes, nor a pickle: it starts with {head!r}"
 
 
 def torch_load_failure(err: Exception) -> str:

@@ -275,8 +275,17 @@ def test_bad_files_give_one_line_errors(tmp_path, capsys):
     code, err = run_import(tmp_path, capsys, text, "--domains", "a,b", "--out", out)
     assert code == 1 and "not a PyTorch checkpoint" in err
     assert not out.exists()  # the folder made for --out goes again
-    # torch's own cause, not its first line, which advises weights_only=False (unsafe here)
-    assert "(UnpicklingError: Unsupported operand" in err and "weights_only` set to `False`" not in err, err
+    assert "(neither a zip archive, as torch.save writes, nor a pickle: it starts with b'not a checkp')" in err
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    code, err = run_import(tmp_path, capsys, empty, "--domains", "a,b", "--out", out)
+    assert code == 1 and "not a PyTorch checkpoint (the file is empty)" in err
+    # A pickle that the safe loader refuses: torch's own cause, not its first line, which advises
+    # weights_only=False (unsafe here).
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"path": tmp_path}, evil)
+    code, err = run_import(tmp_path, capsys, evil, "--domains", "a,b", "--out", out)
+    assert "(UnpicklingError: Unsupported global" in err and "weights_only` set to `False`" not in err, err
     other = tmp_path / "other.ckpt"
     torch.save({"model": {"w": torch.zeros(1)}}, other)
     code, err = run_import(tmp_path, capsys, other, "--domains", "a,b", "--out", out)
