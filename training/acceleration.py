@@ -42,8 +42,8 @@ TRIM_THRESHOLD_BYTES = 1 << 30
 # glibc's starting values of both (they adapt upwards from there, which setting them stops).
 GLIBC_DEFAULT_THRESHOLD_BYTES = 128 << 10
 
-# Steps from which "auto" compiles: a cold compile costs about 30-70 s on 2 CPU cores (later runs
-# reuse inductor's on-disk cache, ~5 s) and saves about 25 ms a step at the default 32 px.
+# Steps from which "auto" compiles: a cold compile costs about 30-80 s on 2 CPU cores (later runs
+# reuse inductor's on-disk cache, ~5 s) and saves 25-100 ms a step at the default 32 px (Zen 5, Zen 4).
 COMPILE_MIN_STEPS = 1000
 
 

@@ -123,8 +123,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto (a GPU when PyTorch sees one), cpu, cuda or cuda:N
     # torch.compile of the generator's blocks and the style encoder's trunk (training.acceleration):
-    # the same arithmetic, fused, about 1.3x the steps/s at the default 32 px on 2 CPU cores after a
-    # 30-70 s first compile. None (`--set compile=auto`): on for single-process CPU runs of 1,000
+    # the same arithmetic, fused, 1.3-1.5x the steps/s at the default 32 px on 2 CPU cores after a
+    # 30-80 s first compile. None (`--set compile=auto`): on for single-process CPU runs of 1,000
     # steps or more, where torch.compile works (a one-line warning otherwise)
     compile: bool | None = None
     # Wall-clock cap on the whole run (minutes), counted from the start of `python -m training.run`

@@ -831,7 +831,7 @@ class Trainer:
         logs = None
         if self.compiled and self.dist.main and self.progress and self.step < cfg.steps:
             tqdm.write("the first steps compile the generator and style encoder (torch.compile: "
-                       "30-70 s on 2 CPU cores the first time, seconds once cached)")
+                       "30-80 s on 2 CPU cores the first time, seconds once cached)")
         mid_step = False
         if self.device.type == "cpu":
             # From here on, not while labelling: what that frees would stay resident (train()
