@@ -103,8 +103,8 @@ def compile_unusable_reason(device: torch.device) -> str | None:
     finally:
         logger.setLevel(level)
     try:
-        # Its own random numbers: the trainer probes while it labels, and training's must not
-        # depend on the probe.
+        # Its own random numbers: training's draws must not depend on whether, or how many times
+        # (probe_compile may probe twice), it probed.
         numbers = torch.Generator().manual_seed(0)
         weight, bias, x = (torch.randn(shape, generator=numbers).to(device)
                            for shape in ((2, 2, 3, 3), (2,), (1, 2, 4, 4)))

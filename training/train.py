@@ -466,7 +466,7 @@ class Trainer:
                 raise RunError(f"compile=true, but torch.compile does not work here ({reason}); "
                                "pass --set compile=false")
             warnings.warn(f"training without torch.compile, which does not work here ({reason}); "
-                          "each step takes 1.3-1.6x longer", stacklevel=2)
+                          "each step takes 1.3-1.5x longer", stacklevel=2)
             return False
         self.batched_builds = batched
         compile_blocks(self.nets)
