@@ -376,7 +376,13 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(server, reference)
             tensor = module.InferInput(name, list(array.shape), datatype)
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
-        return module.InferenceServerClient(url).infer("lanit", inputs).as_numpy("translated")
+        # Closed here, in the thread that made it: a client left to the garbage collector may be
+        # collected in another test's worker thread, where gevent's hub is missing.
+        client = module.InferenceServerClient(url)
+        try:
+            return client.infer("lanit", inputs).as_numpy("translated")
+        finally:
+            client.close()
 
     image = _images(1)
     domains = np.array([[b"beard"]], dtype=object)
