@@ -1088,6 +1088,20 @@ def test_the_compile_probe_says_why_in_one_line(monkeypatch):
     assert compile_unusable_reason(cpu) == "RuntimeError: Compiler: g++ is not found"
 
 
+def test_the_compile_probe_refuses_results_that_differ_from_eager_mode(monkeypatch):
+    from training.acceleration import compile_unusable_reason
+
+    compile_for_real = torch.compile
+
+    def one_percent_off(fn, **options):  # a compile that builds and runs, but computes wrongly
+        compiled = compile_for_real(fn, **options)
+        return lambda x: compiled(x) * 1.01
+
+    monkeypatch.setattr(torch, "compile", one_percent_off)
+    assert compile_unusable_reason(torch.device("cpu")) == \
+        "the compiled probe's results differ from eager mode's"
+
+
 @pytest.mark.parametrize("setting", [None, True])
 def test_a_broken_torch_compile_warns_or_fails_in_one_line(tmp_path, tiny_labeler, monkeypatch,
                                                              setting):
