@@ -12,7 +12,8 @@ from lanit_rt.config import ConfigError
 from lanit_rt.images import wide_grey_to_l
 from training import losses
 from training.config import DEFAULT_DATA_LAMBDA_ID, DEFAULT_DATA_LR, TrainConfig, parse_override
-from training.data import DataError, ImageSet, augment_batch, check_images, find_images, load_rgb
+from training.data import (SHIFT_PIXELS, DataError, ImageSet, augment_batch, check_images, find_images,
+                           load_rgb)
 
 
 def test_ablate_targets_removes_one_active_domain():
@@ -319,3 +320,39 @@ def test_augmentation_is_seeded_and_keeps_identity_when_not_cropping():
     assert untouched.any() and flipped_only.any()
     torch.testing.assert_close(a[untouched], x[untouched], atol=1e-5, rtol=0)
     torch.testing.assert_close(a[flipped_only], x[flipped_only].flip(-1), atol=1e-5, rtol=0)
+
+
+def _draws(n: int, seed: int) -> torch.Tensor:
+    """The uniform numbers augment_batch draws for a batch of n with a generator seeded `seed`."""
+    return torch.rand(n, 6, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("mode", ["shift", "flip"])
+def test_shift_and_flip_augmentations_only_move_pixels(mode):
+    size = 8
+    x = torch.rand(32, 3, size, size) * 2 - 1
+    out = augment_batch(x, torch.Generator().manual_seed(3), mode)
+    u = _draws(32, 3)
+    crop, flip = u[:, 0] < 0.5, u[:, 5] < 0.5
+    assert crop.any() and (~crop).any() and flip.any() and (~flip).any()
+    shift = (torch.floor(u[:, 3:5] * (2 * SHIFT_PIXELS + 1)) - SHIFT_PIXELS).long()
+    if mode == "flip":
+        shift.zero_()
+    shift[~crop] = 0
+    assert mode == "flip" or (shift != 0).any()
+    positions = torch.arange(size)
+    for i in range(32):  # output pixel (r, c) is input pixel (r + dy, c' + dx), edges repeated
+        cols = (positions.flip(0) if flip[i] else positions) + shift[i, 0]
+        rows = positions + shift[i, 1]
+        expected = x[i][:, rows.clamp(0, size - 1)][:, :, cols.clamp(0, size - 1)]
+        torch.testing.assert_close(out[i], expected, atol=1e-6, rtol=0)
+
+
+def test_resized_crops_resample_and_an_unknown_augmentation_is_refused():
+    x = torch.rand(32, 3, 8, 8) * 2 - 1
+    out = augment_batch(x, torch.Generator().manual_seed(3))
+    cropped = _draws(32, 3)[:, 0] < 0.5
+    # a resampled crop mixes neighbouring pixels: values that are in no input pixel
+    assert all(not torch.isin(out[i], x[i]).all() for i in torch.nonzero(cropped).flatten().tolist())
+    with pytest.raises(ValueError, match="unknown augmentation 'blur'"):
+        augment_batch(x, torch.Generator(), "blur")

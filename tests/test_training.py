@@ -449,6 +449,7 @@ def test_ctrl_c_then_resume_continues_exactly(tmp_path, tiny_labeler, monkeypatc
     ("relabel_every=-1", "relabel_every"), ("num_style_z=0", "num_style_z"), ("topk=0", "topk"),
     ("max_minutes=-1", "max_minutes"), ("device=gpu", "device"), ("dl_image_size=0", "dl_image_size"),
     ("dl_image_size=100000", "between 32 and 1024"),
+    ("augment=blur", "augment must be one of resized-crop, shift, flip, got 'blur'"),
 ])
 def test_cli_dry_run_rejects_bad_settings(setting, message, capsys):
     assert run.main(["--dry-run", "--set", setting]) == 2
@@ -649,6 +650,10 @@ def test_resume_with_other_data_or_domains_fails_before_writing(tmp_path, tiny_l
     torch.save(state, state_file)
     with pytest.raises(CheckpointError, match=r"other settings \(lambda_id 0.0 -> 2.0\)"):
         train(cfg.replace(lambda_id=2.0), resume=True, progress=False)
+    del state["train_config"]["augment"]  # and before the augmentation could be chosen: crops
+    torch.save(state, state_file)
+    with pytest.raises(CheckpointError, match=r"other settings \(augment 'resized-crop' -> 'shift'\)"):
+        train(cfg.replace(augment="shift"), resume=True, progress=False)
     moved = make_data(tmp_path / "moved")  # the same files in another folder do resume
     train(cfg.replace(data=str(moved), steps=1, max_minutes=None), resume=True, progress=False)
     assert load_checkpoint(out).metadata["step"] == 1

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lanit_rt.config import ARCHS, ConfigError, LanitConfig
+from training.data import AUGMENTATIONS
 from training.labeling.pseudo_labels import LABEL_MODES, TOPK_MODES
 
 
@@ -96,6 +97,10 @@ class TrainConfig:
     # official objective; None -> DEFAULT_DATA_LAMBDA_ID for the embedded default data, else 0
     lambda_id: float | None = None
     lambda_dl: float | None = None  # None -> the recipe's (LANIT's lambda_p 0.5 / lanit-rt 1.0)
+    # training-image augmentation (training.data.augment_batch): "resized-crop" (StarGAN v2's),
+    # "shift" (whole pixels, no resampling: sharper at small sizes, A/B in benchmarks/RESULTS.md)
+    # or "flip"
+    augment: str = "resized-crop"
     ds_decay_steps: int | None = None  # None -> decay the diversity weight to 0 over all steps
     # pseudo-labels
     labeler: str = "lanit-lite"
@@ -181,6 +186,8 @@ class TrainConfig:
             raise ConfigError("steps and batch_size must be positive")
         if self.stage not in (1, 2):
             raise ConfigError(f"stage must be 1 or 2, got {self.stage}")
+        if self.augment not in AUGMENTATIONS:
+            raise ConfigError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
         if self.label_mode not in (None, *LABEL_MODES):
             raise ConfigError(f"label_mode must be one of {', '.join(LABEL_MODES)}, got {self.label_mode!r}")
         if not 0.0 <= self.ema_beta < 1.0:

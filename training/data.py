@@ -109,24 +109,48 @@ def to_uint8(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
-def augment_batch(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """StarGAN v2 augmentation, vectorised over the batch.
+# Augmentations by name (TrainConfig.augment). "resized-crop" is StarGAN v2's, the default. "shift"
+# moves the image by whole pixels instead of resampling it: at 32 px the bilinear resize blurs half
+# of the real images the discriminator sees. On the embedded default, shifts traded domain accuracy
+# for content, within the seeds' spread (benchmarks/RESULTS.md). "flip" crops nothing.
+AUGMENTATIONS = ("resized-crop", "shift", "flip")
+# "shift" moves an image by -SHIFT_PIXELS..SHIFT_PIXELS pixels each way, about as far as the resized
+# crop moves its centre (area 0.8-1) at 32 px.
+SHIFT_PIXELS = 2
 
-    images [B, 3, S, S] float in [-1, 1]. With p=0.5 per image: a random resized crop (area 0.8-1,
-    aspect 0.9-1.1) resampled back to S x S (bilinear); then a horizontal flip with p=0.5. All
-    randomness comes from `gen`, so a resumed run sees exactly the same batches.
+
+def augment_batch(images: torch.Tensor, gen: torch.Generator, mode: str = "resized-crop") -> torch.Tensor:
+    """StarGAN v2's augmentation (or a variant, `mode`), vectorised over the batch.
+
+    images [B, 3, S, S] float in [-1, 1]. With p=0.5 per image, a crop: "resized-crop" takes a
+    random crop (area 0.8-1, aspect 0.9-1.1) and resamples it back to S x S (bilinear); "shift"
+    moves the image by a whole number of pixels each way (edge pixels repeated); "flip" leaves it.
+    Then a horizontal flip with p=0.5. All modes draw the same random numbers from `gen`, so a
+    resumed run sees exactly the same batches.
     """
-    b = images.shape[0]
+    if mode not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {mode!r}; known: {', '.join(AUGMENTATIONS)}")
+    b, size = images.shape[0], images.shape[-1]
     u = torch.rand(b, 6, generator=gen).to(images.device)
     crop = u[:, 0] < 0.5
-    area = torch.where(crop, 0.8 + 0.2 * u[:, 1], torch.ones_like(u[:, 1]))
-    log_ratio = math.log(0.9) + (math.log(1.1) - math.log(0.9)) * u[:, 2]
-    ratio = torch.where(crop, log_ratio.exp(), torch.ones_like(u[:, 2]))
-    sx = (area * ratio).sqrt().clamp(max=1.0)  # crop width / image width
-    sy = (area / ratio).sqrt().clamp(max=1.0)
-    tx = (1 - sx) * (2 * u[:, 3] - 1)  # centre offset in normalised [-1, 1] coordinates
-    ty = (1 - sy) * (2 * u[:, 4] - 1)
     flip = torch.where(u[:, 5] < 0.5, -1.0, 1.0)
+    ones, zeros = torch.ones_like(u[:, 0]), torch.zeros_like(u[:, 0])
+    if mode == "resized-crop":
+        area = torch.where(crop, 0.8 + 0.2 * u[:, 1], ones)
+        log_ratio = math.log(0.9) + (math.log(1.1) - math.log(0.9)) * u[:, 2]
+        ratio = torch.where(crop, log_ratio.exp(), ones)
+        sx = (area * ratio).sqrt().clamp(max=1.0)  # crop width / image width
+        sy = (area / ratio).sqrt().clamp(max=1.0)
+        tx = (1 - sx) * (2 * u[:, 3] - 1)  # centre offset in normalised [-1, 1] coordinates
+        ty = (1 - sy) * (2 * u[:, 4] - 1)
+    else:
+        # Whole pixels (a pixel is 2 / S in normalised coordinates): bilinear sampling at pixel
+        # centres copies pixels, so nothing is blurred.
+        span = 2 * SHIFT_PIXELS + 1
+        shift = crop.float() if mode == "shift" else zeros
+        sx = sy = ones
+        tx = shift * (torch.floor(u[:, 3] * span) - SHIFT_PIXELS) * 2 / size
+        ty = shift * (torch.floor(u[:, 4] * span) - SHIFT_PIXELS) * 2 / size
     theta = torch.zeros(b, 2, 3, device=images.device)
     theta[:, 0, 0] = sx * flip
     theta[:, 0, 2] = tx
@@ -167,7 +191,8 @@ class ImageSet:
         return torch.stack([self._decode(i) for i in indices.tolist()])
 
     def batch(self, indices: torch.Tensor, gen: torch.Generator | None = None,
-              device: torch.device | str = "cpu") -> torch.Tensor:
-        """indices [B] -> float images [B, 3, S, S] in [-1, 1], augmented when `gen` is given."""
+              device: torch.device | str = "cpu", augment: str = "resized-crop") -> torch.Tensor:
+        """indices [B] -> float images [B, 3, S, S] in [-1, 1], augmented (augment_batch's `mode`)
+        when `gen` is given."""
         images = self.uint8(indices).to(device).float().div_(127.5).sub_(1.0)
-        return images if gen is None else augment_batch(images, gen)
+        return images if gen is None else augment_batch(images, gen, augment)

@@ -560,6 +560,7 @@ class Trainer:
         saved_cfg = json.loads(json.dumps(state.get("train_config", {})))  # tuples as lists, like now
         if saved_cfg:
             saved_cfg.setdefault("lambda_id", 0.0)  # states saved before the identity term had none
+            saved_cfg.setdefault("augment", "resized-crop")  # and before the choice of augmentation
         now_cfg = json.loads(json.dumps(self.cfg.to_dict()))
         # domains: compared above as the model's (the embedded data's default domains are None in
         # the config the state keeps, and spelled out in the train_config.json a resume starts from)
@@ -685,9 +686,9 @@ class Trainer:
     def _batch(self):
         b = self.cfg.batch_size
         src, ref, ref2 = self._draw(b), self._draw(b), self._draw(b)
-        x_real = self.images.batch(src, self.gen, self.device)
-        x_ref = self.images.batch(ref, self.gen, self.device)
-        x_ref2 = self.images.batch(ref2, self.gen, self.device)
+        augment = self.cfg.augment
+        x_real, x_ref, x_ref2 = (self.images.batch(rows, self.gen, self.device, augment)
+                                 for rows in (src, ref, ref2))
         y_org, y_trg = self.labels[src.to(self.labels.device)], self.labels[ref.to(self.labels.device)]
         z1 = torch.randn(b, self.model_config.latent_dim, generator=self.gen).to(self.device)
         z2 = torch.randn(b, self.model_config.latent_dim, generator=self.gen).to(self.device)
