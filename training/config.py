@@ -98,7 +98,7 @@ class TrainConfig:
     lambda_id: float | None = None
     lambda_dl: float | None = None  # None -> the recipe's (LANIT's lambda_p 0.5 / lanit-rt 1.0)
     # training-image augmentation (training.data.augment_batch): "resized-crop" (StarGAN v2's),
-    # "shift" (whole pixels, no resampling: sharper at small sizes, A/B in benchmarks/RESULTS.md)
+    # "shift" (whole pixels: no resampling blur at small sizes; A/B in benchmarks/RESULTS.md)
     # or "flip"
     augment: str = "resized-crop"
     ds_decay_steps: int | None = None  # None -> decay the diversity weight to 0 over all steps
