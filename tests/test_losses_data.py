@@ -309,22 +309,22 @@ def test_data_errors(tmp_path):
         check_images(find_images(tmp_path / "bad"), progress=False)
 
 
+def _draws(n: int, seed: int) -> torch.Tensor:
+    """The uniform numbers augment_batch draws for a batch of n with a generator seeded `seed`."""
+    return torch.rand(n, 6, generator=torch.Generator().manual_seed(seed))
+
+
 def test_augmentation_is_seeded_and_keeps_identity_when_not_cropping():
     x = torch.rand(16, 3, 8, 8) * 2 - 1
     a = augment_batch(x, torch.Generator().manual_seed(1))
     b = augment_batch(x, torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
-    u = torch.rand(16, 6, generator=torch.Generator().manual_seed(1))
+    u = _draws(16, 1)
     untouched = (u[:, 0] >= 0.5) & (u[:, 5] >= 0.5)
     flipped_only = (u[:, 0] >= 0.5) & (u[:, 5] < 0.5)
     assert untouched.any() and flipped_only.any()
     torch.testing.assert_close(a[untouched], x[untouched], atol=1e-5, rtol=0)
     torch.testing.assert_close(a[flipped_only], x[flipped_only].flip(-1), atol=1e-5, rtol=0)
-
-
-def _draws(n: int, seed: int) -> torch.Tensor:
-    """The uniform numbers augment_batch draws for a batch of n with a generator seeded `seed`."""
-    return torch.rand(n, 6, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("mode", ["shift", "flip"])
