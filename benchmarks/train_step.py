@@ -93,6 +93,8 @@ def worker(args: argparse.Namespace) -> dict:
             return FixedLabels(len(paths), len(DOMAINS), self.device)
 
     trainer = BenchTrainer(cfg, progress=False)
+    if hasattr(trainer, "compile_now"):  # older code compiled in the constructor
+        trainer.compile_now()
     device = trainer.device
     if device.type == "cpu":
         try:  # what Trainer.run does before its loop; older code has no such step

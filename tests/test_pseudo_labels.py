@@ -243,6 +243,23 @@ def test_text_tower_on_token_embeddings_matches_encode_text(registered, name):
     torch.testing.assert_close(feats.norm(dim=-1), torch.ones(2))
 
 
+@pytest.mark.parametrize("name", ["lanit-test-clip", "lanit-test-custom", "lanit-test-hf"])
+def test_a_released_text_tower_frees_its_weights_and_refuses_text(registered, name):
+    vl = load_vision_language(f"{name}:random")  # its own: tiny_vl's are shared by other tests
+    identity, images = vl.identity, torch.rand(2, 3, 32, 32) * 2 - 1
+    before = vl.encode_images(images)
+    weights = sum(p.numel() for p in vl.model.parameters())
+    bank = PromptBank(vl, ["a", "b"], templates="face")  # frozen prompts: encoded once, here
+    vl.release_text_tower()
+    assert sum(p.numel() for p in vl.model.parameters()) < weights * 0.8
+    torch.testing.assert_close(vl.encode_images(images), before)
+    assert vl.identity == identity  # feature caches stay valid
+    assert bank()[0].shape[0] == 2  # what was encoded stays usable
+    for use in (lambda: vl.encode_texts(["a"]), lambda: vl.embed_tokens(vl.tokenize(["a"]))):
+        with pytest.raises(VisionLanguageError, match="the text tower was released"):
+            use()
+
+
 def test_encode_images_preprocessing_gradients_and_frozen_params(clip_vl):
     vl = clip_vl
     assert vl.image_size == 32 and vl.embed_dim == 32 and vl.logit_scale == pytest.approx(1 / 0.07, rel=1e-5)

@@ -448,7 +448,7 @@ def test_ctrl_c_then_resume_continues_exactly(tmp_path, tiny_labeler, monkeypatc
     ("log_every=-1", "log_every"), ("sample_every=-5", "sample_every"), ("save_every=-1", "save_every"),
     ("relabel_every=-1", "relabel_every"), ("num_style_z=0", "num_style_z"), ("topk=0", "topk"),
     ("max_minutes=-1", "max_minutes"), ("device=gpu", "device"), ("dl_image_size=0", "dl_image_size"),
-    ("dl_image_size=100000", "between 32 and 1024"),
+    ("dl_image_size=100000", "between 32 and 1024"), ("compile_after=-1", "compile_after"),
     ("augment=blur", "augment must be one of resized-crop, shift, flip, got 'blur'"),
 ])
 def test_cli_dry_run_rejects_bad_settings(setting, message, capsys):
@@ -1126,6 +1126,120 @@ def test_a_broken_torch_compile_warns_or_fails_in_one_line(tmp_path, tiny_labele
     assert compiled == []
 
 
+def test_stage_1_frees_the_text_tower_it_no_longer_needs(tmp_path, tiny_labeler):
+    from training.labeling.views import VisionLanguageError
+
+    stage1 = Trainer(tiny_cfg(tmp_path / "a", tiny_labeler), progress=False)
+    with pytest.raises(VisionLanguageError, match="the text tower was released"):
+        stage1.labeler.vl.encode_texts(["a"])
+    stage1.train_step()  # the DL loss needs the image tower only
+    stage2 = Trainer(tiny_cfg(tmp_path / "b", tiny_labeler, stage=2), progress=False)
+    assert stage2.labeler.vl.encode_texts(["a"]).shape[0] == 1  # it learns prompts: kept
+
+
+class FakeChild:
+    """training.background_compile.BackgroundCompile without a process: what the trainer asks of it
+    goes to `events`; `result` is what it reports, `done` what done() answers."""
+
+    events: list = []
+    result_value = None
+    done_value = True
+
+    def __init__(self, model, calls, device, threads):
+        self.events.append(("child", len(calls), sorted({c["block"] for c in calls}), threads))
+
+    def done(self):
+        return self.done_value() if callable(self.done_value) else self.done_value
+
+    def result(self):
+        self.events.append("result")
+        return self.result_value
+
+    def close(self):
+        self.events.append("close")
+
+
+@pytest.fixture
+def eager_start(monkeypatch):
+    """A run that would compile, with FakeChild for the child and compile_blocks noted in events;
+    each step notes its number and the thread count it ran with. Two threads to start with."""
+    import training.train as train_module
+    from training.background_compile import CompileResult
+
+    events = []
+    child = type("Child", (FakeChild,), {"events": events,
+                                         "result_value": CompileResult(batched=False, reason=None)})
+    monkeypatch.setattr(train_module, "BackgroundCompile", child)
+    monkeypatch.setattr(train_module, "should_compile", lambda *args: True)
+    monkeypatch.setattr(train_module, "compile_blocks",
+                        lambda nets: events.append(("compile", torch.get_num_threads())))
+    step = Trainer.train_step
+
+    def noted_step(self):
+        events.append(("step", self.step + 1, torch.get_num_threads()))
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", noted_step)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield child
+    torch.set_num_threads(threads)
+
+
+def test_a_cpu_run_trains_eagerly_on_one_thread_fewer_until_the_compile_after_step(
+        tmp_path, tiny_labeler, eager_start):
+    train(tiny_cfg(tmp_path, tiny_labeler, steps=4, compile_after=2), progress=False)
+    blocks = ["generator.decode.0", "generator.decode.1", "generator.decode.2", "generator.encode.0",
+              "generator.encode.1", "generator.encode.2", "generator.to_rgb", "style_encoder.trunk"]
+    events = eager_start.events
+    assert events[0] == ("step", 1, 1)
+    kind, calls, named, threads = events[1]  # started after the first step, for a 2-thread trainer
+    assert (kind, named, threads) == ("child", blocks, 2) and calls >= len(blocks)
+    assert events[2:] == [("step", 2, 1), "result", "close", ("compile", 2), ("step", 3, 2),
+                          ("step", 4, 2), "close"]
+    assert torch.get_num_threads() == 2
+    # Runs that end by compile_after, or start at it (resumed), compile before their first step.
+    events.clear()
+    train(tiny_cfg(tmp_path, tiny_labeler, steps=5, compile_after=4), resume=True, progress=False)
+    assert events == [("compile", 2), ("step", 5, 2)]
+    events.clear()
+    train(tiny_cfg(tmp_path / "b", tiny_labeler, steps=2, compile_after=2), progress=False)
+    assert events == [("compile", 2), ("step", 1, 2), ("step", 2, 2)]
+
+
+@pytest.mark.parametrize("setting", [None, True])
+def test_a_child_that_finds_compiling_broken_warns_or_fails_in_one_line(tmp_path, tiny_labeler,
+                                                                         eager_start, setting):
+    from training.background_compile import CompileResult
+
+    eager_start.result_value = CompileResult(batched=False, reason="no C++ compiler")
+    cfg = tiny_cfg(tmp_path, tiny_labeler, steps=3, compile_after=1, compile=setting)
+    if setting is None:
+        with pytest.warns(UserWarning, match=r"without torch.compile.*no C\+\+ compiler"):
+            train(cfg, progress=False)
+        assert eager_start.events[2:] == ["result", "close", ("step", 2, 2), ("step", 3, 2), "close"]
+    else:
+        with pytest.raises(RunError, match=r"compile=true.*no C\+\+ compiler.*compile=false"):
+            train(cfg, progress=False)
+        assert torch.get_num_threads() == 2
+    assert not any(event[0] == "compile" for event in eager_start.events if isinstance(event, tuple))
+
+
+def test_ctrl_c_while_waiting_for_the_child_saves_the_steps_made(tmp_path, tiny_labeler, eager_start):
+    import signal
+
+    def ctrl_c():  # the child is still compiling when Ctrl-C comes
+        signal.raise_signal(signal.SIGINT)
+        return False
+
+    eager_start.done_value = staticmethod(ctrl_c)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(tiny_cfg(tmp_path, tiny_labeler, steps=4, compile_after=2), progress=False)
+    assert stopped.value.step == 2
+    assert eager_start.events[2:] == [("step", 2, 1), "close"]
+    assert torch.load(tmp_path / "run" / "train_state.pt", weights_only=False)["step"] == 2
+
+
 def test_ctrl_c_that_kills_the_compiler_is_a_stop_not_a_crash(tmp_path, tiny_labeler, monkeypatch,
                                                                capsys):
     """Ctrl-C goes to the whole process group, so the C++ compiler torch.compile runs during a
@@ -1143,7 +1257,11 @@ def test_ctrl_c_that_kills_the_compiler_is_a_stop_not_a_crash(tmp_path, tiny_lab
             raise CompileError("C++ compile error")
         return step
 
-    monkeypatch.setattr(Trainer, "_accelerate", lambda self: True)  # as if compiled
+    def as_if_compiled(self):
+        self.compiled = True
+        return True
+
+    monkeypatch.setattr(Trainer, "compile_now", as_if_compiled)
     with monkeypatch.context() as patch:
         patch.setattr(Trainer, "train_step", dying_compile(ctrl_c=True))
         assert run.main(tiny_argv(tmp_path, tiny_labeler, "--steps", "3")) == 130

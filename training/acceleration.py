@@ -89,12 +89,9 @@ def should_compile(setting: bool | None, device: torch.device, steps: int, world
     return device.type == "cpu" and world == 1 and steps >= COMPILE_MIN_STEPS
 
 
-def compile_unusable_reason(device: torch.device) -> str | None:
-    """None when torch.compile works here, else why not, in one line. It compiles and runs a small
-    convolution forward and backward, which needs what the training blocks need (on CPUs a C++
-    compiler and the Python headers), and checks both against eager mode."""
-    # Inductor imports torch.utils.cpp_extension, which warns on import when it finds a CUDA
-    # toolkit but no GPU; that says nothing about a CPU run, so import it with the warning off.
+def import_cpp_extension_quietly() -> None:
+    """Inductor imports torch.utils.cpp_extension, which warns on import when it finds a CUDA
+    toolkit but no GPU; that says nothing about a CPU run, so import it first with the warning off."""
     logger = logging.getLogger("torch.utils.cpp_extension")
     level = logger.level
     logger.setLevel(logging.ERROR)
@@ -102,6 +99,13 @@ def compile_unusable_reason(device: torch.device) -> str | None:
         import torch.utils.cpp_extension  # noqa: F401
     finally:
         logger.setLevel(level)
+
+
+def compile_unusable_reason(device: torch.device) -> str | None:
+    """None when torch.compile works here, else why not, in one line. It compiles and runs a small
+    convolution forward and backward, which needs what the training blocks need (on CPUs a C++
+    compiler and the Python headers), and checks both against eager mode."""
+    import_cpp_extension_quietly()
     try:
         # Its own random numbers: training's draws must not depend on whether, or how many times
         # (probe_compile may probe twice), it probed.
@@ -141,10 +145,18 @@ def probe_compile(device: torch.device) -> tuple[bool, str | None]:
     return False, compile_unusable_reason(device)
 
 
+def compiled_blocks(generator, style_encoder) -> dict[str, torch.nn.Module]:
+    """The blocks compile_blocks compiles, by name: the generator's encoder and decoder blocks and
+    output head, and the style encoder's trunk."""
+    blocks = {f"generator.encode.{i}": block for i, block in enumerate(generator.encode)}
+    blocks.update({f"generator.decode.{i}": block for i, block in enumerate(generator.decode)})
+    blocks["generator.to_rgb"] = generator.to_rgb
+    blocks["style_encoder.trunk"] = style_encoder.trunk
+    return blocks
+
+
 def compile_blocks(nets) -> None:
-    """torch.compile, in place, the generator's encoder and decoder blocks and output head and the
-    style encoder's trunk of `nets` (training.train.Nets). Shapes are static: the step calls each
-    block with a handful of batch sizes, each compiled once."""
-    generator = nets.generator
-    for block in (*generator.encode, *generator.decode, generator.to_rgb, nets.style_encoder.trunk):
+    """torch.compile, in place, the compiled_blocks of `nets` (training.train.Nets). Shapes are
+    static: the step calls each block with a handful of batch sizes, each compiled once."""
+    for block in compiled_blocks(nets.generator, nets.style_encoder).values():
         block.compile(dynamic=False)

@@ -129,9 +129,17 @@ class TrainConfig:
     device: str = "auto"  # auto (a GPU when PyTorch sees one), cpu, cuda or cuda:N
     # torch.compile of the generator's blocks and the style encoder's trunk (training.acceleration):
     # the same arithmetic, fused, 1.3-1.5x the steps/s at the default 32 px on 2 CPU cores after a
-    # 30-80 s first compile. None (`--set compile=auto`): on for single-process CPU runs of 1,000
-    # steps or more, where torch.compile works (a one-line warning otherwise)
+    # 30-105 s first compile (beside the first steps: `compile_after`). None (`--set
+    # compile=auto`): on for single-process CPU runs of 1,000 steps or more, where torch.compile
+    # works (a one-line warning otherwise)
     compile: bool | None = None
+    # Where a CPU run compiles (one process): its steps before this one train eagerly with one
+    # thread fewer, while a child process compiles the blocks on the spare core and fills inductor's
+    # caches (training.background_compile); at this step the trainer compiles from those caches in
+    # seconds and trains on every thread. A fixed step, so a seed's run does not depend on how long
+    # the compile took. 0: compile before the first step. 300: about the steps the 2-core Zen 4
+    # machine of benchmarks/RESULTS.md trains (2.8 steps/s) while a cold compile runs (100-105 s).
+    compile_after: int = 300
     # Wall-clock cap on the whole run (minutes), counted from the start of `python -m training.run`
     # (of `train()` when called from Python): loading, labelling and the first compile use it up too,
     # and training stops early enough to leave the closing evaluation its time. The run then saves
@@ -196,6 +204,8 @@ class TrainConfig:
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be 0 (off) or a positive number of steps, "
                                   f"got {getattr(self, key)}")
+        if self.compile_after < 0:
+            raise ConfigError(f"compile_after must be 0 (compile first) or a step, got {self.compile_after}")
         if self.r1_every < 1:
             raise ConfigError(f"r1_every must be at least 1, got {self.r1_every}")
         if self.num_style_z < 1:

@@ -48,8 +48,10 @@ from lanit_rt.errors import describe
 from lanit_rt.networks import Discriminator, Generator, MappingNetwork, StyleEncoder
 from lanit_rt.style import latent_style_table, mix_styles, reference_style_table
 from training import losses
-from training.acceleration import (compile_blocks, keep_freed_memory, probe_compile,
-                                   release_freed_memory, should_compile)
+from training.acceleration import (compile_blocks, compiled_blocks, import_cpp_extension_quietly,
+                                   keep_freed_memory, probe_compile, release_freed_memory,
+                                   should_compile)
+from training.background_compile import BackgroundCompile, record_block_calls
 from training.config import TrainConfig
 from training.data import DataError, ImageSet, check_images, find_images
 from training.distributed import average_gradients, init_distributed
@@ -62,7 +64,7 @@ from training.run_folder import (TRAIN_CONFIG_FILE, RunError, images_digest, log
 # data lives (the images themselves are checked by count and digest). Any other change would make
 # train_config.json and the saved labels describe another run than the one resumed.
 RESUMABLE_CHANGES = ("steps", "max_minutes", "log_every", "sample_every", "save_every", "device",
-                     "cache_dir", "out", "data", "compile")
+                     "cache_dir", "out", "data", "compile", "compile_after")
 METRICS_FILE = "metrics.jsonl"
 LABELS_FILE = "pseudo_labels.csv"
 PROMPTS_FILE = "prompts.safetensors"
@@ -443,8 +445,11 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(cfg.seed + 1000 * self.dist.rank)
         self.step = 0
         self.clock = PhaseClock()  # benchmarks/train_step.py turns it on
-        self.batched_builds = False  # run(): inductor's kernels one library per graph (_accelerate)
-        self.compiled = self._accelerate()
+        # torch.compile of the blocks (training.acceleration): run() compiles them, before its first
+        # step or after an eager start (training.background_compile); benchmarks call compile_now().
+        self.compile_wanted = should_compile(cfg.compile, self.device, cfg.steps, self.dist.world)
+        self.compiled = False
+        self.batched_builds = False  # inductor's kernels one library per graph (kernel_batching)
 
         self.labeler = self._build_labeler(vl, scan.paths)
         self.prompt_optim = None
@@ -455,28 +460,41 @@ class Trainer:
         self.labels, self.scores = self.labeler.label()
         self.pool = self._active_pool()
 
-    def _accelerate(self) -> bool:
-        """Compile the nets' blocks where the config says (see training.acceleration); True when
-        they are compiled."""
-        if not should_compile(self.cfg.compile, self.device, self.cfg.steps, self.dist.world):
-            return False
-        batched, reason = probe_compile(self.device)
+    def compile_now(self) -> bool:
+        """Compile the nets' blocks where the config says (see training.acceleration), after
+        checking that compiling works here; True when they are compiled."""
+        if self.compile_wanted and not self.compiled:
+            batched, reason = probe_compile(self.device)
+            self._compile(batched, reason)
+        return self.compiled
+
+    def _compile(self, batched: bool, reason: str | None) -> None:
+        """Compile the blocks, given what the compile probe found: why compiling does not work
+        here (then warn, or fail where compile=true), or whether kernels build one library per graph."""
         if reason is not None:
             if self.cfg.compile:
                 raise RunError(f"compile=true, but torch.compile does not work here ({reason}); "
                                "pass --set compile=false")
             warnings.warn(f"training without torch.compile, which does not work here ({reason}); "
-                          "each step takes 1.3-1.5x longer", stacklevel=2)
-            return False
+                          "each step takes 1.3-1.5x longer", stacklevel=3)
+            return
+        import_cpp_extension_quietly()
         self.batched_builds = batched
         compile_blocks(self.nets)
-        return True
+        self.compiled = True
+
+    def _compiles_in_background(self) -> bool:
+        """Whether run() starts eagerly while a child process compiles (training.background_compile):
+        single-process CPU runs that start before step `compile_after` and go on past it."""
+        return (self.compile_wanted and not self.compiled and self.device.type == "cpu"
+                and self.dist.world == 1 and self.step < self.cfg.compile_after < self.cfg.steps)
 
     def _build_labeler(self, vl, paths: list[Path]) -> Labeler:
         from training.labeling.prompts import PromptBank, check_distinct_domains
         from training.labeling.pseudo_labels import image_features
 
-        if vl is None:
+        loaded = vl is None
+        if loaded:
             from training.labeling.vl import load_vision_language
 
             vl = load_vision_language(self.cfg.labeler, device=self.device)
@@ -493,6 +511,10 @@ class Trainer:
             dist.barrier()
         if not self.dist.main:
             feats = image_features(vl, paths, cache, progress=False)
+        if loaded and not bank.learnable:
+            # Stage 1 encodes its prompts once (above); from here on only the image tower runs
+            # (the DL loss), so the text tower's memory goes (lanit-lite's: ~90 MB).
+            vl.release_text_tower()
         return Labeler(vl, bank, feats.to(self.device), self.cfg)
 
     def _check_dl_image_size(self, vl) -> None:
@@ -822,6 +844,9 @@ class Trainer:
         metrics_path = self.out / METRICS_FILE
         if self.dist.main and self.step == 0 and metrics_path.exists():
             metrics_path.unlink()  # left by an earlier attempt that never saved; this one starts over
+        background = self._compiles_in_background()
+        if not background:
+            self.compile_now()
         # With a time budget the bar's total (the step count) is an upper bound, not the end.
         desc = "training"
         if stop_at is not None:
@@ -830,17 +855,24 @@ class Trainer:
                    disable=not (self.progress and self.dist.main), dynamic_ncols=True)
         started, start_step = time.perf_counter(), self.step
         logs = None
-        if self.compiled and self.dist.main and self.progress and self.step < cfg.steps:
-            tqdm.write("the first steps compile the generator and style encoder (torch.compile: "
-                       "30-80 s on 2 CPU cores the first time, seconds once cached)")
+        if self.dist.main and self.progress and self.step < cfg.steps:
+            if self.compiled:
+                tqdm.write("the first steps compile the generator and style encoder (torch.compile: "
+                           "30-80 s on 2 CPU cores the first time, seconds once cached)")
+            elif background:
+                tqdm.write(f"steps {self.step + 1}-{cfg.compile_after} train eagerly on one thread "
+                           "fewer while a child process compiles the generator and style encoder "
+                           "(torch.compile); the compiled blocks take over from there")
         mid_step = False
         if self.device.type == "cpu":
             # From here on, not while labelling: what that frees would stay resident (train()
             # restores glibc's defaults when the run ends).
             keep_freed_memory()
-        batching = batched_kernel_builds() if self.batched_builds else contextlib.nullcontext()
         try:
-            with stop_requests() as stop, batching:
+            with stop_requests() as stop, contextlib.ExitStack() as scope:
+                if self.batched_builds:
+                    scope.enter_context(batched_kernel_builds())
+                eager_start = EagerStart(self, scope) if background else None
                 while self.step < cfg.steps:
                     reason = self._stop_reason(stop_at, stop)
                     if reason == "interrupt":
@@ -851,9 +883,11 @@ class Trainer:
                                        f"step {self.step} of {cfg.steps}; the rest: "
                                        f"{resume_command(self.out)}")
                         break
+                    if eager_start is not None and not eager_start.compile_if_due(stop, stop_at):
+                        continue  # a stop or the time budget came while the child compiled
                     mid_step = True
                     try:
-                        logs = self.train_step()
+                        logs = self.train_step() if eager_start is None else eager_start.train_step()
                     except Exception:
                         # Ctrl-C reaches the whole process group, so the C++ compilers that
                         # torch.compile runs in a run's first step die of it: a stop, not a bug.
@@ -889,6 +923,63 @@ class Trainer:
         if not every(self.step, cfg.sample_every):
             self.sample()
         return self.out
+
+
+class EagerStart:
+    """A run whose blocks compile after an eager start (training.background_compile), within
+    `Trainer.run`'s `scope`: the first step records how it calls the blocks and starts the child
+    process that compiles them; until step `compile_after` the steps train eagerly on one thread
+    fewer; then the trainer compiles its blocks from the caches the child filled."""
+
+    def __init__(self, trainer: Trainer, scope: contextlib.ExitStack):
+        self.trainer, self.scope = trainer, scope
+        self.threads = torch.get_num_threads()
+        self.child: BackgroundCompile | None = None
+        self.eager = True  # until the switch
+        torch.set_num_threads(max(self.threads - 1, 1))
+        scope.callback(torch.set_num_threads, self.threads)
+
+    def train_step(self) -> dict[str, float]:
+        trainer = self.trainer
+        if not self.eager or self.child is not None:
+            return trainer.train_step()
+        blocks = compiled_blocks(trainer.nets.generator, trainer.nets.style_encoder)
+        with record_block_calls(blocks) as recording:
+            logs = trainer.train_step()
+        if recording.unsupported is None:
+            self.child = BackgroundCompile(trainer.model_config.to_dict(), recording.calls,
+                                           trainer.device, self.threads)
+            self.scope.callback(self.child.close)
+        else:  # calls the child cannot replay: compile here and now
+            self._switch(*probe_compile(trainer.device))
+        return logs
+
+    def compile_if_due(self, stop: threading.Event, stop_at: float | None) -> bool:
+        """At step `compile_after`: wait for the child, then compile from its caches. False where a
+        stop or the time budget came first."""
+        trainer = self.trainer
+        if not self.eager or self.child is None or trainer.step < trainer.cfg.compile_after:
+            return True
+        if not self.child.done() and trainer.progress and trainer.dist.main:
+            tqdm.write(f"step {trainer.step}: waiting for the compile in the background to finish")
+        while not self.child.done():
+            if stop.is_set() or (stop_at is not None and time.monotonic() >= stop_at):
+                return False
+            time.sleep(0.05)
+        result = self.child.result()
+        self.child.close()
+        self._switch(result.batched, result.reason)
+        if trainer.compiled and result.seconds is not None and trainer.progress and trainer.dist.main:
+            tqdm.write(f"step {trainer.step}: the compiled blocks take over (compiled in a child "
+                       f"process in {result.seconds:.0f} s)")
+        return True
+
+    def _switch(self, batched: bool, reason: str | None) -> None:
+        self.eager = False
+        torch.set_num_threads(self.threads)
+        self.trainer._compile(batched, reason)
+        if self.trainer.batched_builds:
+            self.scope.enter_context(batched_kernel_builds())
 
 
 def loss_summary(logs: dict[str, float]) -> dict[str, str]:

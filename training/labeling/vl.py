@@ -99,6 +99,7 @@ class VisionLanguage(nn.Module):
             p.requires_grad_(False)
         self.model.eval()
         self._text_kind = _text_tower_kind(model)
+        self._text_released = False
         self._fingerprint: str | None = None
         with torch.no_grad():
             probe = self.encode_texts(["a"])
@@ -236,8 +237,26 @@ class VisionLanguage(nn.Module):
             texts = [texts]
         return self.tokenizer(list(texts)).to(self.device)
 
+    def release_text_tower(self) -> None:
+        """Free the text tower's weights (the bulk of them: the transformer and the token
+        embeddings), for a caller that has encoded all the text it needs: a stage-1 run, whose DL
+        loss runs the image tower only. Text encoding raises from then on. `identity` stays what it
+        was (it is computed first)."""
+        _ = self.identity
+        if self._text_kind == "clip":
+            self.model.transformer = None
+            self.model.token_embedding = None
+        else:
+            self.model.text = None
+        self._text_released = True
+
+    def _check_text_tower(self) -> None:
+        if self._text_released:
+            raise VisionLanguageError(f"{self.name}: the text tower was released (release_text_tower)")
+
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """list of T strings -> L2-normalised features [T, E] fp32."""
+        self._check_text_tower()
         if isinstance(texts, str):
             texts = [texts]
         if not texts:
@@ -246,6 +265,7 @@ class VisionLanguage(nn.Module):
         return F.normalize(feats.float(), dim=-1)
 
     def token_embedding_layer(self) -> nn.Embedding:
+        self._check_text_tower()
         if self._text_kind == "clip":
             return self.model.token_embedding
         if self._text_kind == "text_transformer":
@@ -273,6 +293,7 @@ class VisionLanguage(nn.Module):
         fix padding, attention masks and pooling positions). Returns unnormalised [T, E].
         With `embeds = embed_tokens(ids)` this equals `model.encode_text(ids)`; L may be shorter
         than the context length when `padding_is_inert`."""
+        self._check_text_tower()
         if self._text_kind == "clip":
             return _clip_text_forward(self.model, embeds, ids)
         if self._text_kind == "text_transformer":
