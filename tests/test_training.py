@@ -1225,6 +1225,23 @@ def test_a_child_that_finds_compiling_broken_warns_or_fails_in_one_line(tmp_path
     assert not any(event[0] == "compile" for event in eager_start.events if isinstance(event, tuple))
 
 
+def test_calls_the_child_cannot_replay_compile_in_the_trainer_after_the_first_step(
+        tmp_path, tiny_labeler, eager_start, monkeypatch):
+    import contextlib
+
+    import training.train as train_module
+    from training.background_compile import Recording
+
+    @contextlib.contextmanager
+    def unsupported(blocks):
+        yield Recording(unsupported="generator.encode.0: a block argument of type object")
+
+    monkeypatch.setattr(train_module, "record_block_calls", unsupported)
+    monkeypatch.setattr(train_module, "probe_compile", lambda device: (False, None))
+    train(tiny_cfg(tmp_path, tiny_labeler, steps=3, compile_after=2), progress=False)
+    assert eager_start.events == [("step", 1, 1), ("compile", 2), ("step", 2, 2), ("step", 3, 2)]
+
+
 def test_ctrl_c_while_waiting_for_the_child_saves_the_steps_made(tmp_path, tiny_labeler, eager_start):
     import signal
 
