@@ -1225,8 +1225,9 @@ def test_a_child_that_finds_compiling_broken_warns_or_fails_in_one_line(tmp_path
     assert not any(event[0] == "compile" for event in eager_start.events if isinstance(event, tuple))
 
 
-def test_calls_the_child_cannot_replay_compile_in_the_trainer_after_the_first_step(
-        tmp_path, tiny_labeler, eager_start, monkeypatch):
+@pytest.mark.parametrize("why", ["calls it cannot replay", "no process"])
+def test_without_a_child_the_trainer_compiles_after_the_first_step(tmp_path, tiny_labeler, eager_start,
+                                                                   monkeypatch, why):
     import contextlib
 
     import training.train as train_module
@@ -1236,7 +1237,13 @@ def test_calls_the_child_cannot_replay_compile_in_the_trainer_after_the_first_st
     def unsupported(blocks):
         yield Recording(unsupported="generator.encode.0: a block argument of type object")
 
-    monkeypatch.setattr(train_module, "record_block_calls", unsupported)
+    def no_process(*args):
+        raise OSError("Resource temporarily unavailable")
+
+    if why == "no process":
+        monkeypatch.setattr(train_module, "BackgroundCompile", no_process)
+    else:
+        monkeypatch.setattr(train_module, "record_block_calls", unsupported)
     monkeypatch.setattr(train_module, "probe_compile", lambda device: (False, None))
     train(tiny_cfg(tmp_path, tiny_labeler, steps=3, compile_after=2), progress=False)
     assert eager_start.events == [("step", 1, 1), ("compile", 2), ("step", 2, 2), ("step", 3, 2)]

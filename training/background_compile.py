@@ -1,8 +1,9 @@
 """The first torch.compile in a child process, while the first steps train eagerly.
 
-A cold compile of the training blocks takes 60-80 s on 2 CPU cores (benchmarks/RESULTS.md), and
-nearly all of it runs on one core: inductor's Python code generation, then g++. A trainer that
-compiles before its first step leaves that minute without a step. Instead:
+A cold compile of the training blocks takes about a minute on 2 CPU cores, after an 18 s compile
+probe (benchmarks/RESULTS.md), and nearly all of it runs on one core: inductor's Python code
+generation, then g++. A trainer that compiles before its first step leaves that time without a
+step. Instead:
 
 1. The run's first step runs eagerly and records how it calls each block that
    `training.acceleration.compile_blocks` compiles (`record_block_calls`): the shape, strides,
@@ -12,7 +13,7 @@ compiles before its first step leaves that minute without a step. Instead:
    encoder of the same shapes, compiles their blocks and makes the same calls with random numbers,
    backward included where gradients flow (`replay_block_calls`). That fills inductor's on-disk
    caches with exactly the graphs the trainer will ask for.
-3. Meanwhile the trainer goes on eagerly with one thread, leaving the other core to the child.
+3. Meanwhile the trainer goes on eagerly with one thread fewer, leaving a core to the child.
    At a fixed step (`TrainConfig.compile_after`) it waits for the child if it is still running,
    compiles its own blocks, which now load from the caches in seconds, and trains with all its
    threads from there on.

@@ -129,7 +129,7 @@ class TrainConfig:
     device: str = "auto"  # auto (a GPU when PyTorch sees one), cpu, cuda or cuda:N
     # torch.compile of the generator's blocks and the style encoder's trunk (training.acceleration):
     # the same arithmetic, fused, 1.3-1.5x the steps/s at the default 32 px on 2 CPU cores after a
-    # 30-105 s first compile (beside the first steps: `compile_after`). None (`--set
+    # 30-115 s first compile (beside the first steps: `compile_after`). None (`--set
     # compile=auto`): on for single-process CPU runs of 1,000 steps or more, where torch.compile
     # works (a one-line warning otherwise)
     compile: bool | None = None
@@ -138,7 +138,8 @@ class TrainConfig:
     # caches (training.background_compile); at this step the trainer compiles from those caches in
     # seconds and trains on every thread. A fixed step, so a seed's run does not depend on how long
     # the compile took. 0: compile before the first step. 300: about the steps the 2-core Zen 4
-    # machine of benchmarks/RESULTS.md trains (2.8 steps/s) while a cold compile runs (100-105 s).
+    # machine of benchmarks/RESULTS.md trains (2.4-2.9 steps/s) while a cold compile runs in the
+    # child (104-115 s).
     compile_after: int = 300
     # Wall-clock cap on the whole run (minutes), counted from the start of `python -m training.run`
     # (of `train()` when called from Python): loading, labelling and the first compile use it up too,

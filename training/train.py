@@ -947,11 +947,16 @@ class EagerStart:
         with record_block_calls(blocks) as recording:
             logs = trainer.train_step()
         if recording.unsupported is None:
-            self.child = BackgroundCompile(trainer.model_config.to_dict(), recording.calls,
-                                           trainer.device, self.threads)
-            self.scope.callback(self.child.close)
-        else:  # calls the child cannot replay: compile here and now
-            self._switch(*probe_compile(trainer.device))
+            try:
+                self.child = BackgroundCompile(trainer.model_config.to_dict(), recording.calls,
+                                               trainer.device, self.threads)
+            except OSError:  # no process to be had: compile here and now, as below
+                pass
+            else:
+                self.scope.callback(self.child.close)
+                return logs
+        # calls the child cannot replay, or no child: compile here and now
+        self._switch(*probe_compile(trainer.device))
         return logs
 
     def compile_if_due(self, stop: threading.Event, stop_at: float | None) -> bool:
