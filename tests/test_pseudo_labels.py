@@ -255,7 +255,8 @@ def test_a_released_text_tower_frees_its_weights_and_refuses_text(registered, na
     torch.testing.assert_close(vl.encode_images(images), before)
     assert vl.identity == identity  # feature caches stay valid
     assert bank()[0].shape[0] == 2  # what was encoded stays usable
-    for use in (lambda: vl.encode_texts(["a"]), lambda: vl.embed_tokens(vl.tokenize(["a"]))):
+    for use in (lambda: vl.encode_texts(["a"]), lambda: vl.embed_tokens(vl.tokenize(["a"])),
+                lambda: vl.padding_is_inert):
         with pytest.raises(VisionLanguageError, match="the text tower was released"):
             use()
 

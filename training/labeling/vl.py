@@ -281,6 +281,7 @@ class VisionLanguage(nn.Module):
         """True when trailing padding tokens cannot change the text features (causal attention, or
         padding masked out, and no appended CLS token): `encode_token_embeddings` may then be given
         ids and embeddings cut after the longest prompt's last real token, which saves compute."""
+        self._check_text_tower()
         if self._text_kind == "clip":
             return self.model.attn_mask is not None
         if self._text_kind == "text_transformer":
