@@ -114,8 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = out / f"stage{stage}"
         name = "stage 1" if stage == 1 else "stage 1 + prompts"
         if not args.skip_train:
+            # Both arms switch to the compiled blocks at one step: by default the second run would
+            # find the first one's compile in the caches and switch after step 1 (compile_after).
             cmd = [sys.executable, "-m", "training.run", "--steps", str(args.steps), "--stage", str(stage),
-                   "--out", str(run_dir), "--seed", str(args.seed), "--no-progress"]
+                   "--out", str(run_dir), "--seed", str(args.seed), "--no-progress",
+                   "--set", "compile_after=300"]
             if args.labeler:
                 cmd += ["--labeler", args.labeler]
             if args.max_minutes is not None:

@@ -9,7 +9,8 @@ import torch
 from lanit_rt.config import LanitConfig
 from lanit_rt.networks import Generator, StyleEncoder
 from training.acceleration import compiled_blocks
-from training.background_compile import BackgroundCompile, record_block_calls, replay_block_calls
+from training.background_compile import (BackgroundCompile, compiled_before, record_block_calls,
+                                         replay_block_calls)
 
 CONFIG = LanitConfig(domains=("a", "b"), img_size=32, style_dim=8, latent_dim=4, base_dim=8,
                      max_dim=16, mapping_dim=16)
@@ -130,13 +131,18 @@ def test_the_trainer_compiles_from_the_caches_the_child_filled(tmp_path, monkeyp
     params = torch.randn(3, generator.adain_dim, requires_grad=True)
     with record_block_calls(blocks) as recording:
         render_and_backward(generator, x, params)
-    child = BackgroundCompile(CONFIG.to_dict(), recording.calls, torch.device("cpu"),
-                              threads=torch.get_num_threads())
+    request = (CONFIG.to_dict(), recording.calls, torch.device("cpu"), torch.get_num_threads())
+    assert compiled_before(*request) is None
+    child = BackgroundCompile(*request)
     try:
         result = child.result()
     finally:
         child.close()
     assert (result.batched, result.reason) == (True, None) and result.seconds > 0
+    # It left its marker for this request, and for no other.
+    assert compiled_before(*request) == result
+    assert compiled_before(*request[:3], request[3] + 1) is None
+    assert compiled_before(dict(CONFIG.to_dict(), style_dim=4), *request[1:]) is None
     torch._dynamo.reset()
     counters.clear()
     for block in blocks.values():
@@ -146,6 +152,20 @@ def test_the_trainer_compiles_from_the_caches_the_child_filled(tmp_path, monkeyp
     assert counters["inductor"]["fxgraph_cache_miss"] == 0
     # forward and backward of both blocks
     assert counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"] >= 2
+
+
+def test_a_marker_that_cannot_be_read_is_no_marker(tmp_path, monkeypatch):
+    from training.background_compile import _leave_marker, _marker, _request
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    request = (CONFIG.to_dict(), [], torch.device("cpu"), 2)
+    _leave_marker(_request(*request), {"batched": False, "reason": None, "seconds": 1.5})
+    assert compiled_before(*request).batched is False
+    marker = _marker(_request(*request))
+    assert marker.parent.parent == tmp_path / "inductor" and [p.name for p in marker.parent.iterdir()] == [marker.name]
+    for text in ("{\"batched\": tr", "[]", "{}"):
+        marker.write_text(text)
+        assert compiled_before(*request) is None
 
 
 def test_a_child_that_fails_says_why_in_one_line():

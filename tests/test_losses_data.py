@@ -139,7 +139,9 @@ def test_overrides_are_typed():
     assert parse_override("base_dim=none") == ("base_dim", None)
     assert parse_override("domains=a, b") == ("domains", ("a", "b"))
     assert parse_override("compile=false") == ("compile", False)
-    assert parse_override("compile=auto") == ("compile", None)  # auto only for on/off switches
+    assert parse_override("compile=auto") == ("compile", None)  # auto only where None means it
+    assert parse_override("compile_after=auto") == ("compile_after", None)
+    assert parse_override("compile_after=300") == ("compile_after", 300)
     with pytest.raises(ConfigError, match="compile expects bool"):
         parse_override("compile=fast")
     with pytest.raises(ConfigError, match="expects int"):

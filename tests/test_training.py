@@ -1168,8 +1168,10 @@ def eager_start(monkeypatch):
 
     events = []
     child = type("Child", (FakeChild,), {"events": events,
-                                         "result_value": CompileResult(batched=False, reason=None)})
+                                         "result_value": CompileResult(batched=False, reason=None),
+                                         "cached": None})
     monkeypatch.setattr(train_module, "BackgroundCompile", child)
+    monkeypatch.setattr(train_module, "compiled_before", lambda *request: child.cached)
     monkeypatch.setattr(train_module, "should_compile", lambda *args: True)
     monkeypatch.setattr(train_module, "compile_blocks",
                         lambda nets: events.append(("compile", torch.get_num_threads())))
@@ -1205,6 +1207,34 @@ def test_a_cpu_run_trains_eagerly_on_one_thread_fewer_until_the_compile_after_st
     events.clear()
     train(tiny_cfg(tmp_path / "b", tiny_labeler, steps=2, compile_after=2), progress=False)
     assert events == [("compile", 2), ("step", 1, 2), ("step", 2, 2)]
+
+
+def test_an_auto_compile_after_skips_the_eager_start_where_the_caches_hold_the_compile(
+        tmp_path, tiny_labeler, eager_start, monkeypatch):
+    """compile_after=auto: the compiled blocks take over after step 1 where a child compiled the
+    same calls before, else at COMPILE_AFTER with a child; train_config.json and the saved state
+    record the step it came to, and resuming keeps it."""
+    import training.train as train_module
+    from training.background_compile import CompileResult
+    from training.run import resumed_settings
+
+    monkeypatch.setattr(train_module, "COMPILE_AFTER", 2)
+    train(tiny_cfg(tmp_path / "cold", tiny_labeler, steps=3), progress=False)
+    assert eager_start.events[2:] == [("step", 2, 1), "result", "close", ("compile", 2), ("step", 3, 2),
+                                      "close"]
+    assert resumed_settings(tmp_path / "cold" / "run")["compile_after"] == 2
+    eager_start.events.clear()
+    eager_start.cached = CompileResult(batched=False, reason=None)
+    cfg = tiny_cfg(tmp_path / "warm", tiny_labeler, steps=3)
+    train(cfg, progress=False)
+    assert eager_start.events == [("step", 1, 1), ("compile", 2), ("step", 2, 2), ("step", 3, 2)]
+    assert resumed_settings(tmp_path / "warm" / "run")["compile_after"] == 1
+    state = torch.load(tmp_path / "warm" / "run" / "train_state.pt", weights_only=False)
+    assert state["train_config"]["compile_after"] == 1
+    eager_start.events.clear()
+    eager_start.cached = None  # resumed with the recorded step, past it: compiles first, no child
+    train(cfg.replace(steps=4, compile_after=1), resume=True, progress=False)
+    assert eager_start.events == [("compile", 2), ("step", 4, 2)]
 
 
 @pytest.mark.parametrize("setting", [None, True])

@@ -18,15 +18,20 @@ step. Instead:
    compiles its own blocks, which now load from the caches in seconds, and trains with all its
    threads from there on.
 
-The switch happens at that step however fast the child was, so a seed's run is the same run on a
-given machine whether its caches were cold or warm. A graph the child did not make (a call the
-first step did not show) is compiled by the trainer itself when it meets it, as before; a child
-that fails or finds torch.compile unusable leaves the trainer to say so and train eagerly.
+The switch happens at that step however fast the child was, so a seed's run does not depend on
+how long the compile took. A graph the child did not make (a call the first step did not show) is
+compiled by the trainer itself when it meets it, as before; a child that fails or finds
+torch.compile unusable leaves the trainer to say so and train eagerly.
+
+A child that compiled leaves a marker for its request in inductor's cache folder
+(`compiled_before` finds it), so a run whose caches already hold its compile can skip the eager
+start altogether; the marker goes where the caches go when that folder is cleared.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import subprocess
@@ -34,6 +39,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -176,6 +182,34 @@ def replay_block_calls(blocks: dict[str, torch.nn.Module], calls: list[dict[str,
                 weight.grad = None
 
 
+# ----------------------------------------------------------------------------- markers
+
+def _marker(request: dict[str, Any]) -> Path:
+    """Where the marker of a compiled request lives: in inductor's cache folder (the one the child
+    filled, which it shares with the trainer), named by a hash of the request and torch's version."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    keyed = json.dumps({**request, "torch": torch.__version__}, sort_keys=True)
+    return Path(cache_dir()) / "lanit-rt" / f"compiled-{hashlib.sha256(keyed.encode()).hexdigest()[:32]}.json"
+
+
+def compiled_before(model: dict[str, Any], calls: list[dict[str, Any]], device: torch.device,
+                    threads: int) -> CompileResult | None:
+    """What a child found that compiled the same request before and left its marker (so inductor's
+    caches hold every graph of it), or None: never compiled, or its marker is gone or unreadable."""
+    path = _marker(_request(model, calls, device, threads))
+    try:
+        found = json.loads(path.read_text())
+        return CompileResult(bool(found["batched"]), None, found.get("seconds"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _request(model: dict[str, Any], calls: list[dict[str, Any]], device: torch.device,
+             threads: int) -> dict[str, Any]:
+    return {"model": model, "calls": calls, "device": str(device), "threads": threads}
+
+
 # ----------------------------------------------------------------------------- the child process
 
 def compile_and_replay(request: dict[str, Any]) -> dict[str, Any]:
@@ -201,7 +235,23 @@ def compile_and_replay(request: dict[str, Any]) -> dict[str, Any]:
             block.compile(dynamic=False)
         with batched_kernel_builds() if batched else contextlib.nullcontext():
             replay_block_calls(blocks, request["calls"], device)
-    return {"batched": batched, "reason": reason, "seconds": round(time.perf_counter() - started, 3)}
+    found = {"batched": batched, "reason": reason, "seconds": round(time.perf_counter() - started, 3)}
+    if reason is None:
+        _leave_marker(request, found)
+    return found
+
+
+def _leave_marker(request: dict[str, Any], found: dict[str, Any]) -> None:
+    """The marker compiled_before finds; written whole or not at all, and not at all where the
+    cache folder cannot take it (the next run then compiles in a child again)."""
+    path = _marker(request)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        partial.write_text(json.dumps(found))
+        os.replace(partial, path)
+    except OSError:
+        pass
 
 
 def main() -> int:
@@ -234,7 +284,7 @@ class BackgroundCompile:
         # The child imports this same copy of the package, installed or not.
         root = os.fspath(os.path.dirname(os.path.dirname(os.path.abspath(training.__file__))))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        request = {"model": model, "calls": calls, "device": str(device), "threads": threads}
+        request = _request(model, calls, device, threads)
         self.process = subprocess.Popen([sys.executable, "-m", "training.background_compile"],
                                         stdin=subprocess.PIPE, stdout=self._out, stderr=self._err,
                                         env=env)

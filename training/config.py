@@ -52,6 +52,10 @@ DEFAULT_DATA_LR = 2e-3
 # the official 0.
 DEFAULT_DATA_LAMBDA_ID = 10.0
 LANIT_LITE_DL_SIZE = 128
+# The step at which a CPU run's compiled blocks take over from its eager start, where the compile
+# is not in the caches yet (`compile_after`): about the steps the 2-core Zen 4 machine of
+# benchmarks/RESULTS.md trains (2.4-2.9 steps/s) while a cold compile runs in the child (104-124 s).
+COMPILE_AFTER = 300
 
 
 @dataclass(frozen=True)
@@ -137,10 +141,11 @@ class TrainConfig:
     # thread fewer, while a child process compiles the blocks on the spare core and fills inductor's
     # caches (training.background_compile); at this step the trainer compiles from those caches in
     # seconds and trains on every thread. A fixed step, so a seed's run does not depend on how long
-    # the compile took. 0: compile before the first step. 300: about the steps the 2-core Zen 4
-    # machine of benchmarks/RESULTS.md trains (2.4-2.9 steps/s) while a cold compile runs in the
-    # child (104-115 s).
-    compile_after: int = 300
+    # the compile took. 0: compile before the first step. None (`--set compile_after=auto`):
+    # COMPILE_AFTER, or 1 where inductor's caches already hold this run's compile (a child left its
+    # marker there), so a repeated run does not train 300 steps eagerly; the run's
+    # train_config.json records the step it chose, and `--set compile_after=<that step>` repeats it.
+    compile_after: int | None = None
     # Wall-clock cap on the whole run (minutes), counted from the start of `python -m training.run`
     # (of `train()` when called from Python): loading, labelling and the first compile use it up too,
     # and training stops early enough to leave the closing evaluation its time. The run then saves
@@ -205,8 +210,8 @@ class TrainConfig:
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be 0 (off) or a positive number of steps, "
                                   f"got {getattr(self, key)}")
-        if self.compile_after < 0:
-            raise ConfigError(f"compile_after must be 0 (compile first) or a step, got {self.compile_after}")
+        if self.compile_after is not None and self.compile_after < 0:
+            raise ConfigError(f"compile_after must be 0 (compile first), a step or auto, got {self.compile_after}")
         if self.r1_every < 1:
             raise ConfigError(f"r1_every must be at least 1, got {self.r1_every}")
         if self.num_style_z < 1:
@@ -301,6 +306,10 @@ def _is_cuda_index(device: str) -> bool:
     return prefix == "cuda" and index.isdigit()
 
 
+# The keys whose None means "auto", so that `--set key=auto` says it too.
+AUTO_KEYS = ("compile", "compile_after")
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """'key=value' -> (key, value converted to the field's type). Raises ConfigError."""
     key, sep, raw = text.partition("=")
@@ -319,8 +328,8 @@ def _convert(raw: str, hint: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
         if type(None) in args and (raw.lower() in ("none", "null", "")
-                                   or (inner == [bool] and raw.lower() == "auto")):
-            return None  # for an optional switch (compile), None means "auto"
+                                   or (key in AUTO_KEYS and raw.lower() == "auto")):
+            return None
         return _convert(raw, inner[0], key)
     if origin is tuple:
         return tuple(p.strip() for p in raw.split(",") if p.strip())

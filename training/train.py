@@ -51,8 +51,8 @@ from training import losses
 from training.acceleration import (compile_blocks, compiled_blocks, import_cpp_extension_quietly,
                                    keep_freed_memory, probe_compile, release_freed_memory,
                                    should_compile)
-from training.background_compile import BackgroundCompile, record_block_calls
-from training.config import TrainConfig
+from training.background_compile import BackgroundCompile, compiled_before, record_block_calls
+from training.config import COMPILE_AFTER, TrainConfig
 from training.data import DataError, ImageSet, check_images, find_images
 from training.distributed import average_gradients, init_distributed
 from training.grid import save_sample_grid
@@ -486,8 +486,9 @@ class Trainer:
     def _compiles_in_background(self) -> bool:
         """Whether run() starts eagerly while a child process compiles (training.background_compile):
         single-process CPU runs that start before step `compile_after` and go on past it."""
+        after = COMPILE_AFTER if self.cfg.compile_after is None else self.cfg.compile_after
         return (self.compile_wanted and not self.compiled and self.device.type == "cpu"
-                and self.dist.world == 1 and self.step < self.cfg.compile_after < self.cfg.steps)
+                and self.dist.world == 1 and self.step < after < self.cfg.steps)
 
     def _build_labeler(self, vl, paths: list[Path]) -> Labeler:
         from training.labeling.prompts import PromptBank, check_distinct_domains
@@ -859,6 +860,11 @@ class Trainer:
             if self.compiled:
                 tqdm.write("the first steps compile the generator and style encoder (torch.compile: "
                            "30-80 s on 2 CPU cores the first time, seconds once cached)")
+            elif background and cfg.compile_after is None:
+                tqdm.write(f"step {self.step + 1} trains eagerly; then the generator and style "
+                           "encoder compile (torch.compile) from the caches of an earlier run, or, "
+                           f"where there are none, steps {self.step + 2}-{COMPILE_AFTER} train "
+                           "eagerly on one thread fewer while a child process compiles them")
             elif background:
                 tqdm.write(f"steps {self.step + 1}-{cfg.compile_after} train eagerly on one thread "
                            "fewer while a child process compiles the generator and style encoder "
@@ -929,7 +935,9 @@ class EagerStart:
     """A run whose blocks compile after an eager start (training.background_compile), within
     `Trainer.run`'s `scope`: the first step records how it calls the blocks and starts the child
     process that compiles them; until step `compile_after` the steps train eagerly on one thread
-    fewer; then the trainer compiles its blocks from the caches the child filled."""
+    fewer; then the trainer compiles its blocks from the caches the child filled. An auto
+    `compile_after` comes to COMPILE_AFTER there, or to the first step where a child compiled the
+    same calls before (its marker is in the caches): then no child runs."""
 
     def __init__(self, trainer: Trainer, scope: contextlib.ExitStack):
         self.trainer, self.scope = trainer, scope
@@ -947,24 +955,42 @@ class EagerStart:
         with record_block_calls(blocks) as recording:
             logs = trainer.train_step()
         if recording.unsupported is None:
+            request = (trainer.model_config.to_dict(), recording.calls, trainer.device, self.threads)
+            cached = compiled_before(*request) if trainer.cfg.compile_after is None else None
+            if cached is not None:  # the caches hold it all: compile from them here and now
+                self._resolve(trainer.step)
+                self._switch(cached.batched, None)
+                if trainer.progress and trainer.dist.main:
+                    tqdm.write(f"step {trainer.step}: the compiled blocks take over (their compile "
+                               "is in inductor's caches from an earlier run)")
+                return logs
             try:
-                self.child = BackgroundCompile(trainer.model_config.to_dict(), recording.calls,
-                                               trainer.device, self.threads)
+                self.child = BackgroundCompile(*request)
             except OSError:  # no process to be had: compile here and now, as below
                 pass
             else:
                 self.scope.callback(self.child.close)
+                self._resolve(COMPILE_AFTER)
                 return logs
         # calls the child cannot replay, or no child: compile here and now
+        self._resolve(trainer.step)
         self._switch(*probe_compile(trainer.device))
         return logs
+
+    def _resolve(self, step: int) -> None:
+        """Record the step an auto `compile_after` came to (in the config, train_config.json and
+        later saves), so that the run can be repeated with it."""
+        trainer = self.trainer
+        if trainer.cfg.compile_after is None:
+            trainer.cfg = trainer.cfg.replace(compile_after=step)
+            trainer.write_run_files()
 
     def compile_if_due(self, stop: threading.Event, stop_at: float | None) -> bool:
         """At step `compile_after`: wait for the child, then compile from its caches. False where a
         stop or the time budget came first."""
         trainer = self.trainer
         if not self.eager or self.child is None or trainer.step < trainer.cfg.compile_after:
-            return True
+            return True  # (a child is started only once compile_after is resolved)
         if not self.child.done() and trainer.progress and trainer.dist.main:
             tqdm.write(f"step {trainer.step}: waiting for the compile in the background to finish")
         while not self.child.done():
