@@ -154,6 +154,26 @@ def test_the_trainer_compiles_from_the_caches_the_child_filled(tmp_path, monkeyp
     assert counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"] >= 2
 
 
+def test_no_marker_where_inductor_keeps_no_caches(tmp_path, monkeypatch):
+    """With inductor's FX-graph cache off the child compiles, but the next run would find nothing
+    to load: it leaves no marker."""
+    import torch._inductor.config
+
+    import training.acceleration
+    from training.background_compile import compile_and_replay
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(training.acceleration, "probe_compile", lambda device: (False, None))
+    request = (CONFIG.to_dict(), [], torch.device("cpu"), torch.get_num_threads())
+    child_request = {"model": request[0], "calls": [], "device": "cpu", "threads": request[3]}
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    assert compile_and_replay(child_request)["reason"] is None
+    assert compiled_before(*request) is None
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", True)
+    compile_and_replay(child_request)
+    assert compiled_before(*request) is not None
+
+
 def test_a_marker_that_cannot_be_read_is_no_marker(tmp_path, monkeypatch):
     from training.background_compile import _leave_marker, _marker, _request
 

@@ -236,9 +236,19 @@ def compile_and_replay(request: dict[str, Any]) -> dict[str, Any]:
         with batched_kernel_builds() if batched else contextlib.nullcontext():
             replay_block_calls(blocks, request["calls"], device)
     found = {"batched": batched, "reason": reason, "seconds": round(time.perf_counter() - started, 3)}
-    if reason is None:
+    if reason is None and _caches_on():
         _leave_marker(request, found)
     return found
+
+
+def _caches_on() -> bool:
+    """Whether inductor keeps what it compiled on disk (its FX-graph and AOT-autograd caches are
+    on unless turned off, e.g. TORCHINDUCTOR_FX_GRAPH_CACHE=0): without them a marker would promise
+    a compile that is not there."""
+    import torch._functorch.config
+    import torch._inductor.config
+
+    return bool(torch._inductor.config.fx_graph_cache and torch._functorch.config.enable_autograd_cache)
 
 
 def _leave_marker(request: dict[str, Any], found: dict[str, Any]) -> None:
