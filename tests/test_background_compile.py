@@ -2,6 +2,7 @@
 
 import json
 import signal
+import sys
 
 import pytest
 import torch
@@ -186,6 +187,12 @@ def test_a_marker_that_cannot_be_read_is_no_marker(tmp_path, monkeypatch):
     for text in ("{\"batched\": tr", "[]", "{}"):
         marker.write_text(text)
         assert compiled_before(*request) is None
+    # A torch without the (private) module that names the cache folder: no markers, no error.
+    _leave_marker(_request(*request), {"batched": False, "reason": None, "seconds": 1.5})
+    assert compiled_before(*request) is not None
+    monkeypatch.setitem(sys.modules, "torch._inductor.runtime.cache_dir_utils", None)
+    assert compiled_before(*request) is None
+    _leave_marker(_request(*request), {"batched": True, "reason": None, "seconds": 1.5})
 
 
 def test_a_child_that_fails_says_why_in_one_line():

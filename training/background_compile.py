@@ -186,8 +186,12 @@ def replay_block_calls(blocks: dict[str, torch.nn.Module], calls: list[dict[str,
 
 def _marker(request: dict[str, Any]) -> Path:
     """Where the marker of a compiled request lives: in inductor's cache folder (the one the child
-    filled, which it shares with the trainer), named by a hash of the request and torch's version."""
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    filled, which it shares with the trainer), named by a hash of the request and torch's version.
+    OSError where this torch does not say where that folder is."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+    except ImportError as err:  # a private module: the run then compiles in a child every time
+        raise OSError(f"no inductor cache folder known ({err})") from None
 
     keyed = json.dumps({**request, "torch": torch.__version__}, sort_keys=True)
     return Path(cache_dir()) / "lanit-rt" / f"compiled-{hashlib.sha256(keyed.encode()).hexdigest()[:32]}.json"
@@ -197,9 +201,8 @@ def compiled_before(model: dict[str, Any], calls: list[dict[str, Any]], device: 
                     threads: int) -> CompileResult | None:
     """What a child found that compiled the same request before and left its marker (so inductor's
     caches hold every graph of it), or None: never compiled, or its marker is gone or unreadable."""
-    path = _marker(_request(model, calls, device, threads))
     try:
-        found = json.loads(path.read_text())
+        found = json.loads(_marker(_request(model, calls, device, threads)).read_text())
         return CompileResult(bool(found["batched"]), None, found.get("seconds"))
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -254,8 +257,8 @@ def _caches_on() -> bool:
 def _leave_marker(request: dict[str, Any], found: dict[str, Any]) -> None:
     """The marker compiled_before finds; written whole or not at all, and not at all where the
     cache folder cannot take it (the next run then compiles in a child again)."""
-    path = _marker(request)
     try:
+        path = _marker(request)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
         partial.write_text(json.dumps(found))
