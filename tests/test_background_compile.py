@@ -167,11 +167,12 @@ def test_no_marker_where_inductor_keeps_no_caches(tmp_path, monkeypatch):
     monkeypatch.setattr(training.acceleration, "probe_compile", lambda device: (False, None))
     request = (CONFIG.to_dict(), [], torch.device("cpu"), torch.get_num_threads())
     child_request = {"model": request[0], "calls": [], "device": "cpu", "threads": request[3]}
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
-    assert compile_and_replay(child_request)["reason"] is None
+    # (config.patch, not monkeypatch: inductor's config module does not survive monkeypatch's undo)
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        assert compile_and_replay(child_request)["reason"] is None
     assert compiled_before(*request) is None
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", True)
-    compile_and_replay(child_request)
+    with torch._inductor.config.patch(fx_graph_cache=True):
+        compile_and_replay(child_request)
     assert compiled_before(*request) is not None
 
 
