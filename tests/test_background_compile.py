@@ -9,7 +9,7 @@ import torch
 
 from lanit_rt.config import LanitConfig
 from lanit_rt.networks import Generator, StyleEncoder
-from training.acceleration import compiled_blocks
+from training.acceleration import compile_blocks, compiled_blocks
 from training.background_compile import (BackgroundCompile, compiled_before, record_block_calls,
                                          replay_block_calls)
 
@@ -146,8 +146,7 @@ def test_the_trainer_compiles_from_the_caches_the_child_filled(tmp_path, monkeyp
     assert compiled_before(dict(CONFIG.to_dict(), style_dim=4), *request[1:]) is None
     torch._dynamo.reset()
     counters.clear()
-    for block in blocks.values():
-        block.compile(dynamic=False)
+    compile_blocks(blocks)
     with batched_kernel_builds():
         render_and_backward(generator, x, params)
     assert counters["inductor"]["fxgraph_cache_miss"] == 0

@@ -1174,7 +1174,7 @@ def eager_start(monkeypatch):
     monkeypatch.setattr(train_module, "compiled_before", lambda *request: child.cached)
     monkeypatch.setattr(train_module, "should_compile", lambda *args: True)
     monkeypatch.setattr(train_module, "compile_blocks",
-                        lambda nets: events.append(("compile", torch.get_num_threads())))
+                        lambda blocks: events.append(("compile", torch.get_num_threads())))
     step = Trainer.train_step
 
     def noted_step(self):

@@ -8,8 +8,8 @@ keeping them in the heap removes the faults (a [8, 16, 32, 32] -> 32-channel 3x3
 benchmarks/RESULTS.md). `release_freed_memory()` undoes it when training ends, so what follows
 (the closing evaluation) starts from a trimmed heap and the run's peak RSS stays where it was.
 
-`compile_blocks(nets)`: `torch.compile` (inductor) of the generator's blocks and the style
-encoder's trunk, which fuses each block's normalisation, activation, pooling and upsampling into a
+`compile_blocks(compiled_blocks(generator, style_encoder))`: `torch.compile` (inductor) of the
+generator's blocks and the style encoder's trunk, which fuses each block's normalisation, activation, pooling and upsampling into a
 few kernels around the convolutions. The discriminator stays eager: R1 needs the gradient of a
 gradient through it, which compiled autograd does not support, and compiling it for the other steps
 gave no measurable gain. `Module.compile` keeps parameter names, so checkpoints do not change.
@@ -155,8 +155,10 @@ def compiled_blocks(generator, style_encoder) -> dict[str, torch.nn.Module]:
     return blocks
 
 
-def compile_blocks(nets) -> None:
-    """torch.compile, in place, the compiled_blocks of `nets` (training.train.Nets). Shapes are
-    static: the step calls each block with a handful of batch sizes, each compiled once."""
-    for block in compiled_blocks(nets.generator, nets.style_encoder).values():
+def compile_blocks(blocks: dict[str, torch.nn.Module]) -> None:
+    """torch.compile, in place, `blocks` (compiled_blocks' dict, or part of it): the one place that
+    says how, so the trainer and the child that fills its caches (training.background_compile)
+    compile alike. Shapes are static: the step calls each block with a handful of batch sizes,
+    each compiled once."""
+    for block in blocks.values():
         block.compile(dynamic=False)

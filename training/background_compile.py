@@ -6,7 +6,7 @@ generation, then g++. A trainer that compiles before its first step leaves that 
 step. Instead:
 
 1. The run's first step runs eagerly and records how it calls each block that
-   `training.acceleration.compile_blocks` compiles (`record_block_calls`): the shape, strides,
+   `training.acceleration.compiled_blocks` names (`record_block_calls`): the shape, strides,
    storage offset and dtype of every tensor argument, which of them and which of the block's
    weights need gradients, and whether gradients are on.
 2. A child process (`python -m training.background_compile`) builds a generator and a style
@@ -222,7 +222,7 @@ def compile_and_replay(request: dict[str, Any]) -> dict[str, Any]:
     (training.kernel_batching), which the trainer must then do too to find them in the cache."""
     from lanit_rt.config import LanitConfig
     from lanit_rt.networks import Generator, StyleEncoder
-    from training.acceleration import compiled_blocks, probe_compile
+    from training.acceleration import compile_blocks, compiled_blocks, probe_compile
     from training.kernel_batching import batched_kernel_builds
 
     started = time.perf_counter()
@@ -234,8 +234,7 @@ def compile_and_replay(request: dict[str, Any]) -> dict[str, Any]:
     if reason is None:
         config = LanitConfig.from_dict(request["model"])
         blocks = compiled_blocks(Generator(config).to(device), StyleEncoder(config).to(device))
-        for block in blocks.values():
-            block.compile(dynamic=False)
+        compile_blocks(blocks)
         with batched_kernel_builds() if batched else contextlib.nullcontext():
             replay_block_calls(blocks, request["calls"], device)
     found = {"batched": batched, "reason": reason, "seconds": round(time.perf_counter() - started, 3)}

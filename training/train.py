@@ -480,7 +480,7 @@ class Trainer:
             return
         import_cpp_extension_quietly()
         self.batched_builds = batched
-        compile_blocks(self.nets)
+        compile_blocks(compiled_blocks(self.nets.generator, self.nets.style_encoder))
         self.compiled = True
 
     def _compiles_in_background(self) -> bool:
